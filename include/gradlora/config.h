@@ -1,0 +1,133 @@
+#pragma once
+/// \file config.h
+/// Plain-data configuration of a LowRankOptimizer. Built in code or loaded from
+/// YAML (config_yaml.cpp); the optimizer itself knows nothing of YAML.
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace gradlora {
+
+/// Thrown for every invalid user input (config keys, values, parameter
+/// selection). The message names the config key, the parameter (where there is
+/// one) and the value received.
+class ConfigError : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+/// How a selected parameter is trained (the `method:` of a target).
+enum class Method { lora, random, additive, galore, hadamard, full, frozen };
+/// Initial factors of `lora`: one factor zero, or both random.
+enum class Init { zero, symmetric };
+/// How factor updates reach the weight: rank-r increments, or P = P0 + s·A·B.
+/// `automatic` picks `exact` for bf16/fp16 weights and `incremental` otherwise.
+enum class WriteBack { automatic, incremental, exact };
+/// The inner update rule applied to factors (and to `full` parameters).
+enum class InnerType { sgd, adam, adamw };
+/// What happens to the inner rule's moments when the projection changes.
+enum class OnResample { keep, reset, transfer };
+/// What a step does when a selected gradient holds NaN or Inf.
+enum class OnNonFinite { skip, error };
+/// Which side of G the `galore` projector multiplies.
+enum class ProjSide { automatic, left, right };
+
+const char* to_string(Method m);
+const char* to_string(Init i);
+const char* to_string(WriteBack w);
+const char* to_string(InnerType t);
+const char* to_string(OnResample o);
+const char* to_string(OnNonFinite o);
+const char* to_string(ProjSide p);
+
+/// Inverse of to_string; throws ConfigError naming `key` and the value.
+Method parse_method(const std::string& s, const std::string& key);
+Init parse_init(const std::string& s, const std::string& key);
+WriteBack parse_writeback(const std::string& s, const std::string& key);
+InnerType parse_inner_type(const std::string& s, const std::string& key);
+OnResample parse_on_resample(const std::string& s, const std::string& key);
+OnNonFinite parse_on_nonfinite(const std::string& s, const std::string& key);
+ProjSide parse_proj_side(const std::string& s, const std::string& key);
+
+/// Hyper-parameters of the inner rule, with LibTorch's defaults.
+struct InnerConfig {
+  InnerType type = InnerType::adamw;
+  double lr = 1e-3;
+  std::array<double, 2> betas{0.9, 0.999};
+  double eps = 1e-8;
+  /// Unset: the rule's own default (AdamW 1e-2, Adam 0, SGD 0).
+  std::optional<double> weight_decay;
+  bool amsgrad = false;
+  double momentum = 0.0;   ///< sgd
+  double dampening = 0.0;  ///< sgd
+  bool nesterov = false;   ///< sgd
+
+  /// The weight decay in force: the configured one, or the rule's default.
+  double effective_weight_decay() const;
+};
+
+/// One entry of `targets:`. The first target whose pattern matches a
+/// parameter name decides how that parameter is trained.
+struct Target {
+  /// Glob on the dotted parameter name (`*` and `?`; `*` also crosses dots),
+  /// or a regular expression (ECMAScript, whole-name match) after `re:`.
+  std::string match;
+  Method method = Method::lora;
+  int64_t rank = 8;
+  /// Scale s = alpha / rank. Unset: alpha = rank (s = 1).
+  std::optional<double> alpha;
+  Init init = Init::zero;
+  /// Standard deviation of Gaussian factors (`symmetric` init, `random`).
+  /// Unset: 1 / (s·sqrt(2r)), which makes the expected plain-SGD update of
+  /// `random` equal the full-rank one (docs/methods.md).
+  std::optional<double> init_std;
+  std::optional<double> lr;            ///< overrides optimizer.lr
+  std::optional<double> weight_decay;  ///< overrides optimizer.weight_decay
+  WriteBack writeback = WriteBack::automatic;
+  int64_t resample_every = 1;               ///< random: steps between draws
+  OnResample on_resample = OnResample::keep;  ///< random, galore
+  int64_t merge_every = 0;  ///< lora: merge-and-restart period (0 = never)
+  int64_t update_proj_gap = 200;  ///< galore: steps between SVDs
+  double galore_scale = 0.25;     ///< galore: `scale`
+  ProjSide proj_side = ProjSide::automatic;  ///< galore
+
+  /// s = alpha / rank.
+  double scale() const { return alpha.value_or(static_cast<double>(rank)) / static_cast<double>(rank); }
+};
+
+/// Everything the optimizer needs to know. Plain data: build it in code or
+/// with Config::from_yaml_string / from_yaml_file.
+struct Config {
+  uint64_t seed = 0;
+  InnerConfig optimizer;
+  std::vector<Target> targets;
+  /// Method for parameters no target matches (`frozen` or `full`).
+  Method default_method = Method::frozen;
+  /// A target that matches no parameter is an error unless this is true
+  /// (then it is a warning). YAML key `allow_unmatched_targets`.
+  bool allow_unmatched_targets = false;
+  OnNonFinite on_nonfinite = OnNonFinite::skip;
+  /// Project, step and write back inside backward() (see README, "Fused mode").
+  bool fuse_into_backward = false;
+  /// Log the selection report at info level when the optimizer is built.
+  bool log_report = true;
+
+  /// Checks value ranges; throws ConfigError naming the key and value.
+  void validate() const;
+
+  /// Parses YAML text (design.md §5 schema). Unknown keys, wrong types and
+  /// out-of-range values throw ConfigError with the key path and value.
+  static Config from_yaml_string(const std::string& text);
+  /// Reads and parses a YAML file; the error names the file too.
+  static Config from_yaml_file(const std::string& path);
+};
+
+/// True when `name` matches a target's pattern (glob, or `re:` regex).
+/// Throws ConfigError when a regex does not compile.
+bool pattern_matches(const std::string& pattern, const std::string& name);
+
+}  // namespace gradlora

@@ -1,0 +1,74 @@
+#pragma once
+/// \file inner_rule.h
+/// The inner update rule: LibTorch's own SGD / Adam / AdamW over a handful of
+/// tensors (the factors of one parameter, or a `full` parameter itself), with a
+/// stable, version-independent handle on its per-tensor state.
+
+#include <gradlora/config.h>
+
+#include <torch/optim/optimizer.h>
+#include <torch/version.h>
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace gradlora {
+
+/// Flat name → tensor map used for checkpoints (counters as 0-d int64 tensors).
+using TensorMap = std::map<std::string, torch::Tensor>;
+
+/// Key of a tensor in torch::optim::Optimizer::state(): a string of the
+/// TensorImpl address in LibTorch 1.x, the address itself in 2.x. The only
+/// place that knows.
+#if TORCH_VERSION_MAJOR >= 2
+inline void* state_key(const torch::Tensor& t) { return t.unsafeGetTensorImpl(); }
+#else
+inline std::string state_key(const torch::Tensor& t) {
+  return c10::guts::to_string(t.unsafeGetTensorImpl());
+}
+#endif
+
+/// One inner optimizer over `params`.
+class InnerRule {
+ public:
+  /// `lr` and `weight_decay` are the effective values (target overrides applied).
+  InnerRule(std::vector<torch::Tensor> params, const InnerConfig& cfg, double lr,
+            double weight_decay);
+
+  void set_lr(double lr);
+  double lr() const;
+  /// One step of the LibTorch optimizer: tensors without a .grad are skipped.
+  void step();
+  /// Forgets all moments and step counts.
+  void reset_state();
+  /// The named state tensors of params[i] (exp_avg, exp_avg_sq,
+  /// max_exp_avg_sq, momentum_buffer); empty before the first step.
+  std::map<std::string, torch::Tensor> state(size_t i) const;
+  /// Adam's per-tensor step count (0 for SGD or before the first step).
+  int64_t step_count(size_t i) const;
+  /// The first moment (exp_avg or momentum_buffer) of params[i], undefined
+  /// when there is none yet. Modifying it in place modifies the state.
+  torch::Tensor first_moment(size_t i) const;
+  /// Bytes of state per element of the parameters (e.g. 2 floats for Adam).
+  int64_t state_tensors_per_element() const;
+  InnerType type() const { return type_; }
+  const std::vector<torch::Tensor>& params() const { return params_; }
+
+  /// Checkpointing: writes the state under `prefix` keys; check() lists what
+  /// in `in` does not fit these tensors; load() (after a clean check) restores.
+  void save(TensorMap& out, const std::string& prefix) const;
+  void check(const TensorMap& in, const std::string& prefix, std::vector<std::string>& problems) const;
+  void load(const TensorMap& in, const std::string& prefix);
+
+ private:
+  InnerType type_;
+  bool momentum_;
+  bool amsgrad_;
+  std::vector<torch::Tensor> params_;
+  std::unique_ptr<torch::optim::Optimizer> opt_;
+};
+
+}  // namespace gradlora

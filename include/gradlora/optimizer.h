@@ -1,0 +1,133 @@
+#pragma once
+/// \file optimizer.h
+/// gradlora::LowRankOptimizer — LoRA-style low-rank training done from the
+/// optimizer side: a drop-in replacement for torch::optim::AdamW that never
+/// modifies the model. Method and maths: docs/methods.md and design.md §2.
+
+#include <gradlora/config.h>
+#include <gradlora/inner_rule.h>
+#include <gradlora/projector.h>
+
+#include <torch/optim/optimizer.h>
+#include <torch/ordered_dict.h>
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace gradlora {
+
+/// Options of one parameter group: the learning rate the stock LibTorch
+/// schedulers (StepLR, …) read and write.
+struct LowRankOptions : public torch::optim::OptimizerCloneableOptions<LowRankOptions> {
+  LowRankOptions(double lr = 1e-3);  // NOLINT: implicit, as LibTorch's (0) idiom needs
+  TORCH_ARG(double, lr) = 1e-3;
+
+ public:
+  double get_lr() const override;
+  void set_lr(const double lr) override;
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+};
+
+/// One row of the selection report.
+struct ParamReport {
+  std::string name;
+  std::vector<int64_t> shape;
+  Method method = Method::frozen;
+  int64_t rank = 0;         ///< 0 for full/frozen
+  int64_t numel = 0;        ///< elements of the parameter
+  int64_t trainable = 0;    ///< values the inner rule updates
+  int64_t state_bytes = 0;  ///< optimizer state: factors/P0 + inner moments
+  int64_t adamw_state_bytes = 0;  ///< what torch::optim::AdamW would hold (2·numel)
+  int64_t allreduce_bytes = 0;    ///< bytes a data-parallel step all-reduces
+  std::string note;
+};
+
+/// What the optimizer does to each parameter, with totals (like PEFT's
+/// print_trainable_parameters).
+struct SelectionReport {
+  std::vector<ParamReport> params;
+  int64_t total_params = 0;
+  int64_t total_trainable = 0;
+  int64_t total_state_bytes = 0;
+  int64_t total_adamw_state_bytes = 0;
+  int64_t total_allreduce_bytes = 0;
+  /// A fixed-width table with one row per parameter and a totals line.
+  std::string to_string() const;
+};
+
+/// Low-rank training of the parameters a Config selects.
+///
+///     auto cfg = gradlora::Config::from_yaml_file("configs/lora.yaml");
+///     gradlora::LowRankOptimizer opt(model->named_parameters(), cfg);
+///     ... loss.backward(); opt.step(); opt.zero_grad();
+///
+/// Each selected parameter P gets a Projector (lora, random, additive, full)
+/// and an InnerRule (LibTorch's SGD/Adam/AdamW) over the projector's factors.
+/// One parameter group per target (target order, then `default`), so
+/// per-target learning rates and the stock LR schedulers work.
+class LowRankOptimizer : public torch::optim::Optimizer {
+ public:
+  /// Validates the config and the selection; throws ConfigError naming the
+  /// key, parameter and value on any problem, before anything is changed.
+  LowRankOptimizer(const torch::OrderedDict<std::string, torch::Tensor>& named_parameters,
+                   Config config);
+  ~LowRankOptimizer() override;
+
+  /// One step for every selected parameter that has a gradient.
+  torch::Tensor step(LossClosure closure = nullptr) override;
+
+  /// Checkpoint everything (factors, inner state, counters, P0, groups' lr)
+  /// keyed by parameter name. torch::save(opt, path) calls this.
+  void save(torch::serialize::OutputArchive& archive) const override;
+  /// Restores what save() wrote. Validates names, shapes, methods, ranks and
+  /// the inner rule first; on any mismatch throws std::runtime_error listing
+  /// them and leaves the optimizer unchanged.
+  void load(torch::serialize::InputArchive& archive) override;
+
+  /// Current factors (A n×r, B r×m) of a selected parameter.
+  std::pair<torch::Tensor, torch::Tensor> factors(const std::string& name) const;
+  /// Persistent tensors of one parameter: the projector's (A, B, P0, …) and the
+  /// inner rule's state, prefixed "inner.<i>.". For inspection and tests.
+  std::map<std::string, torch::Tensor> state_tensors(const std::string& name) const;
+  /// Method assigned to a parameter.
+  Method method_of(const std::string& name) const;
+  /// The selection report (computed at construction).
+  const SelectionReport& report() const { return report_; }
+  const Config& config() const { return config_; }
+  /// Number of step() calls so far.
+  int64_t step_count() const { return step_count_; }
+  /// Steps skipped because of non-finite gradients, per call to step().
+  int64_t skipped_count() const { return skipped_count_; }
+  /// The projector of a parameter (advanced use).
+  Projector& projector(const std::string& name);
+  /// The names of the parameters, in model order.
+  std::vector<std::string> names() const;
+
+  /// Called by step() with the projected gradients (the .grad of every inner
+  /// parameter: factors, or the full gradient of a `full` parameter) of all
+  /// parameters that have a gradient, in model order, before any inner step.
+  /// A data-parallel reducer all-reduces and averages them in place.
+  using GradientReducer = std::function<void(std::vector<torch::Tensor>& grads)>;
+  void set_gradient_reducer(GradientReducer reducer) { reducer_ = std::move(reducer); }
+
+ private:
+  struct Entry;
+  Entry& entry(const std::string& name);
+  const Entry& entry(const std::string& name) const;
+  void build_report();
+
+  Config config_;
+  std::vector<std::unique_ptr<Entry>> entries_;
+  std::map<std::string, size_t> index_;
+  SelectionReport report_;
+  int64_t step_count_ = 0;
+  int64_t skipped_count_ = 0;
+  GradientReducer reducer_;
+};
+
+}  // namespace gradlora

@@ -1,0 +1,86 @@
+#pragma once
+/// \file projector.h
+/// One projector per selected parameter, one subclass per method: it maps the
+/// full gradient G to gradients of the tensors the inner rule updates, and
+/// writes the resulting change back into the parameter. The inner rule knows
+/// nothing of projections (ensmallen's split of SGD and its update policy).
+
+#include <gradlora/config.h>
+#include <gradlora/inner_rule.h>
+
+#include <torch/types.h>
+
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace gradlora {
+
+/// Everything a projector needs to know about its parameter.
+struct ProjectorContext {
+  std::string name;      ///< dotted parameter name
+  torch::Tensor param;   ///< the model's parameter (updated in place)
+  Target target;         ///< the target that selected it (or the default)
+  uint64_t seed = 0;     ///< config seed
+};
+
+/// Maps G to inner-rule gradients and writes back. A step is
+///   project(G) → [finite check] → commit(inner) → inner.step() → write_back(inner)
+/// and discard() replaces commit() when the step is skipped.
+class Projector {
+ public:
+  explicit Projector(ProjectorContext ctx);
+  virtual ~Projector() = default;
+
+  /// The tensors the inner rule updates (factors, or the parameter for `full`).
+  virtual std::vector<torch::Tensor> inner_params() const = 0;
+  /// Sets the .grad of inner_params() from G (any shape; viewed as n×m).
+  /// Must not change persistent state: a skipped step calls discard().
+  virtual void project(const torch::Tensor& G) = 0;
+  /// Accepts the projected step: applies a pending resample (moving moments
+  /// per on_resample) before the inner step.
+  virtual void commit(InnerRule& inner) { (void)inner; }
+  /// Drops whatever project() prepared.
+  virtual void discard() {}
+  /// After the inner step: applies the change of the factors to the parameter.
+  virtual void write_back(InnerRule& inner) = 0;
+
+  /// Current factors (A, B). Throws std::invalid_argument when the method keeps none.
+  virtual std::pair<torch::Tensor, torch::Tensor> factors() const;
+  /// Persistent tensors besides the inner rule's state, by name (A, B, P0, …).
+  virtual std::vector<std::pair<std::string, torch::Tensor>> tensors() const = 0;
+  /// Bytes of persistent tensors (by default counted from tensors()).
+  virtual int64_t persistent_bytes() const;
+  /// Number of trainable values (what the inner rule updates).
+  virtual int64_t trainable() const = 0;
+  /// One-line note for the selection report (e.g. "rank(ΔP) ≤ 2r").
+  virtual std::string note() const { return {}; }
+
+  /// Checkpointing: save() writes tensors() and counters; check() lists what
+  /// in `in` does not fit (missing keys, shapes); load() restores after a
+  /// clean check and cannot fail.
+  virtual void save(TensorMap& out) const;
+  virtual void check(const TensorMap& in, std::vector<std::string>& problems) const;
+  virtual void load(const TensorMap& in);
+
+  /// Steps this parameter has taken (skipped steps do not count).
+  int64_t steps() const { return steps_; }
+  const ProjectorContext& context() const { return ctx_; }
+  int64_t rows() const { return n_; }
+  int64_t cols() const { return m_; }
+
+ protected:
+  /// The parameter as an n×m matrix (a view when it is contiguous).
+  torch::Tensor param2d() const;
+  ProjectorContext ctx_;
+  int64_t n_ = 0, m_ = 0;
+  int64_t steps_ = 0;
+};
+
+/// Builds the projector for ctx.target.method (lora, random, additive, full).
+/// Throws ConfigError on a parameter the method cannot take (1-D for a
+/// low-rank method, rank out of range, non-floating dtype).
+std::unique_ptr<Projector> make_projector(ProjectorContext ctx);
+
+}  // namespace gradlora

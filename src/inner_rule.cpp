@@ -1,0 +1,167 @@
+#include <gradlora/inner_rule.h>
+
+#include <fmt/format.h>
+#include <torch/torch.h>
+
+namespace gradlora {
+
+namespace {
+
+using torch::optim::AdamParamState;
+using torch::optim::AdamWParamState;
+using torch::optim::SGDParamState;
+
+const char* const kAdamFields[] = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
+
+}  // namespace
+
+InnerRule::InnerRule(std::vector<torch::Tensor> params, const InnerConfig& cfg, double lr, double weight_decay)
+    : type_(cfg.type), momentum_(cfg.momentum != 0), amsgrad_(cfg.amsgrad), params_(std::move(params)) {
+  switch (type_) {
+    case InnerType::sgd:
+      opt_ = std::make_unique<torch::optim::SGD>(params_, torch::optim::SGDOptions(lr)
+                                                               .momentum(cfg.momentum)
+                                                               .dampening(cfg.dampening)
+                                                               .weight_decay(weight_decay)
+                                                               .nesterov(cfg.nesterov));
+      break;
+    case InnerType::adam:
+      opt_ = std::make_unique<torch::optim::Adam>(params_, torch::optim::AdamOptions(lr)
+                                                                .betas({cfg.betas[0], cfg.betas[1]})
+                                                                .eps(cfg.eps)
+                                                                .weight_decay(weight_decay)
+                                                                .amsgrad(cfg.amsgrad));
+      break;
+    case InnerType::adamw:
+      opt_ = std::make_unique<torch::optim::AdamW>(params_, torch::optim::AdamWOptions(lr)
+                                                                 .betas({cfg.betas[0], cfg.betas[1]})
+                                                                 .eps(cfg.eps)
+                                                                 .weight_decay(weight_decay)
+                                                                 .amsgrad(cfg.amsgrad));
+      break;
+  }
+}
+
+void InnerRule::set_lr(double lr) { opt_->param_groups()[0].options().set_lr(lr); }
+double InnerRule::lr() const { return opt_->param_groups()[0].options().get_lr(); }
+void InnerRule::step() { opt_->step(); }
+void InnerRule::reset_state() { opt_->state().clear(); }
+
+std::map<std::string, torch::Tensor> InnerRule::state(size_t i) const {
+  std::map<std::string, torch::Tensor> out;
+  auto it = opt_->state().find(state_key(params_.at(i)));
+  if (it == opt_->state().end()) return out;
+  auto put = [&](const char* k, const torch::Tensor& t) {
+    if (t.defined()) out[k] = t;
+  };
+  if (auto* s = dynamic_cast<AdamWParamState*>(it->second.get())) {
+    put("exp_avg", s->exp_avg());
+    put("exp_avg_sq", s->exp_avg_sq());
+    put("max_exp_avg_sq", s->max_exp_avg_sq());
+  } else if (auto* s = dynamic_cast<AdamParamState*>(it->second.get())) {
+    put("exp_avg", s->exp_avg());
+    put("exp_avg_sq", s->exp_avg_sq());
+    put("max_exp_avg_sq", s->max_exp_avg_sq());
+  } else if (auto* s = dynamic_cast<SGDParamState*>(it->second.get())) {
+    put("momentum_buffer", s->momentum_buffer());
+  }
+  return out;
+}
+
+int64_t InnerRule::step_count(size_t i) const {
+  auto it = opt_->state().find(state_key(params_.at(i)));
+  if (it == opt_->state().end()) return 0;
+  if (auto* s = dynamic_cast<AdamWParamState*>(it->second.get())) return s->step();
+  if (auto* s = dynamic_cast<AdamParamState*>(it->second.get())) return s->step();
+  return 0;
+}
+
+torch::Tensor InnerRule::first_moment(size_t i) const {
+  auto st = state(i);
+  auto it = st.find(type_ == InnerType::sgd ? "momentum_buffer" : "exp_avg");
+  return it == st.end() ? torch::Tensor() : it->second;
+}
+
+int64_t InnerRule::state_tensors_per_element() const {
+  if (type_ == InnerType::sgd) return momentum_ ? 1 : 0;
+  return amsgrad_ ? 3 : 2;
+}
+
+void InnerRule::save(TensorMap& out, const std::string& prefix) const {
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const std::string p = fmt::format("{}{}_", prefix, i);
+    auto it = opt_->state().find(state_key(params_[i]));
+    if (it == opt_->state().end()) continue;
+    out[p + "step"] = torch::tensor(step_count(i), torch::kLong);
+    for (const auto& kv : state(i)) out[p + kv.first] = kv.second;
+  }
+}
+
+void InnerRule::check(const TensorMap& in, const std::string& prefix, std::vector<std::string>& problems) const {
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const std::string p = fmt::format("{}{}_", prefix, i);
+    if (!in.count(p + "step")) continue;  // no state yet: fine
+    std::vector<std::string> fields;
+    if (type_ == InnerType::sgd) {
+      if (momentum_) fields.push_back("momentum_buffer");
+    } else {
+      fields = {"exp_avg", "exp_avg_sq"};
+      if (amsgrad_) fields.push_back("max_exp_avg_sq");
+    }
+    for (const auto& f : fields) {
+      auto it = in.find(p + f);
+      if (it == in.end()) {
+        problems.push_back(fmt::format("inner-rule state '{}' is missing (was it saved with another inner rule?)", f));
+      } else if (it->second.sizes() != params_[i].sizes()) {
+        problems.push_back(fmt::format("inner-rule state '{}' has shape {}, expected {}", f,
+                                       fmt::join(it->second.sizes(), "x"), fmt::join(params_[i].sizes(), "x")));
+      }
+    }
+    for (const char* f : kAdamFields) {
+      if (type_ == InnerType::sgd && in.count(p + f)) {
+        problems.push_back(fmt::format("checkpoint holds Adam state '{}' but the inner rule is sgd", f));
+        break;
+      }
+    }
+    if (type_ != InnerType::sgd && in.count(p + "momentum_buffer")) {
+      problems.push_back(fmt::format("checkpoint holds SGD state but the inner rule is {}", to_string(type_)));
+    }
+  }
+}
+
+void InnerRule::load(const TensorMap& in, const std::string& prefix) {
+  opt_->state().clear();
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const std::string p = fmt::format("{}{}_", prefix, i);
+    auto st = in.find(p + "step");
+    if (st == in.end()) continue;
+    auto get = [&](const char* f) {
+      auto it = in.find(p + f);
+      return it == in.end() ? torch::Tensor() : it->second.to(params_[i].options()).clone();
+    };
+    const int64_t step = st->second.item<int64_t>();
+    std::unique_ptr<torch::optim::OptimizerParamState> s;
+    if (type_ == InnerType::sgd) {
+      auto x = std::make_unique<SGDParamState>();
+      x->momentum_buffer(get("momentum_buffer"));
+      s = std::move(x);
+    } else if (type_ == InnerType::adam) {
+      auto x = std::make_unique<AdamParamState>();
+      x->step(step);
+      x->exp_avg(get("exp_avg"));
+      x->exp_avg_sq(get("exp_avg_sq"));
+      x->max_exp_avg_sq(get("max_exp_avg_sq"));
+      s = std::move(x);
+    } else {
+      auto x = std::make_unique<AdamWParamState>();
+      x->step(step);
+      x->exp_avg(get("exp_avg"));
+      x->exp_avg_sq(get("exp_avg_sq"));
+      x->max_exp_avg_sq(get("max_exp_avg_sq"));
+      s = std::move(x);
+    }
+    opt_->state()[state_key(params_[i])] = std::move(s);
+  }
+}
+
+}  // namespace gradlora
