@@ -2,6 +2,8 @@
 #include <gradlora/maths.h>
 #include <gradlora/projector.h>
 
+#include "projectors_internal.h"
+
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
@@ -484,6 +486,10 @@ std::unique_ptr<Projector> make_projector(ProjectorContext ctx) {
       return std::make_unique<AdditiveProjector>(std::move(ctx));
     case Method::full:
       return std::make_unique<FullProjector>(std::move(ctx));
+    case Method::galore:
+      return detail::make_galore_projector(std::move(ctx));
+    case Method::hadamard:
+      return detail::make_hadamard_projector(std::move(ctx));
     default:
       throw ConfigError(fmt::format("parameter '{}': method '{}' is not available", ctx.name, method));
   }
