@@ -1,0 +1,536 @@
+// TorchScript modules trained through LowRankOptimizer (issue 9): names,
+// selection, equivalence with a torch::nn twin and with an explicit
+// module-side LoRA, frozen parameters, save and reload.
+#include <gradlora/gradlora.h>
+#include <gradlora/jit.h>
+
+#include <gtest/gtest.h>
+#include <torch/script.h>
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace {
+
+using gradlora::Config;
+using gradlora::InnerType;
+using gradlora::Init;
+using gradlora::LowRankOptimizer;
+using gradlora::Method;
+using gradlora::Target;
+
+constexpr int64_t kIn = 6, kHidden = 10, kOut = 4, kBatch = 16;
+
+/// A file under the test's temporary directory, removed on destruction.
+struct TempFile {
+  explicit TempFile(const std::string& stem) {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    std::string id = std::string(info->test_suite_name()) + "_" + info->name() + "_" + stem;
+    for (char& ch : id) {
+      if (ch == '/') ch = '_';
+    }
+    path = ::testing::TempDir() + "gradlora_jit_" + id + ".pt";
+  }
+  ~TempFile() { std::remove(path.c_str()); }
+  std::string path;
+};
+
+/// Initial weights shared by the scripted module and its references.
+struct MlpWeights {
+  torch::Tensor w1, b1, w2, b2;
+  static MlpWeights random(uint64_t seed) {
+    torch::manual_seed(seed);
+    return {torch::randn({kHidden, kIn}) * 0.4, torch::randn({kHidden}) * 0.1, torch::randn({kOut, kHidden}) * 0.3,
+            torch::randn({kOut}) * 0.1};
+  }
+};
+
+torch::jit::Module scripted_linear(const std::shared_ptr<torch::jit::CompilationUnit>& cu, const torch::Tensor& w,
+                                   const torch::Tensor& b) {
+  torch::jit::Module m("Linear", cu, /*shouldMangle=*/true);
+  m.register_parameter("weight", w.clone().requires_grad_(true), /*is_buffer=*/false);
+  m.register_parameter("bias", b.clone().requires_grad_(true), /*is_buffer=*/false);
+  m.define(R"JIT(
+def forward(self, x):
+    return torch.addmm(self.bias, x, self.weight.t())
+)JIT");
+  return m;
+}
+
+/// fc2(tanh(fc1(x))), built in C++ with define(): two matrix products and a
+/// nonlinearity, parameters fc1.weight, fc1.bias, fc2.weight, fc2.bias.
+torch::jit::Module build_scripted_mlp(const MlpWeights& w) {
+  auto cu = std::make_shared<torch::jit::CompilationUnit>();
+  torch::jit::Module m("Mlp", cu, /*shouldMangle=*/true);
+  m.register_module("fc1", scripted_linear(cu, w.w1, w.b1));
+  m.register_module("fc2", scripted_linear(cu, w.w2, w.b2));
+  m.define(R"JIT(
+def forward(self, x):
+    return self.fc2.forward(torch.tanh(self.fc1.forward(x)))
+)JIT");
+  return m;
+}
+
+/// The scripted MLP as a user gets it: saved to a file and loaded with torch::jit::load.
+torch::jit::Module load_scripted_mlp(const MlpWeights& w, const std::string& path) {
+  build_scripted_mlp(w).save(path);
+  return torch::jit::load(path);
+}
+
+/// The same network as a torch::nn module with the same parameter names.
+struct TwinImpl : torch::nn::Module {
+  explicit TwinImpl(const MlpWeights& w)
+      : fc1(register_module("fc1", torch::nn::Linear(kIn, kHidden))),
+        fc2(register_module("fc2", torch::nn::Linear(kHidden, kOut))) {
+    torch::NoGradGuard g;
+    fc1->weight.copy_(w.w1);
+    fc1->bias.copy_(w.b1);
+    fc2->weight.copy_(w.w2);
+    fc2->bias.copy_(w.b2);
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return fc2->forward(torch::tanh(fc1->forward(x))); }
+  torch::nn::Linear fc1, fc2;
+};
+TORCH_MODULE(Twin);
+
+struct Data {
+  torch::Tensor x, y;
+};
+Data make_data(uint64_t seed) {
+  torch::manual_seed(seed);
+  return {torch::randn({kBatch, kIn}), torch::randn({kBatch, kOut})};
+}
+
+torch::Tensor forward(torch::jit::Module& m, const torch::Tensor& x) { return m.forward({x}).toTensor(); }
+
+Config base_config() {
+  Config c;
+  c.seed = 11;
+  c.optimizer.type = InnerType::adamw;
+  c.optimizer.lr = 2e-2;
+  c.optimizer.weight_decay = 0.01;
+  c.log_report = false;
+  return c;
+}
+
+Target target(const std::string& match, Method method, int64_t rank = 3, double alpha = 6.0) {
+  Target t;
+  t.match = match;
+  t.method = method;
+  t.rank = rank;
+  t.alpha = alpha;
+  return t;
+}
+
+void train_scripted(torch::jit::Module& m, LowRankOptimizer& opt, const Data& d, int steps) {
+  m.train();
+  for (int i = 0; i < steps; ++i) {
+    opt.zero_grad();
+    torch::Tensor loss = torch::mse_loss(forward(m, d.x), d.y);
+    loss.backward();
+    opt.step();
+  }
+}
+
+std::map<std::string, torch::Tensor> snapshot(const torch::OrderedDict<std::string, torch::Tensor>& params) {
+  std::map<std::string, torch::Tensor> out;
+  for (const auto& kv : params) out[kv.key()] = kv.value().detach().clone();
+  return out;
+}
+
+double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
+  return (a.detach().to(torch::kDouble) - b.detach().to(torch::kDouble)).abs().max().item<double>();
+}
+
+// ------------------------------------------------------------------ names
+
+/// encoder.layers.{0,1}.{self_attn.in_proj_weight, self_attn.in_proj_bias, linear1.weight, linear1.bias},
+/// plus a root parameter registered after the encoder (Python lists it first).
+torch::jit::Module build_encoder(int64_t d) {
+  auto cu = std::make_shared<torch::jit::CompilationUnit>();
+  torch::jit::Module layers("ModuleList", cu, true);
+  for (int i = 0; i < 2; ++i) {
+    torch::jit::Module attn("MultiheadAttention", cu, true);
+    attn.register_parameter("in_proj_weight", torch::randn({3 * d, d}).requires_grad_(), false);
+    attn.register_parameter("in_proj_bias", torch::zeros({3 * d}).requires_grad_(), false);
+    torch::jit::Module lin = scripted_linear(cu, torch::randn({d, 3 * d}) * 0.2, torch::zeros({d}));
+    torch::jit::Module layer("EncoderLayer", cu, true);
+    layer.register_module("self_attn", attn);
+    layer.register_module("linear1", lin);
+    layer.define(R"JIT(
+def forward(self, x):
+    h = torch.relu(torch.addmm(self.self_attn.in_proj_bias, x, self.self_attn.in_proj_weight.t()))
+    return x + self.linear1.forward(h)
+)JIT");
+    layers.register_module(std::to_string(i), layer);
+  }
+  torch::jit::Module encoder("Encoder", cu, true);
+  encoder.register_module("layers", layers);
+  encoder.define(R"JIT(
+def forward(self, x):
+    return getattr(self.layers, "1").forward(getattr(self.layers, "0").forward(x))
+)JIT");
+  torch::jit::Module root("Model", cu, true);
+  root.register_module("encoder", encoder);
+  root.register_parameter("logit_scale", torch::ones({1}).requires_grad_(), false);
+  root.define(R"JIT(
+def forward(self, x):
+    return self.encoder.forward(x) * self.logit_scale
+)JIT");
+  return root;
+}
+
+TEST(JitNamedParameters, DottedNamesInPythonOrderAliasingTheModule) {
+  torch::manual_seed(0);
+  torch::jit::Module m = build_encoder(4);
+  TempFile file("encoder");
+  m.save(file.path);
+  torch::jit::Module loaded = torch::jit::load(file.path);
+
+  const std::vector<std::string> expected{"logit_scale",
+                                          "encoder.layers.0.self_attn.in_proj_weight",
+                                          "encoder.layers.0.self_attn.in_proj_bias",
+                                          "encoder.layers.0.linear1.weight",
+                                          "encoder.layers.0.linear1.bias",
+                                          "encoder.layers.1.self_attn.in_proj_weight",
+                                          "encoder.layers.1.self_attn.in_proj_bias",
+                                          "encoder.layers.1.linear1.weight",
+                                          "encoder.layers.1.linear1.bias"};
+  for (torch::jit::Module* mod : {&m, &loaded}) {
+    const auto params = gradlora::named_parameters(*mod);
+    EXPECT_EQ(params.keys(), expected);
+    // Aliasing: the dictionary's tensors are the module's.
+    torch::jit::Module layer0 = mod->attr("encoder").toModule().attr("layers").toModule().attr("0").toModule();
+    const torch::Tensor w = layer0.attr("self_attn").toModule().attr("in_proj_weight").toTensor();
+    EXPECT_TRUE(params["encoder.layers.0.self_attn.in_proj_weight"].is_same(w));
+  }
+}
+
+TEST(JitNamedParameters, TiedTensorListedOnceUnderFirstName) {
+  auto cu = std::make_shared<torch::jit::CompilationUnit>();
+  torch::Tensor shared = torch::randn({3, 3}).requires_grad_();
+  torch::jit::Module sub("Sub", cu, true);
+  sub.register_parameter("w", shared, false);
+  sub.register_parameter("v", torch::randn({3}).requires_grad_(), false);
+  torch::jit::Module root("Root", cu, true);
+  root.register_parameter("embed", shared, false);
+  root.register_module("head", sub);
+  root.register_module("head_again", sub);  // the same submodule under two names
+  const auto params = gradlora::named_parameters(root);
+  EXPECT_EQ(params.keys(), (std::vector<std::string>{"embed", "head.v"}));
+  // The optimizer, which rejects the same tensor under two names, accepts the list.
+  Config c = base_config();
+  c.targets.push_back(target("embed", Method::lora, 2, 2.0));
+  LowRankOptimizer opt(params, c);
+  EXPECT_EQ(opt.method_of("embed"), Method::lora);
+}
+
+// -------------------------------------------------------------- selection
+
+TEST(JitSelection, TargetsSelectByDottedNameAndFrozenStayBitIdentical) {
+  torch::manual_seed(1);
+  TempFile file("encoder");
+  build_encoder(4).save(file.path);
+  torch::jit::Module m = torch::jit::load(file.path);
+  const auto params = gradlora::named_parameters(m);
+
+  Config c = gradlora::Config::from_yaml_string(R"YAML(
+seed: 3
+log_report: false
+optimizer: {type: adamw, lr: 1.0e-2, weight_decay: 0.0}
+targets:
+  - match: "encoder.layers.*.self_attn.in_proj_weight"
+    method: lora
+    rank: 2
+    alpha: 4
+    init: symmetric
+  - match: "encoder.layers.1.linear1.weight"
+    method: additive
+    rank: 2
+  - match: "re:encoder\\.layers\\.0\\..*_bias"
+    method: full
+default: frozen
+)YAML");
+  LowRankOptimizer opt(params, c);
+  const std::map<std::string, Method> expected{{"logit_scale", Method::frozen},
+                                               {"encoder.layers.0.self_attn.in_proj_weight", Method::lora},
+                                               {"encoder.layers.0.self_attn.in_proj_bias", Method::full},
+                                               {"encoder.layers.0.linear1.weight", Method::frozen},
+                                               {"encoder.layers.0.linear1.bias", Method::frozen},
+                                               {"encoder.layers.1.self_attn.in_proj_weight", Method::lora},
+                                               {"encoder.layers.1.self_attn.in_proj_bias", Method::frozen},
+                                               {"encoder.layers.1.linear1.weight", Method::additive},
+                                               {"encoder.layers.1.linear1.bias", Method::frozen}};
+  for (const auto& [name, method] : expected) EXPECT_EQ(opt.method_of(name), method) << name;
+
+  const auto before = snapshot(params);
+  torch::manual_seed(2);
+  const torch::Tensor x = torch::randn({8, 4}), y = torch::randn({8, 4});
+  m.train();
+  for (int i = 0; i < 3; ++i) {
+    opt.zero_grad();
+    torch::mse_loss(forward(m, x), y).backward();
+    opt.step();
+  }
+  for (const auto& [name, method] : expected) {
+    const torch::Tensor now = params[name];
+    if (method == Method::frozen) {
+      EXPECT_TRUE(torch::equal(now, before.at(name))) << name << " is frozen but changed";
+    } else {
+      EXPECT_GT(max_abs_diff(now, before.at(name)), 1e-4) << name << " was not trained";
+    }
+  }
+}
+
+TEST(JitSelection, UnmatchedTargetNamesThePattern) {
+  TempFile file("mlp");
+  torch::jit::Module m = load_scripted_mlp(MlpWeights::random(0), file.path);
+  Config c = base_config();
+  c.targets.push_back(target("layers.*.weight", Method::lora));
+  try {
+    LowRankOptimizer opt(gradlora::named_parameters(m), c);
+    FAIL() << "expected ConfigError";
+  } catch (const gradlora::ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("layers.*.weight"), std::string::npos) << e.what();
+  }
+}
+
+// --------------------------------------------- equivalence: module-side LoRA
+
+struct LoraCase {
+  Init init;
+  InnerType inner;
+};
+
+class JitLoraEquivalence : public ::testing::TestWithParam<LoraCase> {};
+
+/// Scripted MLP (saved and re-loaded) trained by LowRankOptimizer with `lora` on
+/// both weights, `full` on fc1.bias and fc2.bias frozen, against the network-side
+/// LoRA written out by hand: y = fc2(tanh(x·W1ᵀ + b1)) with W = P0 + s·A·B, where
+/// A and B are leaf tensors that autograd differentiates and torch::optim updates.
+TEST_P(JitLoraEquivalence, EqualsExplicitModuleSideLora) {
+  const LoraCase pc = GetParam();
+  const MlpWeights w0 = MlpWeights::random(5);
+  const Data d = make_data(6);
+  TempFile file("mlp");
+  torch::jit::Module m = load_scripted_mlp(w0, file.path);
+
+  Config c = base_config();
+  if (pc.inner == InnerType::sgd) {
+    c.optimizer.type = InnerType::sgd;
+    c.optimizer.lr = 5e-2;
+    c.optimizer.momentum = 0.9;
+    c.optimizer.weight_decay = 0.0;
+  }
+  c.targets.push_back(target("fc1.weight", Method::lora, 3, 6.0));  // s = 2
+  c.targets.push_back(target("fc2.weight", Method::lora, 2, 1.0));  // s = 0.5
+  c.targets.push_back(target("fc1.bias", Method::full));
+  for (auto& t : c.targets) t.init = pc.init;
+  const auto params = gradlora::named_parameters(m);
+  LowRankOptimizer opt(params, c);
+  EXPECT_EQ(opt.method_of("fc2.bias"), Method::frozen);
+
+  // Reference: leaf factors with the optimizer's initial values. With symmetric
+  // init the optimizer keeps P unchanged at step 0, i.e. P0 = P − s·A0·B0.
+  const double s1 = 2.0, s2 = 0.5;
+  auto leaf = [](const torch::Tensor& t) { return t.detach().clone().requires_grad_(true); };
+  auto [A1i, B1i] = opt.factors("fc1.weight");
+  auto [A2i, B2i] = opt.factors("fc2.weight");
+  torch::Tensor A1 = leaf(A1i), B1 = leaf(B1i), A2 = leaf(A2i), B2 = leaf(B2i), b1 = leaf(w0.b1);
+  const torch::Tensor P01 = (w0.w1 - s1 * A1.detach().mm(B1.detach())).detach();
+  const torch::Tensor P02 = (w0.w2 - s2 * A2.detach().mm(B2.detach())).detach();
+  std::unique_ptr<torch::optim::Optimizer> ref;
+  if (pc.inner == InnerType::sgd) {
+    ref = std::make_unique<torch::optim::SGD>(std::vector<torch::Tensor>{A1, B1, b1, A2, B2},
+                                              torch::optim::SGDOptions(5e-2).momentum(0.9));
+  } else {
+    ref = std::make_unique<torch::optim::AdamW>(std::vector<torch::Tensor>{A1, B1, b1, A2, B2},
+                                                torch::optim::AdamWOptions(2e-2).weight_decay(0.01));
+  }
+  auto ref_forward = [&](const torch::Tensor& x) {
+    torch::Tensor W1 = P01 + s1 * A1.mm(B1);
+    torch::Tensor W2 = P02 + s2 * A2.mm(B2);
+    return torch::addmm(w0.b2, torch::tanh(torch::addmm(b1, x, W1.t())), W2.t());
+  };
+
+  m.train();
+  const int steps = 6;
+  for (int i = 0; i < steps; ++i) {
+    opt.zero_grad();
+    torch::Tensor loss = torch::mse_loss(forward(m, d.x), d.y);
+    loss.backward();
+    opt.step();
+
+    ref->zero_grad();
+    torch::Tensor ref_loss = torch::mse_loss(ref_forward(d.x), d.y);
+    ref_loss.backward();
+    ref->step();
+    EXPECT_NEAR(loss.item<double>(), ref_loss.item<double>(), 1e-5) << "step " << i;
+  }
+  torch::NoGradGuard g;
+  const double tol = 1e-5;
+  EXPECT_LE(max_abs_diff(opt.factors("fc1.weight").first, A1), tol);
+  EXPECT_LE(max_abs_diff(opt.factors("fc1.weight").second, B1), tol);
+  EXPECT_LE(max_abs_diff(opt.factors("fc2.weight").first, A2), tol);
+  EXPECT_LE(max_abs_diff(opt.factors("fc2.weight").second, B2), tol);
+  EXPECT_LE(max_abs_diff(params["fc1.weight"], P01 + s1 * A1.mm(B1)), tol);
+  EXPECT_LE(max_abs_diff(params["fc2.weight"], P02 + s2 * A2.mm(B2)), tol);
+  EXPECT_LE(max_abs_diff(params["fc1.bias"], b1), tol);
+  EXPECT_TRUE(torch::equal(params["fc2.bias"], w0.b2)) << "frozen fc2.bias changed";
+  EXPECT_LE(max_abs_diff(forward(m, d.x), ref_forward(d.x)), tol);
+  // The weights did move (the comparison is not between two untouched networks).
+  EXPECT_GT(max_abs_diff(params["fc1.weight"], w0.w1), 1e-3);
+  EXPECT_GT(max_abs_diff(params["fc2.weight"], w0.w2), 1e-3);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, JitLoraEquivalence,
+                         ::testing::Values(LoraCase{Init::zero, InnerType::adamw},
+                                           LoraCase{Init::symmetric, InnerType::adamw},
+                                           LoraCase{Init::zero, InnerType::sgd}),
+                         [](const ::testing::TestParamInfo<LoraCase>& info) {
+                           return std::string(gradlora::to_string(info.param.init)) + "_" +
+                                  gradlora::to_string(info.param.inner);
+                         });
+
+// ---------------------------------------- every method: scripted == nn twin
+
+class JitEveryMethod : public ::testing::TestWithParam<Method> {};
+
+/// The same config on the scripted module and on its torch::nn twin (same names,
+/// so the same seeded factors) gives the same weights: the optimizer sees no
+/// difference between the two kinds of module.
+TEST_P(JitEveryMethod, ScriptedModuleTrainsLikeItsNnTwin) {
+  const Method method = GetParam();
+  const MlpWeights w0 = MlpWeights::random(21);
+  const Data d = make_data(22);
+  TempFile file("mlp");
+  torch::jit::Module m = load_scripted_mlp(w0, file.path);
+  Twin twin(w0);
+
+  Config c = base_config();
+  c.targets.push_back(target("fc*.weight", method, 2, 4.0));
+  c.targets.push_back(target("*.bias", Method::full));
+  const auto params = gradlora::named_parameters(m);
+  LowRankOptimizer opt(params, c);
+  LowRankOptimizer twin_opt(twin->named_parameters(), c);
+  EXPECT_EQ(opt.names(), twin_opt.names());
+
+  const auto before = snapshot(params);
+  const int steps = 5;
+  train_scripted(m, opt, d, steps);
+  twin->train();
+  for (int i = 0; i < steps; ++i) {
+    twin_opt.zero_grad();
+    torch::mse_loss(twin->forward(d.x), d.y).backward();
+    twin_opt.step();
+  }
+  const auto twin_params = twin->named_parameters();
+  for (const auto& kv : params) {
+    EXPECT_LE(max_abs_diff(kv.value(), twin_params[kv.key()]), 1e-5) << kv.key();
+  }
+  for (const char* name : {"fc1.weight", "fc2.weight"}) {
+    if (method == Method::frozen) {
+      EXPECT_TRUE(torch::equal(params[name], before.at(name))) << name << " is frozen but changed";
+    } else {
+      EXPECT_GT(max_abs_diff(params[name], before.at(name)), 1e-3) << name << " was not trained";
+    }
+  }
+  EXPECT_GT(max_abs_diff(params["fc1.bias"], before.at("fc1.bias")), 1e-3);
+}
+
+INSTANTIATE_TEST_SUITE_P(Methods, JitEveryMethod,
+                         ::testing::Values(Method::lora, Method::random, Method::additive, Method::full,
+                                           Method::frozen),
+                         [](const ::testing::TestParamInfo<Method>& info) {
+                           return std::string(gradlora::to_string(info.param));
+                         });
+
+// ------------------------------------------------------------ save, reload
+
+TEST(JitSaveLoad, SavedModuleReproducesFineTunedOutputsAndResumes) {
+  const MlpWeights w0 = MlpWeights::random(31);
+  const Data d = make_data(32);
+  TempFile base("base"), tuned("tuned"), ckpt("opt");
+  Config c = base_config();
+  c.targets.push_back(target("fc*.weight", Method::lora, 2, 4.0));
+  c.targets.push_back(target("fc1.bias", Method::full));
+
+  // Uninterrupted: 4 + 3 steps.
+  torch::jit::Module m = load_scripted_mlp(w0, base.path);
+  LowRankOptimizer opt(gradlora::named_parameters(m), c);
+  m.eval();
+  const torch::Tensor initial_out = forward(m, d.x).detach();
+  train_scripted(m, opt, d, 4);
+  m.eval();
+  const torch::Tensor tuned_out = forward(m, d.x).detach();
+  m.save(tuned.path);
+  torch::save(opt, ckpt.path);
+  train_scripted(m, opt, d, 3);
+  const auto final_params = snapshot(gradlora::named_parameters(m));
+
+  // The saved file gives the fine-tuned outputs, not the initial ones.
+  torch::jit::Module reloaded = torch::jit::load(tuned.path);
+  reloaded.eval();
+  const torch::Tensor reloaded_out = forward(reloaded, d.x).detach();
+  EXPECT_TRUE(torch::equal(reloaded_out, tuned_out));
+  EXPECT_GT(max_abs_diff(reloaded_out, initial_out), 1e-3);
+
+  // Resume: reloaded module + optimizer checkpoint continue exactly as before.
+  LowRankOptimizer resumed(gradlora::named_parameters(reloaded), c);
+  torch::load(resumed, ckpt.path);
+  train_scripted(reloaded, resumed, d, 3);
+  for (const auto& kv : gradlora::named_parameters(reloaded)) {
+    EXPECT_LE(max_abs_diff(kv.value(), final_params.at(kv.key())), 1e-6) << kv.key();
+  }
+}
+
+// ------------------------------------------------------------ requires_grad
+
+TEST(JitRequiresGrad, FollowsTheSelection) {
+  const MlpWeights w0 = MlpWeights::random(41);
+  const Data d = make_data(42);
+  TempFile file("mlp");
+  {
+    // A model exported with gradients switched off: nothing would train.
+    torch::jit::Module off = build_scripted_mlp(w0);
+    gradlora::set_requires_grad(off, false);
+    off.save(file.path);
+  }
+  torch::jit::Module m = torch::jit::load(file.path);
+  for (const auto& p : m.parameters()) ASSERT_FALSE(p.requires_grad());
+
+  Config c = base_config();
+  c.targets.push_back(target("fc1.weight", Method::lora, 2, 4.0));
+  c.targets.push_back(target("fc2.bias", Method::full));
+  const auto params = gradlora::named_parameters(m);
+  LowRankOptimizer opt(params, c);
+  gradlora::set_requires_grad(m, opt);
+  EXPECT_TRUE(params["fc1.weight"].requires_grad());
+  EXPECT_TRUE(params["fc2.bias"].requires_grad());
+  EXPECT_FALSE(params["fc1.bias"].requires_grad());
+  EXPECT_FALSE(params["fc2.weight"].requires_grad());
+
+  const auto before = snapshot(params);
+  train_scripted(m, opt, d, 3);
+  EXPECT_FALSE(params["fc2.weight"].grad().defined()) << "a frozen weight got a gradient";
+  EXPECT_GT(max_abs_diff(params["fc1.weight"], before.at("fc1.weight")), 1e-3);
+  EXPECT_GT(max_abs_diff(params["fc2.bias"], before.at("fc2.bias")), 1e-3);
+  EXPECT_TRUE(torch::equal(params["fc2.weight"], before.at("fc2.weight")));
+  EXPECT_TRUE(torch::equal(params["fc1.bias"], before.at("fc1.bias")));
+
+  // An optimizer built from another module is refused, and nothing changes.
+  auto encoder_params = gradlora::named_parameters(build_encoder(4));
+  LowRankOptimizer other(encoder_params, [] {
+    Config e = base_config();
+    e.default_method = Method::full;
+    return e;
+  }());
+  EXPECT_THROW(gradlora::set_requires_grad(m, other), std::invalid_argument);
+  EXPECT_FALSE(params["fc2.weight"].requires_grad());
+  EXPECT_TRUE(params["fc1.weight"].requires_grad());
+}
+
+}  // namespace
