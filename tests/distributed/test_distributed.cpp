@@ -1,0 +1,418 @@
+// Data-parallel training over Gloo on loopback: two ranks on half-batches equal one
+// process on the full batch; bytes on the wire; config mismatch and dead peers
+// fail on every rank within a timeout; the launcher propagates failures.
+//
+// Each test forks its ranks with gradlora::launch_local; the ranks write what they
+// computed into a temporary directory and the test compares it in the parent.
+#include <gradlora/distributed.h>
+#include <gradlora/gradlora.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <thread>
+
+using namespace gradlora;
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr int kWorld = 2;
+constexpr int kSteps = 10;
+constexpr int64_t kBatch = 8;  // full batch; each rank takes kBatch / kWorld rows
+constexpr int64_t kIn = 12, kHidden = 10, kOut = 6;
+
+/// Launcher limits that keep a broken test from hanging CI.
+LaunchOptions bounded() {
+  LaunchOptions o;
+  o.grace = std::chrono::seconds(2);
+  o.job_timeout = std::chrono::seconds(120);
+  return o;
+}
+
+struct TempDir {
+  TempDir() {
+    std::string t = (fs::temp_directory_path() / "gradlora-dist-test-XXXXXX").string();
+    if (!mkdtemp(t.data())) throw std::runtime_error("mkdtemp failed");
+    path = t;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+  std::string file(const std::string& name) const { return (path / name).string(); }
+  fs::path path;
+};
+
+void write_text(const std::string& path, const std::string& text) {
+  std::ofstream f(path);
+  f << text;
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream f(path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+struct Mlp3Impl : torch::nn::Module {
+  Mlp3Impl()
+      : fc1(register_module("fc1", torch::nn::Linear(kIn, kHidden))),
+        fc2(register_module("fc2", torch::nn::Linear(kHidden, kHidden))),
+        fc3(register_module("fc3", torch::nn::Linear(kHidden, kOut))) {}
+  torch::Tensor forward(const torch::Tensor& x) {
+    return fc3->forward(torch::tanh(fc2->forward(torch::tanh(fc1->forward(x)))));
+  }
+  torch::nn::Linear fc1, fc2, fc3;
+};
+TORCH_MODULE(Mlp3);
+
+/// Model initialised from `seed`: ranks use different seeds on purpose, so that
+/// only the broadcast from rank 0 can make them agree with the reference.
+Mlp3 make_model(uint64_t seed, torch::ScalarType dtype) {
+  torch::manual_seed(seed);
+  Mlp3 m;
+  m->to(dtype);
+  return m;
+}
+
+/// Batch of step k (the full batch; identical in every process).
+std::pair<torch::Tensor, torch::Tensor> full_batch(int k, torch::ScalarType dtype) {
+  auto gen = at::detail::createCPUGenerator(5000 + k);
+  auto o = torch::TensorOptions().dtype(torch::kDouble);
+  torch::Tensor x = at::randn({kBatch, kIn}, gen, o);
+  torch::Tensor y = at::randn({kBatch, kOut}, gen, o);
+  return {x.to(dtype), y.to(dtype)};
+}
+
+Config config_for(const std::string& weight_method, int64_t rank, const std::string& inner) {
+  std::string yaml;
+  if (weight_method == "mixed") {
+    yaml = "seed: 3\noptimizer: " + inner +
+           "\ntargets:\n"
+           "  - {match: fc1.weight, method: lora, rank: 3, alpha: 6, init: symmetric}\n"
+           "  - {match: fc2.weight, method: random, rank: 2}\n"
+           "  - {match: fc3.weight, method: additive, rank: 4}\n"
+           "  - {match: '*.bias', method: full}\n";
+  } else {
+    yaml = "seed: 3\noptimizer: " + inner + "\ntargets:\n  - {match: '*.weight', method: " + weight_method +
+           (weight_method == "full" ? "" : ", rank: " + std::to_string(rank)) +
+           "}\n  - {match: '*.bias', method: full}\n";
+  }
+  Config c = Config::from_yaml_string(yaml);
+  c.log_report = false;
+  return c;
+}
+
+const char* kSgd = "{type: sgd, lr: 0.1, momentum: 0.9, weight_decay: 0.01}";
+const char* kAdamW = "{type: adamw, lr: 0.02, weight_decay: 0.1}";
+
+/// Trains for kSteps on rows [begin, end) of every batch; returns the parameters.
+std::vector<torch::Tensor> train(Mlp3& model, LowRankOptimizer& opt, int64_t begin, int64_t end,
+                                 torch::ScalarType dtype) {
+  for (int k = 0; k < kSteps; ++k) {
+    auto [x, y] = full_batch(k, dtype);
+    opt.zero_grad();
+    // A mean over this rank's rows: the average over ranks is the full-batch mean.
+    torch::Tensor loss = torch::mse_loss(model->forward(x.slice(0, begin, end)), y.slice(0, begin, end));
+    loss.backward();
+    opt.step();
+  }
+  std::vector<torch::Tensor> out;
+  for (const auto& p : model->parameters()) out.push_back(p.detach().clone());
+  return out;
+}
+
+/// What one rank of the equivalence test does; exit status 0 when it ran.
+int equivalence_rank(int rank, int world, const std::string& method, const std::string& inner,
+                     torch::ScalarType dtype, int64_t bucket_bytes, const std::string& out_dir) {
+  auto pg = process_group_from_env(std::chrono::seconds(30));
+  Mlp3 model = make_model(100 + static_cast<uint64_t>(rank), dtype);
+  LowRankOptimizer opt(model->named_parameters(), config_for(method, 2, inner));
+  DataParallelOptions o;
+  o.bucket_bytes = bucket_bytes;
+  o.timeout = std::chrono::seconds(30);
+  DataParallel dp(opt, pg, o);
+  const int64_t per_rank = kBatch / world;
+  std::vector<torch::Tensor> params = train(model, opt, rank * per_rank, (rank + 1) * per_rank, dtype);
+  torch::save(params, out_dir + "/rank" + std::to_string(rank) + ".pt");
+  write_text(out_dir + "/stats" + std::to_string(rank) + ".txt",
+             std::to_string(dp.stats().steps) + " " + std::to_string(dp.stats().last_step_collectives));
+  return 0;
+}
+
+struct EquivalenceCase {
+  std::string method;
+  std::string inner;
+  torch::ScalarType dtype;
+  int64_t bucket_bytes;
+  double tol;
+};
+
+void check_equivalence(const EquivalenceCase& c) {
+  TempDir dir;
+  const int rc = launch_local(
+      kWorld,
+      [&](int rank, int world) {
+        return equivalence_rank(rank, world, c.method, c.inner, c.dtype, c.bucket_bytes, dir.path.string());
+      },
+      bounded());
+  ASSERT_EQ(rc, 0) << "a rank failed (see its stderr above)";
+
+  // Reference: one process, the full batch, no communication, rank 0's initial model.
+  Mlp3 model = make_model(100, c.dtype);
+  LowRankOptimizer opt(model->named_parameters(), config_for(c.method, 2, c.inner));
+  std::vector<torch::Tensor> ref = train(model, opt, 0, kBatch, c.dtype);
+
+  std::vector<torch::Tensor> init;
+  for (const auto& p : make_model(100, c.dtype)->parameters()) init.push_back(p.detach().clone());
+  for (int r = 0; r < kWorld; ++r) {
+    std::vector<torch::Tensor> got;
+    torch::load(got, dir.file("rank" + std::to_string(r) + ".pt"));
+    ASSERT_EQ(got.size(), ref.size());
+    for (size_t i = 0; i < ref.size(); ++i) {
+      const double diff = (got[i].to(torch::kDouble) - ref[i].to(torch::kDouble)).abs().max().item<double>();
+      EXPECT_LE(diff, c.tol) << c.method << ": rank " << r << ", parameter " << i;
+    }
+    std::istringstream stats(read_text(dir.file("stats" + std::to_string(r) + ".txt")));
+    int64_t steps = 0, calls = 0;
+    stats >> steps >> calls;
+    EXPECT_EQ(steps, kSteps) << "the reducer must run once per step";
+    EXPECT_GE(calls, 1);
+  }
+  // The comparison has teeth: training moved the parameters well beyond the tolerance.
+  double moved = 0.0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    moved = std::max(moved, (ref[i].to(torch::kDouble) - init[i].to(torch::kDouble)).abs().max().item<double>());
+  }
+  EXPECT_GT(moved, 1e3 * c.tol);
+}
+
+class Equivalence : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(Equivalence, TwoRanksOnHalfBatchesEqualOneProcessOnFullBatch) {
+  check_equivalence({GetParam(), kSgd, torch::kFloat, int64_t{25} << 20, 1e-5});
+}
+
+INSTANTIATE_TEST_SUITE_P(Methods, Equivalence, ::testing::Values("lora", "random", "additive", "full"),
+                         [](const auto& info) { return info.param; });
+
+TEST(Distributed, MixedMethodsWithAdamWInDoubleAndSmallBuckets) {
+  // One method per layer, AdamW, float64, and 96-byte buckets (many all-reduce calls).
+  check_equivalence({"mixed", kAdamW, torch::kDouble, 96, 1e-10});
+}
+
+TEST(Distributed, BytesPerStepAreTheLowRankPayload) {
+  TempDir dir;
+  const int rc = launch_local(
+      kWorld,
+      [&](int rank, int world) {
+        auto pg = process_group_from_env(std::chrono::seconds(30));
+        Mlp3 model = make_model(7, torch::kFloat);
+        LowRankOptimizer opt(model->named_parameters(), config_for("lora", 4, kSgd));
+        DataParallel dp(opt, pg);
+        auto [x, y] = full_batch(0, torch::kFloat);
+        const int64_t per = kBatch / world;
+        opt.zero_grad();
+        torch::mse_loss(model->forward(x.slice(0, rank * per, (rank + 1) * per)), y.slice(0, rank * per, (rank + 1) * per))
+            .backward();
+        opt.step();
+        write_text(dir.file("bytes" + std::to_string(rank) + ".txt"),
+                   std::to_string(dp.stats().last_step_bytes) + " " + std::to_string(dp.stats().total_bytes) + " " +
+                       std::to_string(dp.expected_step_bytes()) + " " +
+                       std::to_string(dp.stats().last_step_collectives));
+        return 0;
+      },
+      bounded());
+  ASSERT_EQ(rc, 0);
+  // 4·r·(n+m) per lora matrix (float32 factors gA n×r, gB r×m) plus the full biases.
+  const int64_t r = 4;
+  const int64_t lora = 4 * r * ((kHidden + kIn) + (kHidden + kHidden) + (kOut + kHidden));
+  const int64_t biases = 4 * (kHidden + kHidden + kOut);
+  const int64_t full_gradients = 4 * (kHidden * kIn + kHidden * kHidden + kOut * kHidden) + biases;
+  for (int rk = 0; rk < kWorld; ++rk) {
+    std::istringstream in(read_text(dir.file("bytes" + std::to_string(rk) + ".txt")));
+    int64_t last = -1, total = -1, expected = -1, calls = -1;
+    in >> last >> total >> expected >> calls;
+    EXPECT_EQ(last, lora + biases) << "rank " << rk;
+    EXPECT_EQ(total, lora + biases) << "rank " << rk;
+    EXPECT_EQ(expected, lora + biases) << "the selection report must agree with what is sent";
+    EXPECT_EQ(calls, 1) << "one float32 bucket";
+    EXPECT_LT(last, full_gradients);
+  }
+}
+
+TEST(Distributed, DifferentConfigFailsOnEveryRankNamingTheKey) {
+  TempDir dir;
+  const int rc = launch_local(
+      kWorld,
+      [&](int rank, int) {
+        auto pg = process_group_from_env(std::chrono::seconds(30));
+        Mlp3 model = make_model(7, torch::kFloat);
+        LowRankOptimizer opt(model->named_parameters(), config_for("lora", rank == 0 ? 2 : 4, kSgd));
+        DataParallelOptions o;
+        o.timeout = std::chrono::seconds(20);
+        try {
+          DataParallel dp(opt, pg, o);
+        } catch (const DistributedError& e) {
+          write_text(dir.file("error" + std::to_string(rank) + ".txt"), e.what());
+          return 0;
+        }
+        return 3;  // no error: the check let a mismatch through
+      },
+      bounded());
+  ASSERT_EQ(rc, 0) << "every rank must raise DistributedError";
+  for (int rk = 0; rk < kWorld; ++rk) {
+    const std::string msg = read_text(dir.file("error" + std::to_string(rk) + ".txt"));
+    EXPECT_NE(msg.find("do not run the same optimizer config"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("'targets[0].rank' (rank 0: 2, rank 1: 4)"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("parameter 'fc1.weight'"), std::string::npos) << msg;
+    EXPECT_EQ(msg.find("within"), std::string::npos) << "a mismatch must not surface as a timeout: " << msg;
+  }
+}
+
+TEST(Distributed, PeerThatNeverJoinsTimesOutInsteadOfHanging) {
+  TempDir dir;
+  const int rc = launch_local(
+      kWorld,
+      [&](int rank, int) {
+        if (rank == 1) return 0;  // leaves without joining
+        try {
+          auto pg = process_group_from_env(std::chrono::seconds(2));
+        } catch (const DistributedError& e) {
+          write_text(dir.file("error0.txt"), e.what());
+          return 0;
+        }
+        return 3;
+      },
+      bounded());
+  ASSERT_EQ(rc, 0);
+  const std::string msg = read_text(dir.file("error0.txt"));
+  EXPECT_NE(msg.find("rank 0 of 2"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("within 2 s"), std::string::npos) << msg;
+}
+
+int free_port() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = 0;
+  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+  socklen_t len = sizeof(a);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  const int port = ntohs(a.sin_port);
+  close(fd);
+  return port;
+}
+
+TEST(Distributed, TcpStoreFromTorchrunEnvironment) {
+  TempDir dir;
+  const int port = free_port();
+  const int rc = launch_local(
+      kWorld,
+      [&](int rank, int) {
+        // What torchrun provides: MASTER_ADDR / MASTER_PORT instead of a store file.
+        unsetenv("GRADLORA_STORE_FILE");
+        setenv("MASTER_ADDR", "127.0.0.1", 1);
+        setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
+        auto pg = process_group_from_env(std::chrono::seconds(30));
+        std::vector<torch::Tensor> t{torch::full({3}, static_cast<float>(rank + 1))};
+        allreduce_mean(*pg, t, 1 << 20, std::chrono::seconds(30));
+        write_text(dir.file("mean" + std::to_string(rank) + ".txt"), std::to_string(t[0].sum().item<float>()));
+        return 0;
+      },
+      bounded());
+  ASSERT_EQ(rc, 0);
+  for (int rk = 0; rk < kWorld; ++rk) {
+    EXPECT_FLOAT_EQ(std::stof(read_text(dir.file("mean" + std::to_string(rk) + ".txt"))), 3 * 1.5f);
+  }
+}
+
+TEST(Launcher, FailingRankStopsTheOthersAndIsReported) {
+  TempDir dir;
+  const int rc = launch_local(
+      3,
+      [&](int rank, int) {
+        if (rank == 1) return 7;
+        // The others would outlive the test's patience: only the launcher's kill ends them early.
+        for (int i = 0; i < 200; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        write_text(dir.file("survived" + std::to_string(rank)), "yes");
+        return 0;
+      },
+      bounded());
+  EXPECT_EQ(rc, 7);
+  EXPECT_FALSE(fs::exists(dir.file("survived0")));
+  EXPECT_FALSE(fs::exists(dir.file("survived2")));
+}
+
+TEST(Launcher, ExceptionInARankGivesStatusOneAndAllRanksSeeTheirEnvironment) {
+  TempDir dir;
+  EXPECT_EQ(launch_local(2, [](int rank, int) -> int { throw std::runtime_error("boom " + std::to_string(rank)); },
+                         bounded()),
+            1);
+  ASSERT_EQ(launch_local(
+                3,
+                [&](int rank, int world) {
+                  write_text(dir.file("env" + std::to_string(rank)),
+                             std::string(std::getenv("RANK")) + " " + std::getenv("WORLD_SIZE") + " " +
+                                 std::to_string(rank) + " " + std::to_string(world));
+                  return 0;
+                },
+                bounded()),
+            0);
+  for (int r = 0; r < 3; ++r) {
+    EXPECT_EQ(read_text(dir.file("env" + std::to_string(r))), std::to_string(r) + " 3 " + std::to_string(r) + " 3");
+  }
+}
+
+TEST(Distributed, FingerprintNamesWhatMustAgree) {
+  Mlp3 model = make_model(7, torch::kFloat);
+  LowRankOptimizer a(model->named_parameters(), config_for("lora", 2, kSgd));
+  Config same = config_for("lora", 2, kSgd);
+  same.log_report = true;  // not part of what must agree
+  LowRankOptimizer b(model->named_parameters(), same);
+  EXPECT_EQ(distributed_fingerprint(a), distributed_fingerprint(b));
+  Config other = config_for("lora", 2, kSgd);
+  other.optimizer.lr = 0.2;
+  LowRankOptimizer c(model->named_parameters(), other);
+  const std::string fa = distributed_fingerprint(a), fc = distributed_fingerprint(c);
+  EXPECT_NE(fa, fc);
+  EXPECT_NE(fa.find("optimizer.lr = 0.10000000000000001"), std::string::npos) << fa;
+  EXPECT_NE(fc.find("optimizer.lr = 0.20000000000000001"), std::string::npos) << fc;
+  EXPECT_NE(fa.find("parameter 'fc2.weight' = shape [10, 10], method lora, rank 2"), std::string::npos) << fa;
+}
+
+TEST(Distributed, MissingEnvironmentIsNamed) {
+  const char* keep = std::getenv("WORLD_SIZE");
+  const std::string saved = keep ? keep : "";
+  unsetenv("WORLD_SIZE");
+  try {
+    process_group_from_env(std::chrono::seconds(1));
+    ADD_FAILURE() << "expected DistributedError";
+  } catch (const DistributedError& e) {
+    EXPECT_NE(std::string(e.what()).find("WORLD_SIZE is not set"), std::string::npos) << e.what();
+  }
+  setenv("WORLD_SIZE", "two", 1);
+  setenv("RANK", "0", 1);
+  try {
+    process_group_from_env(std::chrono::seconds(1));
+    ADD_FAILURE() << "expected DistributedError";
+  } catch (const DistributedError& e) {
+    EXPECT_NE(std::string(e.what()).find("WORLD_SIZE='two'"), std::string::npos) << e.what();
+  }
+  unsetenv("RANK");
+  if (keep) setenv("WORLD_SIZE", saved.c_str(), 1); else unsetenv("WORLD_SIZE");
+}
+
+}  // namespace
