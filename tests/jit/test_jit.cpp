@@ -461,6 +461,34 @@ INSTANTIATE_TEST_SUITE_P(Methods, JitEveryMethod,
                            return std::string(gradlora::to_string(info.param));
                          });
 
+// ------------------------------------------------------------- fused mode
+
+/// fuse_into_backward projects inside backward() through a hook on each
+/// parameter's gradient accumulator; the TorchScript graph executor's own
+/// autodiff must reach those hooks just as eager autograd does.
+TEST(JitFused, FusedModeOnScriptedModuleEqualsPlainSteps) {
+  const MlpWeights w0 = MlpWeights::random(51);
+  const Data d = make_data(52);
+  TempFile file("mlp");
+  torch::jit::Module plain = load_scripted_mlp(w0, file.path);
+  torch::jit::Module fused = torch::jit::load(file.path);
+  Config c = base_config();
+  c.targets.push_back(target("fc*.weight", Method::lora, 2, 4.0));
+  c.targets.push_back(target("fc1.bias", Method::full));
+  LowRankOptimizer plain_opt(gradlora::named_parameters(plain), c);
+  c.fuse_into_backward = true;
+  LowRankOptimizer fused_opt(gradlora::named_parameters(fused), c);
+  const auto before = snapshot(gradlora::named_parameters(fused));
+  train_scripted(plain, plain_opt, d, 4);
+  train_scripted(fused, fused_opt, d, 4);
+  const auto plain_params = gradlora::named_parameters(plain);
+  for (const auto& kv : gradlora::named_parameters(fused)) {
+    EXPECT_LE(max_abs_diff(kv.value(), plain_params[kv.key()]), 1e-6) << kv.key();
+  }
+  EXPECT_GT(max_abs_diff(plain_params["fc1.weight"], before.at("fc1.weight")), 1e-3);
+  EXPECT_TRUE(torch::equal(plain_params["fc2.bias"], before.at("fc2.bias")));
+}
+
 // ------------------------------------------------------------ save, reload
 
 TEST(JitSaveLoad, SavedModuleReproducesFineTunedOutputsAndResumes) {
