@@ -56,7 +56,9 @@ torch::OrderedDict<std::string, torch::Tensor> named_parameters(const torch::jit
 /// parameter of `module` (it was built from another module).
 ///
 /// The flags are stored by `module.save()`; call `set_requires_grad(module,
-/// true)` before saving if the saved model should have them all on.
+/// true)` before saving if the saved model should have them all on. With
+/// `fuse_into_backward`, call `set_requires_grad(module, true)` before building
+/// the optimizer: its hooks go only on parameters that require a gradient.
 void set_requires_grad(const torch::jit::Module& module, const LowRankOptimizer& opt);
 
 /// Sets `requires_grad` of every parameter of `module` to `on`.
