@@ -44,6 +44,13 @@ InnerRule::InnerRule(std::vector<torch::Tensor> params, const InnerConfig& cfg, 
 
 void InnerRule::set_lr(double lr) { opt_->param_groups()[0].options().set_lr(lr); }
 double InnerRule::lr() const { return opt_->param_groups()[0].options().get_lr(); }
+double InnerRule::weight_decay() const {
+  auto& o = opt_->param_groups()[0].options();
+  if (auto* x = dynamic_cast<torch::optim::SGDOptions*>(&o)) return x->weight_decay();
+  if (auto* x = dynamic_cast<torch::optim::AdamWOptions*>(&o)) return x->weight_decay();
+  if (auto* x = dynamic_cast<torch::optim::AdamOptions*>(&o)) return x->weight_decay();
+  return 0.0;
+}
 void InnerRule::step() { opt_->step(); }
 void InnerRule::reset_state() { opt_->state().clear(); }
 

@@ -40,6 +40,8 @@ class InnerRule {
 
   void set_lr(double lr);
   double lr() const;
+  /// The weight decay the rule applies (the effective value given at construction).
+  double weight_decay() const;
   /// One step of the LibTorch optimizer: tensors without a .grad are skipped.
   void step();
   /// Forgets all moments and step counts.

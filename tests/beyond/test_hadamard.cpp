@@ -1,0 +1,140 @@
+// Method `hadamard` (FedPara, arXiv 2108.06098; LoHa): equivalence with autograd through the
+// explicit parameterisation P = P0 + s·(A1·B1) ⊙ (A2·B2), rank beyond r, edge cases.
+#include <gradlora/gradlora.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <memory>
+#include <string>
+#include <tuple>
+
+#include "beyond_util.h"
+
+namespace gradlora {
+namespace {
+
+using beyond_testing::config;
+using beyond_testing::loss;
+using beyond_testing::max_abs_diff;
+using beyond_testing::named;
+using beyond_testing::weight;
+
+Config hadamard_config(double lr, double wd, int64_t rank, double alpha, Init init,
+                       InnerType type = InnerType::adamw) {
+  Config c = config(Method::hadamard, type, lr, wd, rank);
+  c.optimizer.momentum = type == InnerType::sgd ? 0.9 : 0.0;
+  c.targets[0].alpha = alpha;
+  c.targets[0].init = init;
+  return c;
+}
+
+/// One step of ours: autograd gives G = dL/dP, the optimizer does the rest.
+void step(LowRankOptimizer& opt, torch::Tensor& W, int64_t t) {
+  opt.zero_grad();
+  loss(W, t).backward();
+  opt.step();
+}
+
+// (dtype, init, alpha, tolerance, inner rule). AdamW is nearly blind to a constant factor on a
+// gradient (m/√v), so SGD with momentum is there to pin down the scale s in the gradients.
+class HadamardVsAutograd
+    : public ::testing::TestWithParam<std::tuple<torch::ScalarType, Init, double, double, InnerType>> {};
+
+TEST_P(HadamardVsAutograd, Over25Steps) {
+  const auto [dtype, init, alpha, tol, type] = GetParam();
+  const int64_t n = 10, m = 7, r = 3;
+  const bool sgd = type == InnerType::sgd;
+  const double lr = sgd ? 0.1 : 1e-2, wd = 0.01, s = alpha / r;
+  torch::Tensor W = weight(n, m, dtype).requires_grad_();
+  LowRankOptimizer opt(named(W), hadamard_config(lr, wd, r, alpha, init, type));
+
+  // The module-side reference: leaf factors, P = P0 − s·W1₀⊙W2₀ + s·(A1·B1)⊙(A2·B2), so the
+  // model is unchanged at step 0 for either init, and LibTorch's AdamW over the factors.
+  auto st = opt.state_tensors("w");
+  torch::Tensor A1 = st.at("A1").clone().requires_grad_(), B1 = st.at("B1").clone().requires_grad_();
+  torch::Tensor A2 = st.at("A2").clone().requires_grad_(), B2 = st.at("B2").clone().requires_grad_();
+  if (init == Init::zero) EXPECT_EQ(A1.abs().max().item<double>(), 0.0);
+  EXPECT_GT(B1.abs().min().item<double>(), 0.0);
+  torch::Tensor base;
+  {
+    torch::NoGradGuard g;
+    base = W.detach().clone() - s * torch::mm(A1, B1) * torch::mm(A2, B2);
+  }
+  std::unique_ptr<torch::optim::Optimizer> ref_opt;
+  if (sgd) {
+    ref_opt = std::make_unique<torch::optim::SGD>(std::vector<torch::Tensor>{A1, B1, A2, B2},
+                                                  torch::optim::SGDOptions(lr).momentum(0.9).weight_decay(wd));
+  } else {
+    ref_opt = std::make_unique<torch::optim::AdamW>(std::vector<torch::Tensor>{A1, B1, A2, B2},
+                                                    torch::optim::AdamWOptions(lr).weight_decay(wd));
+  }
+  auto ref_weight = [&] { return base + s * torch::mm(A1, B1) * torch::mm(A2, B2); };
+  EXPECT_LT(max_abs_diff(ref_weight(), W), tol);
+
+  for (int64_t t = 0; t < 25; ++t) {
+    step(opt, W, t);
+    ref_opt->zero_grad();
+    loss(ref_weight(), t).backward();
+    ref_opt->step();
+  }
+  torch::NoGradGuard g;
+  EXPECT_GT(max_abs_diff(W, weight(n, m, dtype)), 20 * tol);  // it moved
+  EXPECT_LT(max_abs_diff(W, ref_weight()), tol);
+  st = opt.state_tensors("w");
+  EXPECT_LT(max_abs_diff(st.at("A1"), A1), tol);
+  EXPECT_LT(max_abs_diff(st.at("B2"), B2), tol);
+}
+
+constexpr InnerType kAdamW = InnerType::adamw, kSgd = InnerType::sgd;
+INSTANTIATE_TEST_SUITE_P(Inits, HadamardVsAutograd,
+                         ::testing::Values(std::make_tuple(torch::kDouble, Init::zero, 6.0, 1e-10, kAdamW),
+                                           std::make_tuple(torch::kDouble, Init::symmetric, 4.5, 1e-10, kAdamW),
+                                           std::make_tuple(torch::kFloat, Init::zero, 6.0, 1e-5, kAdamW),
+                                           std::make_tuple(torch::kFloat, Init::symmetric, 3.0, 1e-5, kAdamW),
+                                           std::make_tuple(torch::kDouble, Init::zero, 6.0, 1e-10, kSgd),
+                                           std::make_tuple(torch::kDouble, Init::symmetric, 4.5, 1e-10, kSgd)));
+
+TEST(Hadamard, UpdateRankExceedsRButNotRSquared) {
+  const int64_t n = 12, m = 10, r = 2;
+  torch::Tensor W = weight(n, m).requires_grad_();
+  const torch::Tensor W0 = W.detach().clone();
+  LowRankOptimizer opt(named(W), hadamard_config(5e-2, 0.0, r, 2.0, Init::zero));
+  for (int64_t t = 0; t < 30; ++t) step(opt, W, t);
+  torch::Tensor S = torch::linalg_svdvals(W.detach() - W0);
+  const int64_t rank = (S > 1e-9 * S[0].item<double>()).sum().item<int64_t>();
+  EXPECT_GT(rank, r);
+  EXPECT_LE(rank, r * r);
+}
+
+TEST(Hadamard, ReportNotesTheFullSizeTemporaries) {
+  torch::Tensor W = weight(12, 10);
+  LowRankOptimizer opt(named(W), hadamard_config(1e-3, 0.0, 2, 2.0, Init::zero));
+  const ParamReport& p = opt.report().params.at(0);
+  EXPECT_EQ(p.trainable, 2 * 2 * (12 + 10));
+  EXPECT_NE(p.note.find("12x10 temporaries"), std::string::npos) << p.note;
+  EXPECT_NE(p.note.find("rank(dP) <= 4"), std::string::npos) << p.note;
+  try {
+    opt.factors("w");
+    ADD_FAILURE() << "expected std::invalid_argument";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("state_tensors"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Hadamard, CheckpointRoundTripContinuesIdentically) {
+  torch::Tensor W1 = weight(9, 6).requires_grad_();
+  const Config c = hadamard_config(1e-2, 0.01, 2, 4.0, Init::symmetric);
+  LowRankOptimizer a(named(W1), c);
+  for (int64_t t = 0; t < 5; ++t) step(a, W1, t);
+  torch::Tensor W2 = W1.detach().clone().requires_grad_();
+  LowRankOptimizer b(named(W2), c);
+  beyond_testing::copy_state(a, b);
+  for (int64_t t = 5; t < 10; ++t) {
+    step(a, W1, t);
+    step(b, W2, t);
+  }
+  EXPECT_TRUE(torch::equal(W1, W2)) << max_abs_diff(W1, W2);
+}
+
+}  // namespace
+}  // namespace gradlora
