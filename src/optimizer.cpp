@@ -4,6 +4,8 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/function_hook.h>
 #include <torch/torch.h>
 
 #include <set>
@@ -25,6 +27,14 @@ void LowRankOptions::serialize(torch::serialize::OutputArchive& archive) const {
 
 // -------------------------------------------------------------- entry
 
+// Fused mode: a pre-hook on the parameter's gradient accumulator projects the
+// gradient as soon as autograd has summed it and returns an undefined tensor,
+// so the accumulator never stores the full gradient in .grad. The link is
+// cleared when the optimizer goes away; the hook then lets gradients through.
+struct FusedLink {
+  LowRankOptimizer::Entry* entry = nullptr;
+};
+
 struct LowRankOptimizer::Entry {
   std::string name;
   torch::Tensor param;
@@ -33,7 +43,43 @@ struct LowRankOptimizer::Entry {
   int64_t target_index = -1;  // -1: default
   std::unique_ptr<Projector> projector;
   std::unique_ptr<InnerRule> inner;
+  // fused mode
+  std::shared_ptr<torch::autograd::Node> accumulator;  // held, or the hook is lost with it
+  std::shared_ptr<FusedLink> link;
+  bool pending = false;  // projected gradients accumulated since the last step()
 };
+
+namespace {
+
+class FusedProjectHook final : public torch::autograd::FunctionPreHook {
+ public:
+  explicit FusedProjectHook(std::shared_ptr<FusedLink> link) : link_(std::move(link)) {}
+  torch::autograd::variable_list operator()(const torch::autograd::variable_list& grads) override {
+    auto* e = link_->entry;
+    if (e == nullptr || grads.empty() || !grads[0].defined()) return grads;
+    torch::NoGradGuard guard;
+    // Projection is linear: accumulating projected micro-batch gradients equals
+    // projecting the accumulated gradient.
+    std::vector<torch::Tensor> prev;
+    if (e->pending) {
+      for (const auto& t : e->projector->inner_params()) prev.push_back(t.grad());
+    }
+    e->projector->project(grads[0]);
+    if (e->pending) {
+      auto params = e->projector->inner_params();
+      for (size_t i = 0; i < params.size(); ++i) {
+        if (prev[i].defined()) params[i].mutable_grad().add_(prev[i]);
+      }
+    }
+    e->pending = true;
+    return {torch::Tensor()};  // AccumulateGrad skips an undefined gradient: .grad is never written
+  }
+
+ private:
+  std::shared_ptr<FusedLink> link_;
+};
+
+}  // namespace
 
 namespace {
 
@@ -135,11 +181,24 @@ LowRankOptimizer::LowRankOptimizer(const torch::OrderedDict<std::string, torch::
     index_[e->name] = entries_.size();
     entries_.push_back(std::move(e));
   }
+  if (config_.fuse_into_backward) {
+    for (auto& e : entries_) {
+      if (!e->projector || e->method == Method::full || !e->param.requires_grad()) continue;
+      e->link = std::make_shared<FusedLink>();
+      e->link->entry = e.get();
+      e->accumulator = torch::autograd::impl::grad_accumulator(e->param);
+      e->accumulator->add_pre_hook(std::make_unique<FusedProjectHook>(e->link));
+    }
+  }
   build_report();
   if (config_.log_report) spdlog::info("gradlora selection:\n{}", report_.to_string());
 }
 
-LowRankOptimizer::~LowRankOptimizer() = default;
+LowRankOptimizer::~LowRankOptimizer() {
+  for (auto& e : entries_) {
+    if (e->link) e->link->entry = nullptr;
+  }
+}
 
 // --------------------------------------------------------------- step
 
@@ -155,10 +214,15 @@ torch::Tensor LowRankOptimizer::step(LossClosure closure) {
   std::vector<Entry*> active;
   for (auto& e : entries_) {
     if (!e->projector) continue;
-    const torch::Tensor& g = e->param.grad();
-    if (!g.defined()) continue;
+    if (e->link) {  // fused: projected during backward()
+      if (!e->pending) continue;
+      e->pending = false;
+    } else {
+      const torch::Tensor& g = e->param.grad();
+      if (!g.defined()) continue;
+      e->projector->project(g);
+    }
     e->inner->set_lr(param_groups_[e->group].options().get_lr());
-    e->projector->project(g);
     active.push_back(e.get());
   }
   // Phase 2: data-parallel averaging of the projected gradients.
@@ -196,6 +260,19 @@ torch::Tensor LowRankOptimizer::step(LossClosure closure) {
     e.projector->write_back(*e.inner);
   }
   return loss;
+}
+
+#if TORCH_VERSION_MAJOR >= 2
+void LowRankOptimizer::zero_grad(bool set_to_none) {
+  torch::optim::Optimizer::zero_grad(set_to_none);
+#else
+void LowRankOptimizer::zero_grad() {
+  torch::optim::Optimizer::zero_grad();
+#endif
+  for (auto& e : entries_) {
+    if (e->pending) e->projector->discard();
+    e->pending = false;
+  }
 }
 
 // ------------------------------------------------------------ queries
@@ -262,7 +339,9 @@ void LowRankOptimizer::build_report() {
       const int64_t inner_esize = static_cast<int64_t>(c10::elementSize(
           e->method == Method::full ? e->param.scalar_type() : factor_dtype(e->param.scalar_type())));
       const int64_t persistent = e->projector->persistent_bytes();
-      p.state_bytes = persistent + e->inner->state_tensors_per_element() * p.trainable * inner_esize;
+      p.persistent_bytes = persistent;
+      p.moment_bytes = e->inner->state_tensors_per_element() * p.trainable * inner_esize;
+      p.state_bytes = p.persistent_bytes + p.moment_bytes;
       p.allreduce_bytes = p.trainable * inner_esize;
       p.note = e->projector->note();
     }

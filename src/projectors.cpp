@@ -28,6 +28,11 @@ std::pair<torch::Tensor, torch::Tensor> Projector::factors() const {
                                           to_string(ctx_.target.method)));
 }
 
+std::pair<torch::Tensor, torch::Tensor> Projector::initial_factors() const {
+  throw std::invalid_argument(fmt::format("parameter '{}' uses method '{}', which keeps no initial factors",
+                                          ctx_.name, to_string(ctx_.target.method)));
+}
+
 int64_t Projector::persistent_bytes() const {
   int64_t b = 0;
   for (const auto& kv : tensors()) b += kv.second.numel() * static_cast<int64_t>(kv.second.element_size());
@@ -133,9 +138,12 @@ class LoraProjector final : public Projector {
   void write_back(InnerRule& inner) override {
     torch::Tensor P2 = param2d();
     if (exact_) {
-      torch::Tensor full = P0_.to(A_.scalar_type()).view({n_, m_});
-      full.addmm_(A_, B_, 1.0, s_);
-      if (A0_.defined()) full.addmm_(A0_, B0_, 1.0, -s_);
+      torch::Tensor full = P0_.to(A_.scalar_type(), /*non_blocking=*/false, /*copy=*/true).view({n_, m_});
+      if (A0_.defined()) {
+        lora_write_back(full, A0_, B0_, A_, B_, s_);  // s·(A·B − A0·B0), exactly 0 while A = A0, B = B0
+      } else {
+        full.addmm_(A_, B_, 1.0, s_);
+      }
       P2.copy_(full);
     } else {
       lora_write_back(P2, A_prev_, B_prev_, A_, B_, s_);
@@ -152,6 +160,12 @@ class LoraProjector final : public Projector {
   }
 
   std::pair<torch::Tensor, torch::Tensor> factors() const override { return {A_, B_}; }
+
+  std::pair<torch::Tensor, torch::Tensor> initial_factors() const override {
+    if (A0_.defined()) return {A0_, B0_};
+    const int64_t K = ctx_.target.merge_every;
+    return draw_initial(K > 0 ? steps_ / K : 0);
+  }
 
   std::vector<std::pair<std::string, torch::Tensor>> tensors() const override {
     std::vector<std::pair<std::string, torch::Tensor>> v{{"A", A_}, {"B", B_}};
@@ -173,20 +187,24 @@ class LoraProjector final : public Projector {
   }
 
  private:
-  void init_factors(int64_t restart) {
+  // The factors a (re)start draws; deterministic in (seed, name, restart).
+  std::pair<torch::Tensor, torch::Tensor> draw_initial(int64_t restart) const {
     torch::NoGradGuard guard;
     const Target& t = ctx_.target;
     const auto opts = factor_options(ctx_.param);
     const uint64_t sa = derive_seed(ctx_.seed, ctx_.name, 2 * static_cast<uint64_t>(restart));
     const uint64_t sb = derive_seed(ctx_.seed, ctx_.name, 2 * static_cast<uint64_t>(restart) + 1);
-    if (t.init == Init::zero) {
-      A_.zero_();
-      B_.copy_(seeded_kaiming_uniform({t.rank, m_}, sb, opts));
-    } else {
-      const double sd = t.init_std.value_or(unbiased_random_std(s_, t.rank));
-      A_.copy_(seeded_normal({n_, t.rank}, sd, sa, opts));
-      B_.copy_(seeded_normal({t.rank, m_}, sd, sb, opts));
-    }
+    if (t.init == Init::zero) return {torch::zeros({n_, t.rank}, opts), seeded_kaiming_uniform({t.rank, m_}, sb, opts)};
+    const double sd = t.init_std.value_or(unbiased_random_std(s_, t.rank));
+    return {seeded_normal({n_, t.rank}, sd, sa, opts), seeded_normal({t.rank, m_}, sd, sb, opts)};
+  }
+
+  void init_factors(int64_t restart) {
+    torch::NoGradGuard guard;
+    const Target& t = ctx_.target;
+    auto [A0, B0] = draw_initial(restart);
+    A_.copy_(A0);
+    B_.copy_(B0);
     if (exact_) {
       P0_ = ctx_.param.detach().clone();
       if (t.init == Init::symmetric) {
@@ -418,7 +436,7 @@ class AdditiveProjector final : public Projector {
   void write_back(InnerRule&) override {
     torch::Tensor P2 = param2d();
     if (exact_) {
-      torch::Tensor full = P0_.to(A_.scalar_type()).reshape({n_, m_});
+      torch::Tensor full = P0_.to(A_.scalar_type(), /*non_blocking=*/false, /*copy=*/true).view({n_, m_});
       additive_write_back(full, A_, B_, s_);
       P2.copy_(full);
     } else {

@@ -41,7 +41,9 @@ struct ParamReport {
   int64_t rank = 0;         ///< 0 for full/frozen
   int64_t numel = 0;        ///< elements of the parameter
   int64_t trainable = 0;    ///< values the inner rule updates
-  int64_t state_bytes = 0;  ///< optimizer state: factors/P0 + inner moments
+  int64_t state_bytes = 0;  ///< optimizer state: persistent_bytes + moment_bytes
+  int64_t persistent_bytes = 0;   ///< factors, P0, … kept by the projector
+  int64_t moment_bytes = 0;       ///< the inner rule's moments
   int64_t adamw_state_bytes = 0;  ///< what torch::optim::AdamW would hold (2·numel)
   int64_t allreduce_bytes = 0;    ///< bytes a data-parallel step all-reduces
   std::string note;
@@ -115,8 +117,18 @@ class LowRankOptimizer : public torch::optim::Optimizer {
   using GradientReducer = std::function<void(std::vector<torch::Tensor>& grads)>;
   void set_gradient_reducer(GradientReducer reducer) { reducer_ = std::move(reducer); }
 
- private:
+ /// Implementation detail (one per parameter); public only for the fused-mode hook.
   struct Entry;
+
+  /// Zeroes the gradients like torch::optim, and drops projected gradients
+  /// that fused mode accumulated since the last step().
+#if TORCH_VERSION_MAJOR >= 2
+  void zero_grad(bool set_to_none = true) override;
+#else
+  void zero_grad();
+#endif
+
+ private:
   Entry& entry(const std::string& name);
   const Entry& entry(const std::string& name) const;
   void build_report();

@@ -48,6 +48,10 @@ class Projector {
 
   /// Current factors (A, B). Throws std::invalid_argument when the method keeps none.
   virtual std::pair<torch::Tensor, torch::Tensor> factors() const;
+  /// Factors (A0, B0) of the last (re)start: since then the parameter changed by
+  /// s·(A·B − A0·B0) (`lora`; A0 = 0 for `zero` init). Used by adapter export.
+  /// Throws std::invalid_argument when the method keeps none.
+  virtual std::pair<torch::Tensor, torch::Tensor> initial_factors() const;
   /// Persistent tensors besides the inner rule's state, by name (A, B, P0, …).
   virtual std::vector<std::pair<std::string, torch::Tensor>> tensors() const = 0;
   /// Bytes of persistent tensors (by default counted from tensors()).
