@@ -330,6 +330,18 @@ DataParallel::DataParallel(LowRankOptimizer& optimizer, c10::intrusive_ptr<c10d:
         fmt::join(head, "\n  ")));
   }
 
+  // GaLore's projector is the SVD of the local gradient: it would differ between ranks, so the
+  // projected gradients could not be averaged (after the check above, every rank throws here).
+  for (const auto& p : opt_.report().params) {
+    if (p.method == Method::galore) {
+      throw ConfigError(fmt::format(
+          "gradlora: DataParallel: parameter '{}' uses method 'galore', whose projector (top-r singular vectors of "
+          "the local gradient) differs between ranks; data-parallel training supports lora, random, additive, "
+          "hadamard, full and frozen",
+          p.name));
+    }
+  }
+
   // 2. Start identical: parameters, then every persistent tensor of every projector and inner rule.
   if (options_.broadcast_from_rank0 && world > 1) {
     std::vector<torch::Tensor> ts;

@@ -69,6 +69,8 @@ struct CommStats {
 ///  3. installs a gradient reducer on the optimizer: each step() then
 ///     all-reduces (sum, then divide by the world size — Gloo in LibTorch 1.13
 ///     has no ReduceOp::AVG) the projected gradients, bucketed into few calls.
+/// Throws ConfigError (on every rank) for `galore` parameters: their projector
+/// is the SVD of the local gradient and would differ between ranks.
 /// Every rank must produce gradients for the same parameters at every step (as
 /// DDP without find_unused_parameters). The optimizer must outlive this object;
 /// destroying it removes the reducer.

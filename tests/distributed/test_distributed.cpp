@@ -281,6 +281,28 @@ TEST(Distributed, DifferentConfigFailsOnEveryRankNamingTheKey) {
   }
 }
 
+TEST(Distributed, GaloreIsRejectedBecauseItsProjectorIsLocal) {
+  TempDir dir;
+  const int rc = launch_local(
+      1,
+      [&](int, int) {
+        auto pg = process_group_from_env(std::chrono::seconds(30));
+        Mlp3 model = make_model(7, torch::kFloat);
+        LowRankOptimizer opt(model->named_parameters(), config_for("galore", 2, kSgd));
+        try {
+          DataParallel dp(opt, pg);
+        } catch (const ConfigError& e) {
+          write_text(dir.file("error.txt"), e.what());
+          return 0;
+        }
+        return 3;
+      },
+      bounded());
+  ASSERT_EQ(rc, 0);
+  const std::string msg = read_text(dir.file("error.txt"));
+  EXPECT_NE(msg.find("parameter 'fc1.weight' uses method 'galore'"), std::string::npos) << msg;
+}
+
 TEST(Distributed, PeerThatNeverJoinsTimesOutInsteadOfHanging) {
   TempDir dir;
   const int rc = launch_local(
