@@ -79,7 +79,9 @@ class GaloreProjector final : public Projector {
     if (g.scalar_type() != N_.scalar_type()) g = g.to(N_.scalar_type());
     torch::Tensor Q = Q_;
     if (steps_ % gap_ == 0) {
-      pending_ = compute_projector(g);
+      // Fused mode projects each micro-batch as it arrives: all of them must share one Q, so
+      // the SVD is taken of the first micro-batch's gradient (the sum is never formed).
+      if (!pending_.defined()) pending_ = compute_projector(g);
       if (pending_.defined()) {
         Q = pending_;
       } else if (steps_ == 0) {

@@ -276,6 +276,31 @@ TEST(Galore, CheckpointRoundTripContinuesIdentically) {
   EXPECT_TRUE(torch::equal(W1, W2)) << max_abs_diff(W1, W2);
 }
 
+// Fused mode projects each micro-batch during backward(); at a refresh every micro-batch must
+// use the same Q (taken from the first micro-batch's gradient), or the accumulated low-rank
+// gradient mixes bases. Reference: P −= lr·scale·Q·Qᵀ·(G1 + G2), Q from SVD(G1) at refreshes.
+TEST(Galore, FusedMicroBatchesShareOneProjector) {
+  const int64_t n = 6, m = 10, r = 2, gap = 2;
+  const double lr = 0.1, scale = 0.5;
+  torch::Tensor W = weight(n, m).requires_grad_();
+  torch::Tensor P = W.detach().clone();
+  Config c = galore_config(InnerType::sgd, lr, 0.0, r, gap, scale);
+  c.fuse_into_backward = true;
+  LowRankOptimizer opt(named(W), c);
+  torch::Tensor Q;
+  for (int64_t t = 0; t < 6; ++t) {
+    opt.zero_grad();
+    beyond_testing::loss(W, t).backward();
+    beyond_testing::loss(W, 100 + t).backward();
+    opt.step();
+    torch::Tensor G1 = grad(P, t), G2 = grad(P, 100 + t);
+    if (t % gap == 0) Q = std::get<0>(torch::linalg_svd(G1, false)).narrow(1, 0, r);
+    P -= lr * scale * torch::mm(Q, torch::mm(Q.t(), G1 + G2));
+  }
+  EXPECT_GT(max_abs_diff(W, weight(n, m)), 0.01);
+  EXPECT_LT(max_abs_diff(W, P), 1e-12);
+}
+
 TEST(Galore, Bf16WeightsKeepAnFp32Master) {
   torch::Tensor W = weight(8, 12, torch::kBFloat16);
   const torch::Tensor W0 = W.clone();
