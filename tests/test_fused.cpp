@@ -19,13 +19,13 @@ targets:
   - {match: "*.bias", method: full}
 )";
 
-struct Run {
+struct TrainResult {
   std::vector<torch::Tensor> weights;
   int64_t steps = 0;
   double lr = 0;
 };
 
-Run train(bool fused, int micro_batches, int steps = 10) {
+TrainResult train(bool fused, int micro_batches, int steps = 10) {
   Mlp2 m = make_mlp(torch::kDouble);
   Config c = quiet(std::string(kTargets) + (fused ? "fuse_into_backward: true\n" : ""));
   LowRankOptimizer opt(m->named_parameters(), c);
@@ -44,7 +44,7 @@ Run train(bool fused, int micro_batches, int steps = 10) {
     opt.step();
     sched.step();
   }
-  Run r;
+  TrainResult r;
   for (const auto& p : m->parameters()) r.weights.push_back(p.detach().clone());
   r.steps = opt.step_count();
   r.lr = opt.param_groups()[0].options().get_lr();
@@ -55,7 +55,7 @@ Run train(bool fused, int micro_batches, int steps = 10) {
 }  // namespace
 
 TEST(Fused, SameWeightsAsNonFused) {
-  Run a = train(false, 1), b = train(true, 1);
+  TrainResult a = train(false, 1), b = train(true, 1);
   ASSERT_EQ(a.weights.size(), b.weights.size());
   for (size_t i = 0; i < a.weights.size(); ++i) EXPECT_TRUE(torch::equal(a.weights[i], b.weights[i])) << i;
   EXPECT_EQ(a.steps, b.steps);
@@ -65,10 +65,10 @@ TEST(Fused, SameWeightsAsNonFused) {
 TEST(Fused, MicroBatchAccumulationIsExact) {
   // Three backward() per step: fused accumulates projected gradients, the
   // plain mode projects the accumulated gradient. Linear, so equal to rounding.
-  Run a = train(false, 3), b = train(true, 3);
+  TrainResult a = train(false, 3), b = train(true, 3);
   for (size_t i = 0; i < a.weights.size(); ++i) EXPECT_LE(max_abs_diff(a.weights[i], b.weights[i]), 1e-12) << i;
   // And accumulation is not a no-op: one micro-batch per step differs.
-  Run c = train(true, 1);
+  TrainResult c = train(true, 1);
   EXPECT_GT(max_abs_diff(c.weights[0], b.weights[0]), 1e-6);
 }
 
