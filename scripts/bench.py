@@ -174,6 +174,11 @@ def targets(step):
     add("random r=8 step / AdamW step, 4096x4096", ratio(step, "random", n, m, 8), 0.7,
         cpu=ratio(step, "random", n, m, 8, key="median_cpu_ms"))
     lo, ad = step.get(("lora", n, m, 8)), step.get(("adamw", n, m, 0))
+    if lo:
+        expect = 2 * 8 * (n + m) * 4
+        out.append({"target": "lora r=8 AdamW moments == 2r(n+m) floats, 4096x4096", "value": lo["moment_bytes"],
+                    "limit": expect, "met": lo["moment_bytes"] == expect,
+                    "shown": f"{lo['moment_bytes']} B", "cpu": None, "op": "=="})
     if lo and ad:
         add("AdamW state / lora r=8 moments (2r(n+m) floats), 4096x4096", ad["state_bytes"] / lo["moment_bytes"],
             200, ">=", "{:.1f}x")
@@ -257,8 +262,10 @@ def render_markdown(res, img_rel):
     md = []
     mach = res["machine"]
     md.append(f"Measured on {mach['cpu_model']}, {mach['cpus']} CPUs, {mach['threads']} torch threads "
-              f"(at::set_num_threads; OMP_NUM_THREADS and OPENBLAS_NUM_THREADS set alike), LibTorch "
-              f"{res['context'].get('torch_version', '?')} (Debian, OpenBLAS), {mach['date']}, commit {mach['commit']}.")
+              f"(at::set_num_threads; OMP_NUM_THREADS and OPENBLAS_NUM_THREADS set alike), OMP_WAIT_POLICY "
+              f"{mach.get('omp_wait_policy', 'default')}, LibTorch "
+              f"{res['context'].get('torch_version', '?')} (Debian, OpenBLAS), {mach['date']}, commit {mach['commit']}; load average (1, 5, 15 min) when it started "
+              f"{', '.join(f'{v:.1f}' for v in res['context'].get('load_avg', []))} (other jobs shared the machine).")
     md.append("")
     step = res["step_raw"]
     if step:
@@ -275,10 +282,16 @@ def render_markdown(res, img_rel):
         md.append("| target | measured (wall clock) | limit | met | same ratio in process CPU time |")
         md.append("|---|---:|---:|---|---:|")
         for t in res["targets"]:
-            op = ">=" if "state" in t["target"] else "<="
+            op = t.get("op", ">=" if "state" in t["target"] else "<=")
             met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
             cpu = f"{t['cpu']:.3f}x" if t.get("cpu") else "-"
             md.append(f"| {t['target']} | {t['shown']} | {op} {t['limit']} | {met} | {cpu} |")
+        md.append("")
+        mismatch = [f"{k[0]} {k[1]}x{k[2]} r={k[3]}" for k, v in sorted(step.items())
+                    if v["measured_bytes"] != v["state_bytes"]]
+        md.append("State bytes reported by `LowRankOptimizer::report()` equal the bytes of the state tensors held "
+                  "after the run for every row" if not mismatch else
+                  "**report() and the state tensors held after the run differ for: " + ", ".join(mismatch) + "**")
         md.append("")
         if res["linearity"]:
             md.append("Cost model, least-squares fit `time = a + b·work` over every shape and rank:")
@@ -289,9 +302,10 @@ def render_markdown(res, img_rel):
                 md.append(f"| {f['method']} | {f['work']} | {f['points']} | {f['intercept_ms']:.2f} | "
                           f"{f['ms_per_unit'] * 1e6:.4f} | {f['r2']:.4f} |")
             md.append("")
-        md.append(f"![step time vs rank]({img_rel}/step_vs_rank.svg)")
-        md.append(f"![step time vs n]({img_rel}/step_vs_n.svg)")
-        md.append("")
+        if not img_rel.startswith(".."):  # plots kept with the docs only
+            md.append(f"![step time vs rank]({img_rel}/step_vs_rank.svg)")
+            md.append(f"![step time vs n]({img_rel}/step_vs_n.svg)")
+            md.append("")
     if res["train"]:
         t0 = res["train"][0]
         md.append(f"### Training step: {t0['layers']} x Linear({t0['dim']}, {t0['dim']}, bias=False) with GELU, "
@@ -410,8 +424,8 @@ def plots(step, img_dir):
 
 # ---------------------------------------------------------------- main
 
-def update_docs(path, md, command):
-    begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+def update_docs(path, md, command, section="bench"):
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
     with open(path) as f:
         text = f.read()
     if begin not in text or end not in text:
@@ -426,31 +440,43 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--build", default=os.path.join(ROOT, "build"), help="CMake build folder")
     ap.add_argument("--threads", type=int, default=2, help="torch / OpenMP / OpenBLAS threads (default 2)")
-    ap.add_argument("--repetitions", type=int, default=5, help="interleaved repetitions per step benchmark")
+    ap.add_argument("--repetitions", type=int, default=3, help="interleaved repetitions per step benchmark")
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds per repetition (Google Benchmark)")
     ap.add_argument("--filter", default="", help="regex passed to --benchmark_filter of the step benchmark")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--dim", type=int, default=2048)
-    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=10, help="timed training steps per configuration")
+    ap.add_argument("--steps", type=int, default=5, help="timed training steps per configuration")
     ap.add_argument("--skip-step", action="store_true", help="do not run the optimizer-step benchmark")
     ap.add_argument("--skip-train", action="store_true", help="do not run the training-step benchmark")
     ap.add_argument("--render-only", action="store_true", help="re-render from the JSON already in --out")
     ap.add_argument("--out", default=os.path.join(ROOT, "out", "bench"))
     ap.add_argument("--img", default=os.path.join(ROOT, "docs", "img"))
     ap.add_argument("--update-docs", action="store_true", help="write the tables into docs/performance.md")
+    ap.add_argument("--omp-wait-policy", choices=["default", "active", "passive"], default="default",
+                    help="OMP_WAIT_POLICY for the runs (passive: idle OpenMP threads sleep instead of spinning)")
+    ap.add_argument("--docs-section", default="bench", help="marker name in docs/performance.md (bench:begin)")
     args = ap.parse_args()
 
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads))
+    env.pop("OMP_WAIT_POLICY", None)
+    if args.omp_wait_policy != "default":
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     if not args.render_only:
         run_benchmarks(args, env)
 
     step_path, train_path = os.path.join(args.out, "step.json"), os.path.join(args.out, "train.json")
+    old = os.path.join(args.out, "results.json")
+    if args.render_only and os.path.exists(old):
+        machine = json.load(open(old))["machine"]  # the machine and time of the run, not of the rendering
+        machine.setdefault("omp_wait_policy", "default")
+    else:
+        machine = dict(machine_info(args.threads), omp_wait_policy=args.omp_wait_policy)
     step, context = load_step(step_path) if os.path.exists(step_path) else ({}, {})
     train = json.load(open(train_path)) if os.path.exists(train_path) else []
     res = {
-        "machine": machine_info(args.threads),
+        "machine": machine,
         "settings": {k: getattr(args, k) for k in ("threads", "repetitions", "min_time", "layers", "dim", "batch",
                                                    "rank", "steps")},
         "context": context,
@@ -472,8 +498,8 @@ def main():
     print(md)
     print(f"\nwrote {args.out}/results.json, tables.md; plots: {', '.join(written) or 'none'}", file=sys.stderr)
     if args.update_docs:
-        cmd = "scripts/bench.py " + " ".join(a for a in sys.argv[1:] if not a.startswith("--build"))
-        update_docs(os.path.join(ROOT, "docs", "performance.md"), md, cmd.strip())
+        cmd = "scripts/bench.py " + " ".join(a for a in sys.argv[1:] if not a.startswith("--build") and a != "--render-only")
+        update_docs(os.path.join(ROOT, "docs", "performance.md"), md, cmd.strip(), args.docs_section)
 
 
 if __name__ == "__main__":
