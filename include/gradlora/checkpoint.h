@@ -1,0 +1,67 @@
+#pragma once
+/// \file checkpoint.h
+/// Crash-safe checkpoints of a model and its LowRankOptimizer in one file.
+///
+/// `torch::save(opt, path)` / `torch::load(opt, path)` (LibTorch's convention)
+/// work as well, but write the file in place: a process killed mid-way leaves a
+/// broken file. save_checkpoint() never destroys the last good checkpoint: it
+/// writes a temporary file in the same folder, flushes it to disk (fsync) and
+/// renames it over `path` (atomic on POSIX file systems). load_checkpoint()
+/// validates everything before it changes anything.
+
+#include <gradlora/optimizer.h>
+
+#include <torch/nn/module.h>
+
+#include <cstddef>
+#include <functional>
+#include <stdexcept>
+#include <string>
+
+namespace gradlora {
+
+/// Thrown when a checkpoint cannot be written, read, or does not fit the
+/// model/optimizer it is loaded into. The message names the file and lists
+/// every mismatch found.
+class CheckpointError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// Saves `model` (parameters and buffers, LibTorch's nested archive layout) and
+/// `opt` (everything LowRankOptimizer::save writes) into one file at `path`.
+/// Atomic: the data goes to `<path>.tmp.<pid>` in the same folder, is fsync'ed
+/// and renamed over `path`; the folder is fsync'ed afterwards. On any failure
+/// the temporary file is removed, the previous file at `path` is untouched and
+/// CheckpointError is thrown. A process killed mid-way may leave the temporary
+/// file behind, never a broken `path`.
+void save_checkpoint(const LowRankOptimizer& opt, const torch::nn::Module& model, const std::string& path);
+
+/// Restores what save_checkpoint() wrote. First reads the whole file and checks
+/// that every parameter and buffer of `model` is present with the same shape
+/// and that the optimizer state fits `opt` (names, shapes, methods, ranks,
+/// inner rule); only then changes the model and the optimizer. On a truncated,
+/// corrupt or foreign file, or any mismatch, throws CheckpointError listing the
+/// problems and leaves both exactly as they were.
+void load_checkpoint(LowRankOptimizer& opt, torch::nn::Module& model, const std::string& path);
+
+/// Optimizer-only variants (same file layout, without the model section).
+void save_checkpoint(const LowRankOptimizer& opt, const std::string& path);
+/// Optimizer-only load; see load_checkpoint(opt, model, path).
+void load_checkpoint(LowRankOptimizer& opt, const std::string& path);
+
+/// Writes a file atomically: `produce` receives a sink that appends bytes;
+/// the bytes land in `<path>.tmp.<pid>`, which is fsync'ed and renamed over
+/// `path`. Throws CheckpointError (and removes the temporary file) when
+/// `produce` or any write fails.
+void write_file_atomically(const std::string& path,
+                           const std::function<void(const std::function<void(const void*, size_t)>& sink)>& produce);
+
+namespace detail {
+/// Test seam for fault injection: called before each chunk written by
+/// write_file_atomically with the number of bytes already written. It may throw
+/// (a failing write) or end the process (a crash). Empty: no hook.
+void set_write_hook(std::function<void(size_t bytes_written)> hook);
+}  // namespace detail
+
+}  // namespace gradlora

@@ -1,0 +1,343 @@
+// Adapters: the safetensors format (own round trip, a fixture from an
+// independent writer, malformed files) and PEFT LoRA export → import.
+#include "ckpt_util.h"
+
+#include <gradlora/adapter.h>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+
+#include <unistd.h>
+
+namespace gradlora::ckpt_test {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+const fs::path kData = fs::path(GRADLORA_SOURCE_DIR) / "tests" / "data";
+
+std::string temp_dir() {
+  static std::atomic<int> counter{0};
+  const fs::path p = fs::temp_directory_path() /
+                     fmt::format("gradlora_adapter_{}_{}", static_cast<long>(::getpid()), counter.fetch_add(1));
+  fs::create_directories(p);
+  return p.string();
+}
+
+std::string read_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+void write_bytes(const std::string& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+template <typename Fn>
+std::string adapter_error(Fn&& fn) {
+  try {
+    fn();
+  } catch (const AdapterError& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "expected AdapterError";
+  return {};
+}
+
+// ----------------------------------------------------------- safetensors
+
+TEST(Safetensors, RoundTripOfEveryDtype) {
+  const std::string dir = temp_dir(), path = dir + "/t.safetensors";
+  const NamedTensors in = {
+      {"f32", torch::randn({3, 5})},
+      {"f64", torch::randn({4}, torch::kDouble)},
+      {"bf16", torch::randn({2, 3}).to(torch::kBFloat16)},
+      {"f16", torch::randn({7}).to(torch::kHalf)},
+      {"i64", torch::arange(-3, 3, torch::kLong)},
+      {"i32", torch::arange(0, 5, torch::kInt)},
+      {"u8", torch::arange(250, 256).to(torch::kUInt8)},
+      {"bool", torch::tensor({true, false, true})},
+      {"empty", torch::zeros({0, 4})},
+      {"scalar", torch::tensor(2.5)},
+      {"strided", torch::randn({4, 6}).t()},  // non-contiguous input
+  };
+  write_safetensors(path, in, {{"format", "pt"}});
+  const std::string bytes = read_bytes(path);
+  uint64_t n = 0;
+  for (int i = 0; i < 8; ++i) n |= static_cast<uint64_t>(static_cast<unsigned char>(bytes[i])) << (8 * i);
+  EXPECT_EQ((8 + n) % 8, 0u) << "data starts 8-byte aligned";
+  const json header = json::parse(bytes.substr(8, n));
+  EXPECT_EQ(header["f32"]["dtype"], "F32");
+  EXPECT_EQ(header["bf16"]["dtype"], "BF16");
+  EXPECT_EQ(header["strided"]["shape"], json::array({6, 4}));
+  EXPECT_EQ(header["__metadata__"]["format"], "pt");
+
+  const SafetensorsFile out = read_safetensors(path);
+  EXPECT_EQ(out.metadata.at("format"), "pt");
+  ASSERT_EQ(out.tensors.size(), in.size());
+  for (const auto& [name, t] : in) {
+    SCOPED_TRACE(name);
+    const torch::Tensor& r = out.tensors.at(name);
+    EXPECT_EQ(r.scalar_type(), t.scalar_type());
+    EXPECT_EQ(r.sizes(), t.sizes());
+    EXPECT_TRUE(torch::equal(r, t));
+  }
+  fs::remove_all(dir);
+}
+
+// The fixture was written by scripts/gen_safetensors_fixture.py with Python's
+// struct and json modules only (no padding, header order ≠ data order).
+TEST(Safetensors, ReadsAFileFromAnIndependentWriter) {
+  const SafetensorsFile f = read_safetensors((kData / "safetensors" / "fixture.safetensors").string());
+  EXPECT_EQ(f.metadata.at("writer"), "gen_safetensors_fixture.py");
+  ASSERT_EQ(f.tensors.size(), 8u);
+  // Values: the formulas of the generator.
+  torch::Tensor f32 = torch::arange(6, torch::kFloat).mul(0.25).sub(1.0).view({2, 3});
+  EXPECT_TRUE(torch::equal(f.tensors.at("a.f32"), f32));
+  torch::Tensor f64 = torch::tensor({1.0 / 3.0, -2.5, 1e-300, 6.02214076e23}, torch::kDouble);
+  EXPECT_TRUE(torch::equal(f.tensors.at("b.f64"), f64));
+  torch::Tensor bf16 = torch::tensor({1.5f, -2.0f, 0.15625f, 3.0f, -0.0078125f, 256.0f}).view({3, 2});
+  EXPECT_EQ(f.tensors.at("c.bf16").scalar_type(), torch::kBFloat16);
+  EXPECT_TRUE(torch::equal(f.tensors.at("c.bf16").to(torch::kFloat), bf16));
+  torch::Tensor f16 = torch::tensor({0.5f, -1.25f, 65504.0f, 0.000060975551605224609375f}).view({2, 2});
+  EXPECT_EQ(f.tensors.at("d.f16").scalar_type(), torch::kHalf);
+  EXPECT_TRUE(torch::equal(f.tensors.at("d.f16").to(torch::kFloat), f16));
+  EXPECT_TRUE(torch::equal(f.tensors.at("e.i64"), torch::tensor({int64_t{-1}, int64_t{1} << 40, int64_t{7}})));
+  EXPECT_TRUE(torch::equal(f.tensors.at("f.u8"), torch::tensor({0, 1, 127, 128, 255}).to(torch::kUInt8)));
+  EXPECT_TRUE(torch::equal(f.tensors.at("g.bool"), torch::tensor({true, false})));
+  EXPECT_EQ(f.tensors.at("h.empty").sizes(), (std::vector<int64_t>{0, 3}));
+}
+
+TEST(Safetensors, MalformedFilesThrowNamingTheProblem) {
+  const std::string dir = temp_dir();
+  auto file_with = [&](const std::string& header, const std::string& data) {
+    std::string bytes(8, '\0');
+    const uint64_t n = header.size();
+    for (int i = 0; i < 8; ++i) bytes[i] = static_cast<char>((n >> (8 * i)) & 0xff);
+    const std::string p = dir + "/bad.safetensors";
+    write_bytes(p, bytes + header + data);
+    return p;
+  };
+  const std::string eight(8, 'x');
+  struct Bad {
+    std::string header, data, fragment;
+  };
+  const std::vector<Bad> cases = {
+      {"{", "", "not valid JSON"},
+      {"[1, 2]", "", "not a JSON object"},
+      {R"({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 9]}})", eight, "outside the data"},
+      {R"({"t": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}})", eight, "needs 12"},
+      {R"({"t": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}})", eight, "dtype 'Q7'"},
+      {R"({"t": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}})", eight, "shape entry -2"},
+      {R"({"t": {"dtype": "F32", "shape": [2], "data_offsets": [4, 0]}})", eight, "outside the data"},
+      {R"({"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})", eight, "not claimed"},
+      {R"({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},)"
+       R"( "u": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}})",
+       eight, "claimed twice"},
+      {R"({"t": {"dtype": "F32", "shape": [2]}})", eight, "data_offsets"},
+      {R"({"t": {"dtype": "U8", "shape": [4294967296, 4294967296, 16], "data_offsets": [0, 8]}})", eight,
+       "too large"},
+      {R"({"__metadata__": {"k": 3}})", "", "__metadata__.k"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.header);
+    const std::string p = file_with(c.header, c.data);
+    const std::string msg = adapter_error([&] { read_safetensors(p); });
+    EXPECT_NE(msg.find(c.fragment), std::string::npos) << msg;
+    EXPECT_NE(msg.find("bad.safetensors"), std::string::npos) << msg;
+  }
+  // A header length larger than the file, and a file shorter than 8 bytes.
+  write_bytes(dir + "/big.safetensors", std::string("\xff\xff\xff\x00\x00\x00\x00\x00{}", 10));
+  EXPECT_NE(adapter_error([&] { read_safetensors(dir + "/big.safetensors"); }).find("header length"),
+            std::string::npos);
+  write_bytes(dir + "/short.safetensors", "abc");
+  EXPECT_NE(adapter_error([&] { read_safetensors(dir + "/short.safetensors"); }).find("too short"),
+            std::string::npos);
+  fs::remove_all(dir);
+}
+
+// -------------------------------------------------------------- adapters
+
+struct ConvNetImpl : torch::nn::Module {
+  ConvNetImpl() : conv(register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 5, 3)))) {}
+  torch::Tensor forward(const torch::Tensor& x) { return conv->forward(x).pow(2).mean(); }
+  torch::nn::Conv2d conv;
+};
+TORCH_MODULE(ConvNet);
+
+std::string lora_yaml(const std::string& init, const std::string& writeback) {
+  // Different ranks and alphas per module exercise rank_pattern / alpha_pattern.
+  return fmt::format(
+      "optimizer:\n  type: adamw\n  lr: 0.02\ntargets:\n"
+      "  - match: fc1.weight\n    method: lora\n    rank: 3\n    alpha: 6\n    init: {0}\n    writeback: {1}\n"
+      "  - match: fc2.weight\n    method: lora\n    rank: 2\n    alpha: 1\n    init: {0}\n    writeback: {1}\n"
+      "  - match: \"*.bias\"\n    method: full\n",
+      init, writeback);
+}
+
+TEST(Adapter, ExportThenImportReproducesTheWeightChange) {
+  for (const char* init : {"zero", "symmetric"}) {
+    for (const char* wb : {"incremental", "exact"}) {
+      SCOPED_TRACE(fmt::format("init {}, writeback {}", init, wb));
+      const std::string dir = temp_dir();
+      Net net = make_net(1);
+      LowRankOptimizer opt(net->named_parameters(), quiet(lora_yaml(init, wb)));
+      train(net, opt, 0, 25);
+      const AdapterExport info = export_adapter(opt, dir, AdapterOptions{"tests/mlp", "base_model.model.", {}});
+      EXPECT_EQ(info.modules, (std::vector<std::string>{"fc1", "fc2"}));
+      EXPECT_EQ(info.skipped, (std::vector<std::string>{"fc1.bias", "fc2.bias"}));
+      const int64_t k = std::string(init) == "symmetric" ? 2 : 1;  // symmetric: rank 2r
+
+      // adapter_config.json
+      const json cfg = json::parse(read_bytes(dir + "/adapter_config.json"));
+      EXPECT_EQ(cfg["peft_type"], "LORA");
+      EXPECT_EQ(cfg["r"], 3 * k);
+      EXPECT_DOUBLE_EQ(cfg["lora_alpha"].get<double>(), 6.0 * k);  // scale alpha/r = 2 = s
+      EXPECT_EQ(cfg["rank_pattern"]["fc2"], 2 * k);
+      EXPECT_DOUBLE_EQ(cfg["alpha_pattern"]["fc2"].get<double>(), 1.0 * k);
+      EXPECT_EQ(cfg["target_modules"], json::array({"fc1", "fc2"}));
+      EXPECT_EQ(cfg["base_model_name_or_path"], "tests/mlp");
+      // adapter_model.safetensors: PEFT's keys and orientation.
+      const SafetensorsFile st = read_safetensors(dir + "/adapter_model.safetensors");
+      ASSERT_EQ(st.tensors.size(), 4u);
+      EXPECT_EQ(st.tensors.at("base_model.model.fc1.lora_A.weight").sizes(), (std::vector<int64_t>{3 * k, kIn}));
+      EXPECT_EQ(st.tensors.at("base_model.model.fc1.lora_B.weight").sizes(), (std::vector<int64_t>{kHidden, 3 * k}));
+      EXPECT_EQ(st.tensors.at("base_model.model.fc2.lora_A.weight").sizes(), (std::vector<int64_t>{2 * k, kHidden}));
+      EXPECT_EQ(st.tensors.at("base_model.model.fc2.lora_B.weight").sizes(), (std::vector<int64_t>{kOut, 2 * k}));
+      EXPECT_EQ(st.metadata.at("format"), "pt");
+
+      // Import into the untrained model: the weights become the trained ones.
+      Net base = make_net(1);
+      const torch::Tensor b1 = base->fc1->bias.detach().clone();
+      const auto changed = load_adapter(base->named_parameters(), dir);
+      EXPECT_EQ(changed, (std::vector<std::string>{"fc1.weight", "fc2.weight"}));
+      for (const char* name : {"fc1.weight", "fc2.weight"}) {
+        // named_parameters() returns a temporary: copy the (shallow) tensor handles out of it.
+        const torch::Tensor W = *net->named_parameters().find(name);
+        const torch::Tensor L = *base->named_parameters().find(name);
+        const torch::Tensor W0 = *make_net(1)->named_parameters().find(name);
+        EXPECT_GT((W - W0).abs().max().item<double>(), 1e-2) << name << ": training changed little";
+        EXPECT_LE((L - W).abs().max().item<double>(), 1e-6) << name;
+      }
+      EXPECT_TRUE(torch::equal(base->fc1->bias, b1)) << "biases are not in a LoRA adapter";
+      fs::remove_all(dir);
+    }
+  }
+}
+
+TEST(Adapter, ConvKernelsUsePeftConvShapes) {
+  const std::string dir = temp_dir();
+  torch::manual_seed(3);
+  ConvNet net;
+  const torch::Tensor W0 = net->conv->weight.detach().clone();
+  LowRankOptimizer opt(net->named_parameters(),
+                       quiet("optimizer:\n  type: adam\n  lr: 0.05\ntargets:\n  - match: conv.weight\n"
+                             "    method: lora\n    rank: 2\n    init: symmetric\n"));
+  for (int i = 0; i < 10; ++i) {
+    opt.zero_grad();
+    net->forward(torch::randn({2, 3, 8, 8})).backward();
+    opt.step();
+  }
+  export_adapter(opt, dir);
+  const SafetensorsFile st = read_safetensors(dir + "/adapter_model.safetensors");
+  EXPECT_EQ(st.tensors.at("base_model.model.conv.lora_A.weight").sizes(), (std::vector<int64_t>{4, 3, 3, 3}));
+  EXPECT_EQ(st.tensors.at("base_model.model.conv.lora_B.weight").sizes(), (std::vector<int64_t>{5, 4, 1, 1}));
+  torch::OrderedDict<std::string, torch::Tensor> base;
+  base.insert("conv.weight", W0.clone());
+  load_adapter(base, dir);
+  EXPECT_GT((net->conv->weight - W0).abs().max().item<double>(), 1e-2);
+  EXPECT_LE((base["conv.weight"] - net->conv->weight).abs().max().item<double>(), 1e-6);
+  fs::remove_all(dir);
+}
+
+// tests/data/adapter_fixture was written by scripts/gen_safetensors_fixture.py
+// (PEFT's layout, with rank_pattern and alpha_pattern); the expected weight
+// changes were computed there in Python floats.
+TEST(Adapter, LoadsAFixtureFromAnIndependentWriter) {
+  torch::OrderedDict<std::string, torch::Tensor> params;
+  params.insert("layers.0.proj.weight", torch::ones({3, 4}));
+  params.insert("layers.1.proj.weight", torch::zeros({2, 3}, torch::kDouble));
+  params.insert("layers.1.proj.bias", torch::zeros({2}));
+  const auto changed = load_adapter(params, (kData / "adapter_fixture").string());
+  EXPECT_EQ(changed, (std::vector<std::string>{"layers.0.proj.weight", "layers.1.proj.weight"}));
+  const SafetensorsFile expected =
+      read_safetensors((kData / "safetensors" / "adapter_fixture_expected.safetensors").string());
+  EXPECT_LE((params["layers.0.proj.weight"].to(torch::kDouble) - 1.0 -
+             expected.tensors.at("layers.0.proj.weight"))
+                .abs()
+                .max()
+                .item<double>(),
+            1e-6);
+  EXPECT_LE((params["layers.1.proj.weight"] - expected.tensors.at("layers.1.proj.weight")).abs().max().item<double>(),
+            1e-12);
+  EXPECT_TRUE(torch::equal(params["layers.1.proj.bias"], torch::zeros({2})));
+}
+
+TEST(Adapter, BadAdaptersThrowAndChangeNothing) {
+  const std::string dir = temp_dir();
+  Net net = make_net(1);
+  LowRankOptimizer opt(net->named_parameters(), quiet(lora_yaml("zero", "auto")));
+  train(net, opt, 0, 3);
+  export_adapter(opt, dir);
+
+  Net narrow = make_net(2, /*hidden=*/10);
+  const torch::Tensor before = narrow->fc2->weight.detach().clone();
+  std::string msg = adapter_error([&] { load_adapter(narrow->named_parameters(), dir); });
+  EXPECT_NE(msg.find("module 'fc1'"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("module 'fc2'"), std::string::npos) << msg;
+  EXPECT_TRUE(torch::equal(narrow->fc2->weight, before)) << "fc2 fits no better: nothing may change";
+
+  torch::OrderedDict<std::string, torch::Tensor> other;
+  other.insert("encoder.weight", torch::zeros({16, 12}));
+  msg = adapter_error([&] { load_adapter(other, dir); });
+  EXPECT_NE(msg.find("no parameter 'fc1.weight'"), std::string::npos) << msg;
+
+  write_bytes(dir + "/adapter_config.json", R"({"peft_type": "PREFIX_TUNING", "r": 3, "lora_alpha": 6})");
+  msg = adapter_error([&] { load_adapter(net->named_parameters(), dir); });
+  EXPECT_NE(msg.find("peft_type"), std::string::npos) << msg;
+  write_bytes(dir + "/adapter_config.json", R"({"peft_type": "LORA", "r": 5, "lora_alpha": 6})");
+  msg = adapter_error([&] { load_adapter(net->named_parameters(), dir); });
+  EXPECT_NE(msg.find("the config says r = 5, lora_A has 3 rows"), std::string::npos) << msg;
+  write_bytes(dir + "/adapter_config.json", "{ not json");
+  msg = adapter_error([&] { load_adapter(net->named_parameters(), dir); });
+  EXPECT_NE(msg.find("adapter_config.json"), std::string::npos) << msg;
+  fs::remove_all(dir);
+}
+
+TEST(Adapter, ExportRefusesWhatAnAdapterCannotHold) {
+  const std::string dir = temp_dir();
+  {  // merged factors: W − W0 is no longer of rank r
+    Net net = make_net(1);
+    LowRankOptimizer opt(net->named_parameters(),
+                         quiet("targets:\n  - match: fc1.weight\n    method: lora\n    rank: 2\n    merge_every: 3\n"));
+    train(net, opt, 0, 2);
+    EXPECT_NO_THROW(export_adapter(opt, dir));  // no merge yet
+    train(net, opt, 2, 4);
+    const std::string msg = adapter_error([&] { export_adapter(opt, dir); });
+    EXPECT_NE(msg.find("'fc1.weight' merged its factors"), std::string::npos) << msg;
+  }
+  {  // no lora parameter at all
+    Net net = make_net(1);
+    LowRankOptimizer opt(net->named_parameters(), quiet("targets:\n  - match: fc1.weight\n    method: additive\n"));
+    const std::string msg = adapter_error([&] { export_adapter(opt, dir); });
+    EXPECT_NE(msg.find("no parameter with method lora"), std::string::npos) << msg;
+  }
+  {  // a parameter that is not a module's weight
+    torch::OrderedDict<std::string, torch::Tensor> p;
+    p.insert("embedding_table", torch::randn({8, 6}).requires_grad_());
+    LowRankOptimizer opt(p, quiet("targets:\n  - match: embedding_table\n    method: lora\n    rank: 2\n"));
+    const std::string msg = adapter_error([&] { export_adapter(opt, dir); });
+    EXPECT_NE(msg.find("'embedding_table'"), std::string::npos) << msg;
+  }
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace gradlora::ckpt_test
