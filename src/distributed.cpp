@@ -278,7 +278,7 @@ std::string distributed_fingerprint(const LowRankOptimizer& optimizer) {
     line(p + "weight_decay", fmt_opt(t.weight_decay));
     line(p + "writeback", to_string(t.writeback));
     line(p + "resample_every", std::to_string(t.resample_every));
-    line(p + "on_resample", to_string(t.on_resample));
+    line(p + "on_resample", to_string(t.resample_policy()));
     line(p + "merge_every", std::to_string(t.merge_every));
     line(p + "update_proj_gap", std::to_string(t.update_proj_gap));
     line(p + "scale", fmt_double(t.galore_scale));

@@ -349,7 +349,7 @@ class RandomProjector final : public Projector {
 
   std::string note() const override {
     return fmt::format("s={:g}, sigma={:.3g}, resample every {}, on_resample {}{}", s_, sd_, k_,
-                       to_string(ctx_.target.on_resample),
+                       to_string(ctx_.target.resample_policy()),
                        k_ == 1 ? ", projections regenerated (not stored)" : ", projections stored");
   }
 
@@ -367,21 +367,28 @@ class RandomProjector final : public Projector {
 
   // Moments at a resample (README, "Moments at a resample").
   void move_moments(InnerRule& inner, int64_t idx) {
-    switch (ctx_.target.on_resample) {
+    switch (ctx_.target.resample_policy()) {
       case OnResample::keep:
         return;
       case OnResample::reset:
         inner.reset_state();
         return;
       case OnResample::transfer: {
-        // Flora-style: mA ≈ s·G·Bᵀ, and E[BᵀB] = rσ²·I, so s·Ĝ = mA·B_old/(rσ²) and the
-        // moment under the new projection is mA·B_old·B_newᵀ/(rσ²) (likewise for B).
+        // The A-moment estimates s·G·B_oldᵀ. The least-squares gradient consistent with it
+        // is s·Ĝ = m_A·(B_old·B_oldᵀ)⁻¹·B_old, and its moment under the new projection is
+        // s·Ĝ·B_newᵀ = m_A·X with X = (B_old·B_oldᵀ)⁻¹·B_old·B_newᵀ (r×r); likewise
+        // m_B ← A_newᵀ·A_old·(A_oldᵀ·A_old)⁻¹·m_B. Second moments are kept.
         torch::Tensor A_old = A_, B_old = B_;
         if (k_ == 1) std::tie(A_old, B_old) = draw(idx - 1);
-        const double c = 1.0 / (static_cast<double>(ctx_.target.rank) * sd_ * sd_);
         torch::Tensor mA = inner.first_moment(0), mB = inner.first_moment(1);
-        if (mA.defined()) mA.copy_(torch::mm(mA, torch::mm(B_old, V_.t())).mul_(c));
-        if (mB.defined()) mB.copy_(torch::mm(torch::mm(U_.t(), A_old), mB).mul_(c));
+        if (mA.defined()) {
+          const torch::Tensor X = torch::linalg_solve(torch::mm(B_old, B_old.t()), torch::mm(B_old, V_.t()));
+          mA.copy_(torch::mm(mA, X));
+        }
+        if (mB.defined()) {
+          const torch::Tensor Y = torch::linalg_solve(torch::mm(A_old.t(), A_old), mB);
+          mB.copy_(torch::mm(torch::mm(U_.t(), A_old), Y));
+        }
         return;
       }
     }

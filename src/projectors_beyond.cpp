@@ -145,7 +145,7 @@ class GaloreProjector final : public Projector {
 
   std::string note() const override {
     std::string s = fmt::format("scale={:g}, {} projector Q {}x{}, SVD every {} steps, on_resample {}", scale_,
-                                left_ ? "left" : "right", Q_.size(0), r_, gap_, to_string(ctx_.target.on_resample));
+                                left_ ? "left" : "right", Q_.size(0), r_, gap_, to_string(ctx_.target.resample_policy()));
     if (r_ == std::min(n_, m_)) s += ", rank = min(n, m): exact full-rank projection, no state saving";
     if (master_mode_) s += ", fp32 master copy";
     return s;
@@ -197,7 +197,7 @@ class GaloreProjector final : public Projector {
   // for the part of M that lies in span(Q_new); second moments v → (C∘C)·v, the variance of
   // the rotated coordinates when the old ones are uncorrelated.
   void move_moments(InnerRule& inner, const torch::Tensor& Q_new) {
-    switch (ctx_.target.on_resample) {
+    switch (ctx_.target.resample_policy()) {
       case OnResample::keep:
         return;
       case OnResample::reset:

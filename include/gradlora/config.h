@@ -89,11 +89,19 @@ struct Target {
   std::optional<double> weight_decay;  ///< overrides optimizer.weight_decay
   WriteBack writeback = WriteBack::automatic;
   int64_t resample_every = 1;               ///< random: steps between draws
-  OnResample on_resample = OnResample::keep;  ///< random, galore
+  /// random, galore: moments at a projection change. Unset: resample_policy().
+  std::optional<OnResample> on_resample;
   int64_t merge_every = 0;  ///< lora: merge-and-restart period (0 = never)
   int64_t update_proj_gap = 200;  ///< galore: steps between SVDs
   double galore_scale = 0.25;     ///< galore: `scale`
   ProjSide proj_side = ProjSide::automatic;  ///< galore
+
+  /// The on_resample in force: the configured one, else `reset` for `random`
+  /// (measured best, README "Moments at a resample") and `keep` for `galore`
+  /// (GaLore's own behaviour).
+  OnResample resample_policy() const {
+    return on_resample.value_or(method == Method::random ? OnResample::reset : OnResample::keep);
+  }
 
   /// s = alpha / rank.
   double scale() const { return alpha.value_or(static_cast<double>(rank)) / static_cast<double>(rank); }
