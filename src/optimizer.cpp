@@ -93,6 +93,24 @@ std::string human_bytes(int64_t b) {
   return fmt::format("{} B", b);
 }
 
+// Target settings that change what the saved tensors mean (checked on load; the
+// learning rates are restored from the checkpoint instead).
+std::string checkpoint_settings(Method method, const Target& t) {
+  const std::string init_std = t.init_std ? fmt::format("{:.17g}", *t.init_std) : "auto";
+  switch (method) {
+    case Method::full:
+      return "full";
+    case Method::lora:
+      return fmt::format("scale {:.17g}, init {}, init_std {}, merge_every {}", t.scale(), to_string(t.init),
+                         t.init == Init::symmetric ? init_std : "-", t.merge_every);
+    case Method::random:
+      return fmt::format("scale {:.17g}, init_std {}, resample_every {}, on_resample {}", t.scale(), init_std,
+                         t.resample_every, to_string(t.resample_policy()));
+    default:
+      return fmt::format("scale {:.17g}", t.scale());
+  }
+}
+
 bool all_finite(const std::vector<torch::Tensor>& ts) {
   for (const auto& t : ts) {
     const torch::Tensor& g = t.grad();
@@ -396,6 +414,7 @@ void LowRankOptimizer::save(torch::serialize::OutputArchive& archive) const {
     if (e.projector) {
       sub.write("rank", c10::IValue(e.method == Method::full ? int64_t{0} : e.projector->context().target.rank));
       sub.write("inner_type", c10::IValue(std::string(to_string(e.inner->type()))));
+      sub.write("settings", c10::IValue(checkpoint_settings(e.method, e.projector->context().target)));
       TensorMap m;
       e.projector->save(m);
       e.inner->save(m, "inner_");
@@ -477,6 +496,12 @@ void LowRankOptimizer::load(torch::serialize::InputArchive& archive) {
       if (v.toStringRef() != to_string(e.inner->type())) {
         problems.push_back(who + fmt::format("inner rule is '{}' in the checkpoint, '{}' here", v.toStringRef(),
                                              to_string(e.inner->type())));
+        continue;
+      }
+      const std::string settings = checkpoint_settings(e.method, e.projector->context().target);
+      if (sub.try_read("settings", v) && v.isString() && v.toStringRef() != settings) {
+        problems.push_back(who + fmt::format("settings are '{}' in the checkpoint, '{}' here", v.toStringRef(),
+                                             settings));
         continue;
       }
       sub.read("tensor_keys", v);

@@ -382,6 +382,10 @@ TEST_F(BadFiles, FileFromAnotherConfigListsEveryMismatch) {
       {yaml_of("lora_symmetric", "sgd_momentum"),
        {"fc1.weight", "fc2.weight", "inner rule is 'adamw' in the checkpoint, 'sgd' here"}},
       {yaml_of("additive", "adamw"), {"fc1.weight", "method is 'lora' in the checkpoint, 'additive' here"}},
+      // Same shapes, other meaning: init zero and alpha 6 (scale 2) instead of symmetric with scale 1.
+      {yaml_of("lora_zero", "adamw"),
+       {"fc1.weight", "fc2.weight", "settings are 'scale 1, init symmetric, init_std auto, merge_every 0' in the "
+        "checkpoint, 'scale 2, init zero, init_std -, merge_every 0' here"}},
   };
   for (const auto& o : others) {
     SCOPED_TRACE(o.yaml);
