@@ -1,0 +1,134 @@
+// gradlora — command-line trainer: train, inspect, compare.
+#include "settings.h"
+#include "trainer.h"
+
+#include <gradlora/config.h>
+
+#include <CLI/CLI.hpp>
+#include <c10/util/Exception.h>
+#include <fmt/format.h>
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+namespace fs = std::filesystem;
+using namespace gradlora::app;
+
+namespace {
+
+int fail(const std::string& msg, int code) {
+  std::fprintf(stderr, "gradlora: error: %s\n", msg.c_str());
+  return code;
+}
+
+std::vector<std::pair<std::string, std::string>> parse_sets(const std::vector<std::string>& sets) {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const auto& s : sets) out.push_back(split_override(s));
+  return out;
+}
+
+const MethodSpec& find_method(const Settings& s, const std::string& name) {
+  if (!s.has_compare) throw SettingsError(fmt::format("--method '{}': the config has no compare.methods", name));
+  std::string known;
+  for (const auto& m : s.compare.methods) {
+    if (m.name == name) return m;
+    known += (known.empty() ? "" : ", ") + m.name;
+  }
+  throw SettingsError(fmt::format("--method '{}': no such method in compare.methods (known: {})", name, known));
+}
+
+std::string default_out(const std::string& config, bool quick) {
+  return (fs::path("out") / (fs::path(config).stem().string() + (quick ? "-quick" : ""))).string();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  auto logger = spdlog::stderr_color_mt("gradlora");
+  logger->set_pattern("[%H:%M:%S %^%l%$] %v");
+  spdlog::set_default_logger(logger);
+
+  CLI::App app{"gradlora: low-rank training from the optimizer side. Trains a byte-level Transformer language model "
+               "with gradlora::LowRankOptimizer."};
+  app.require_subcommand(1);
+  std::string config, out, method;
+  std::vector<std::string> sets;
+  bool resume = false, quick = false, fresh = false, data = false;
+
+  auto* train = app.add_subcommand("train", "train one model (pre-training once, cached; then fine-tuning)");
+  auto* inspect = app.add_subcommand("inspect", "dry run: which parameter gets which method, rank and state");
+  auto* compare = app.add_subcommand("compare", "run every method of compare.methods for every seed; one table");
+  for (auto* sub : {train, inspect, compare}) {
+    sub->add_option("--config,-c", config, "YAML file (optimizer config plus model/data/training/compare)");
+    sub->add_option("--set", sets, "override a config key before parsing, e.g. training.steps=10 (repeatable)")
+        ->type_name("KEY=VALUE");
+  }
+  train->get_option("--config")->required();
+  inspect->get_option("--config")->required();
+  compare->get_option("--config")->default_val("configs/experiment.yaml");
+  for (auto* sub : {train, compare}) {
+    sub->add_option("--out,-o", out, "output folder (default: out/<config name>)");
+    sub->add_flag("--quick", quick, "apply the config's compare.quick overrides (a short version of the run)");
+  }
+  train->add_flag("--resume", resume, "continue from <out>/checkpoint.pt");
+  train->add_option("--method,-m", method, "train this entry of compare.methods instead of the top-level optimizer");
+  inspect->add_option("--method,-m", method, "show only this entry of compare.methods");
+  inspect->add_flag("--data", data, "also list the corpora: files, sizes, held-out bytes");
+  compare->add_flag("--fresh", fresh, "train every run again instead of reusing finished ones");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+
+  try {
+    const Settings s = load_settings(config, parse_sets(sets), quick);
+    if (out.empty()) out = default_out(config, quick);
+    if (*inspect) {
+      if (data) std::fputs(data_text(s).c_str(), stdout);
+      if (!method.empty()) {
+        std::fputs(inspect_text(s, method_tree(s, find_method(s, method), s.seed)).c_str(), stdout);
+      } else if (s.has_compare && !s.root["targets"]) {
+        for (const auto& m : s.compare.methods) {
+          std::fputs(fmt::format("== method: {}\n", m.name).c_str(), stdout);
+          std::fputs(inspect_text(s, method_tree(s, m, s.seed)).c_str(), stdout);
+        }
+      } else {
+        std::fputs(inspect_text(s, s.root).c_str(), stdout);
+      }
+      return 0;
+    }
+    install_interrupt_handler();
+    if (*train) {
+      RunOptions o;
+      o.out_dir = out;
+      o.resume = resume;
+      YAML::Node tree = s.root;
+      if (!method.empty()) {
+        tree = method_tree(s, find_method(s, method), s.seed);
+        o.method = method;
+      }
+      const RunSummary r = train_run(parse_settings(tree, s.base_dir, s.source), tree, o);
+      if (r.interrupted) return 130;
+      std::printf("%s: %lld steps, held-out loss %.4f -> %.4f", o.method.c_str(),
+                  static_cast<long long>(r.steps_done), r.eval_before, r.eval_after);
+      if (std::isfinite(r.base_before)) std::printf(", pre-training held-out loss %.4f -> %.4f", r.base_before, r.base_after);
+      std::printf("; %.1f ms/step; outputs in %s\n", r.step_ms, out.c_str());
+      return 0;
+    }
+    return run_compare(s, out, fresh);
+  } catch (const SettingsError& e) {
+    return fail(e.what(), 2);
+  } catch (const gradlora::ConfigError& e) {
+    return fail(e.what(), 2);
+  } catch (const c10::Error& e) {
+    return fail(e.what_without_backtrace(), 1);
+  } catch (const std::exception& e) {
+    return fail(e.what(), 1);
+  }
+}

@@ -1,0 +1,371 @@
+// The trainer end to end: tiny runs of the real program, resumption to the same
+// weights, the inspect table against a golden file, and bad configs.
+#include "data.h"
+#include "model.h"
+#include "settings.h"
+
+#include <gradlora/gradlora.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <thread>
+
+namespace fs = std::filesystem;
+using namespace gradlora::app;
+
+namespace {
+
+const std::string kTiny = std::string(GRADLORA_SOURCE_DIR) + "/configs/tiny.yaml";
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+struct Result {
+  int code = -1;
+  std::string out, err;
+};
+
+/// Runs the program with `args`, capturing stdout and stderr.
+Result run(const std::string& args, const fs::path& dir) {
+  fs::create_directories(dir);
+  const fs::path o = dir / "stdout.txt", e = dir / "stderr.txt";
+  const std::string cmd = std::string(GRADLORA_BIN) + " " + args + " > " + o.string() + " 2> " + e.string();
+  const int status = std::system(cmd.c_str());
+  Result r;
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  r.out = slurp(o);
+  r.err = slurp(e);
+  return r;
+}
+
+/// A fresh scratch folder per test.
+fs::path scratch(const std::string& name) {
+  const fs::path p = fs::temp_directory_path() / ("gradlora_trainer_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p;
+}
+
+/// The weights a run saved in <dir>/model.pt, by name.
+std::map<std::string, torch::Tensor> weights(const fs::path& dir) {
+  const Settings s = load_settings(kTiny, {});
+  CharTransformer m = make_model(s.model, 123);
+  torch::serialize::InputArchive a;
+  a.load_from((dir / "model.pt").string());
+  m->load(a);
+  std::map<std::string, torch::Tensor> w;
+  for (const auto& kv : m->named_parameters()) w[kv.key()] = kv.value().detach().clone();
+  return w;
+}
+
+void expect_clean_error(const Result& r, const std::vector<std::string>& needles) {
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.code, -1) << "killed by a signal";
+  for (const auto& n : needles) EXPECT_NE(r.err.find(n), std::string::npos) << "missing '" << n << "' in: " << r.err;
+  EXPECT_NE(r.err.find("gradlora: error:"), std::string::npos) << r.err;
+  // No stack trace, no uncaught exception.
+  for (const char* bad : {"Exception raised from", "frame #", "terminate called", "what():"}) {
+    EXPECT_EQ(r.err.find(bad), std::string::npos) << r.err;
+  }
+}
+
+}  // namespace
+
+// ------------------------------------------------------------- settings
+
+TEST(TrainerSettings, OverridesWriteIntoTheTreeBeforeParsing) {
+  YAML::Node root = YAML::Load("optimizer: {lr: 0.1}\ntargets: [{match: a, rank: 4}]\n");
+  apply_override(root, "optimizer.lr", "1e-3");
+  apply_override(root, "training.steps", "10");
+  apply_override(root, "targets[0].rank", "2");
+  apply_override(root, "compare.seeds", "[4, 5]");
+  EXPECT_DOUBLE_EQ(root["optimizer"]["lr"].as<double>(), 1e-3);
+  EXPECT_EQ(root["training"]["steps"].as<int>(), 10);
+  EXPECT_EQ(root["targets"][0]["rank"].as<int>(), 2);
+  EXPECT_EQ(root["targets"][0]["match"].as<std::string>(), "a");
+  EXPECT_EQ(root["compare"]["seeds"][1].as<int>(), 5);
+  EXPECT_THROW(apply_override(root, "targets[3].rank", "2"), SettingsError);
+  EXPECT_THROW(split_override("training.steps"), SettingsError);
+  EXPECT_EQ(split_override("a.b=c=d").second, "c=d");
+}
+
+TEST(TrainerSettings, MethodTreeMergesOptimizerAndReplacesTargets) {
+  const Settings s = load_settings(kTiny, {});
+  ASSERT_TRUE(s.has_compare);
+  const MethodSpec& random = s.compare.methods.at(1);
+  ASSERT_EQ(random.name, "random");
+  const YAML::Node t = method_tree(s, random, 7);
+  EXPECT_EQ(t["seed"].as<int>(), 7);
+  EXPECT_EQ(t["targets"][0]["method"].as<std::string>(), "random");
+  EXPECT_EQ(t["targets"].size(), 2u);
+  EXPECT_DOUBLE_EQ(t["optimizer"]["lr"].as<double>(), s.root["optimizer"]["lr"].as<double>());
+  EXPECT_FALSE(t["compare"]);
+}
+
+TEST(TrainerData, BatchOrderIsAFunctionOfSeedAndStepOnly) {
+  const Settings s = load_settings(kTiny, {});
+  const Corpus c = load_corpus(s.data.finetune, s.base_dir, s.model.context);
+  const int64_t window = s.model.context + 1;
+  BatchSampler a(c, window, 8, 3), b(c, window, 8, 3), other(c, window, 8, 4);
+  const int64_t far = 3 * a.windows_per_epoch() / 8 + 1;  // a few epochs in
+  const torch::Tensor late = a.batch(far);
+  for (int64_t i = 0; i < 5; ++i) a.batch(i);
+  EXPECT_TRUE(torch::equal(b.batch(far), late));  // straight to `far`, no history
+  EXPECT_TRUE(torch::equal(a.batch(far), late));
+  EXPECT_FALSE(torch::equal(other.batch(far), late));
+  EXPECT_EQ(late.sizes(), (std::vector<int64_t>{8, window}));
+  // Windows are slices of the training split.
+  const torch::Tensor w = late[0];
+  bool found = false;
+  for (int64_t start = 0; start + window <= c.train.numel() && !found; ++start) {
+    found = torch::equal(c.train.slice(0, start, start + window), w);
+  }
+  EXPECT_TRUE(found);
+}
+
+// ----------------------------------------------------------- end to end
+
+TEST(TrainerEndToEnd, TinyTrainLearnsAndWritesMetricsPlotAndWeights) {
+  const fs::path d = scratch("e2e");
+  const Result r = run("train --config " + kTiny + " --out " + (d / "run").string(), d);
+  ASSERT_EQ(r.code, 0) << r.err;
+  for (const char* f : {"metrics.csv", "loss.svg", "model.pt", "summary.json"}) {
+    EXPECT_TRUE(fs::exists(d / "run" / f)) << f;
+  }
+  EXPECT_TRUE(fs::exists(d / "run" / "cache"));
+  EXPECT_FALSE(fs::exists(d / "run" / "checkpoint.pt"));  // a complete run leaves none behind
+  const nlohmann::json j = nlohmann::json::parse(slurp(d / "run" / "summary.json"));
+  EXPECT_EQ(j["steps_done"].get<int>(), 40);
+  // Learning: the held-out loss on the fine-tuning corpus falls.
+  EXPECT_LT(j["eval_after"].get<double>(), j["eval_before"].get<double>() - 0.05) << j.dump();
+  // metrics.csv: header + step 0 + every 10 steps.
+  std::stringstream csv(slurp(d / "run" / "metrics.csv"));
+  std::string line;
+  std::vector<std::string> lines;
+  while (std::getline(csv, line)) lines.push_back(line);
+  ASSERT_EQ(lines.size(), 6u);
+  EXPECT_EQ(lines[0], "step,lr,train_loss,eval_loss,base_eval_loss,tokens,elapsed_s");
+  EXPECT_EQ(lines[5].substr(0, 3), "40,");
+  const std::string svg = slurp(d / "run" / "loss.svg");
+  EXPECT_EQ(svg.rfind("<svg", 0), 0u);
+  EXPECT_NE(svg.find("<polyline"), std::string::npos);
+  EXPECT_NE(svg.find("held-out loss (pre-training corpus)"), std::string::npos);
+  // The second run finds the pre-trained model in the cache.
+  const Result again = run("train --config " + kTiny + " --out " + (d / "run").string(), d / "2");
+  ASSERT_EQ(again.code, 0) << again.err;
+  EXPECT_NE(again.err.find("pre-trained model: cached"), std::string::npos) << again.err;
+  fs::remove_all(d);
+}
+
+class TrainerResume : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(TrainerResume, ResumedRunEndsWithTheWeightsOfAnUninterruptedOne) {
+  const std::string method = GetParam();
+  const fs::path d = scratch("resume_" + method);
+  const std::string common = "train --config " + kTiny + " --method " + method + " --set training.steps=24 " +
+                             "--set training.checkpoint_every=5 --set training.cache_dir=" + (d / "cache").string();
+  const Result full = run(common + " --out " + (d / "full").string(), d / "l0");
+  ASSERT_EQ(full.code, 0) << full.err;
+
+  // Stops after 13 steps (the checkpoint holds step 13, not a multiple of 5), then resumes.
+  const Result part = run(common + " --set training.halt_after=13 --out " + (d / "part").string(), d / "l1");
+  ASSERT_EQ(part.code, 130) << part.err;
+  ASSERT_TRUE(fs::exists(d / "part" / "checkpoint.pt"));
+  EXPECT_FALSE(fs::exists(d / "part" / "model.pt"));
+  const Result rest = run(common + " --resume --out " + (d / "part").string(), d / "l2");
+  ASSERT_EQ(rest.code, 0) << rest.err;
+  EXPECT_NE(rest.err.find("resuming from step 13"), std::string::npos) << rest.err;
+
+  const auto a = weights(d / "full"), b = weights(d / "part");
+  ASSERT_EQ(a.size(), b.size());
+  // The run did train: the weights moved away from the pre-trained model.
+  ASSERT_EQ(std::distance(fs::directory_iterator(d / "cache"), fs::directory_iterator()), 1);
+  CharTransformer pre = make_model(load_settings(kTiny, {}).model, 5);
+  torch::serialize::InputArchive pa;
+  pa.load_from(fs::directory_iterator(d / "cache")->path().string());
+  pre->load(pa);
+  for (const char* name : {"head.weight", "blocks.0.attn.qkv.weight"}) {
+    EXPECT_FALSE(torch::equal(pre->named_parameters()[name], a.at(name))) << name;
+  }
+  // The resumed metrics continue the interrupted ones: same rows as the uninterrupted run.
+  std::stringstream fa(slurp(d / "full" / "metrics.csv")), fb(slurp(d / "part" / "metrics.csv"));
+  std::string la, lb;
+  int rows = 0;
+  while (std::getline(fa, la) && std::getline(fb, lb)) {
+    // step,lr,train_loss,eval_loss,base_eval_loss are identical; elapsed_s is not.
+    EXPECT_EQ(la.substr(0, la.rfind(',')), lb.substr(0, lb.rfind(','))) << "row " << rows;
+    ++rows;
+  }
+  EXPECT_EQ(rows, 5);  // header, 0, 10, 20, 24
+  fs::remove_all(d);
+}
+
+INSTANTIATE_TEST_SUITE_P(Methods, TrainerResume, ::testing::Values("lora", "random"));
+
+TEST(TrainerResume, ResumingWithoutTheOptimizerStateWouldBeCaught) {
+  // Negative control for the test above: a checkpoint whose optimizer state is
+  // replaced by a fresh one resumes to different weights.
+  const fs::path d = scratch("resume_control");
+  const std::string common = "train --config " + kTiny + " --method lora --set training.steps=24 --set training.cache_dir=" +
+                             (d / "cache").string();
+  ASSERT_EQ(run(common + " --out " + (d / "full").string(), d / "l0").code, 0);
+  ASSERT_EQ(run(common + " --set training.halt_after=13 --out " + (d / "part").string(), d / "l1").code, 130);
+  {
+    const fs::path ck = d / "part" / "checkpoint.pt";
+    torch::serialize::InputArchive in;
+    in.load_from(ck.string());
+    Settings s = load_settings(kTiny, {});
+    const YAML::Node tree = method_tree(s, s.compare.methods.at(0), 0);
+    gradlora::Config cfg = gradlora::Config::from_yaml_string(to_yaml(tree));
+    cfg.log_report = false;
+    CharTransformer m = make_model(s.model, 0);
+    torch::serialize::InputArchive min;
+    in.read("model", min);
+    m->load(min);
+    gradlora::LowRankOptimizer fresh(m->named_parameters(), cfg);
+    torch::serialize::OutputArchive out, mo, oo;
+    c10::IValue v;
+    for (const char* k : {"format", "hash", "step", "metrics", "loss_sum", "loss_n"}) {
+      in.read(k, v);
+      out.write(k, v);
+    }
+    m->save(mo);
+    out.write("model", mo);
+    fresh.save(oo);
+    out.write("optimizer", oo);
+    out.save_to(ck.string());
+  }
+  ASSERT_EQ(run(common + " --resume --out " + (d / "part").string(), d / "l2").code, 0);
+  const auto a = weights(d / "full"), b = weights(d / "part");
+  bool any_differs = false;
+  for (const auto& [name, t] : a) any_differs = any_differs || !torch::equal(t, b.at(name));
+  EXPECT_TRUE(any_differs);
+  fs::remove_all(d);
+}
+
+TEST(TrainerEndToEnd, InterruptWritesACheckpointAndExits130) {
+  const fs::path d = scratch("sigint");
+  const fs::path out = d / "run";
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    const std::string log = (d / "log.txt").string();
+    std::freopen(log.c_str(), "w", stderr);
+    std::freopen("/dev/null", "w", stdout);
+    ::execl(GRADLORA_BIN, GRADLORA_BIN, "train", "--config", kTiny.c_str(), "--out", out.c_str(), "--set",
+            "training.steps=100000", "--set", "data.pretrain=null", static_cast<char*>(nullptr));
+    std::_Exit(127);
+  }
+  // Wait for training to be under way (metrics.csv appears after the step-0 evaluation).
+  for (int i = 0; i < 600 && !fs::exists(out / "metrics.csv"); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_TRUE(fs::exists(out / "metrics.csv"));
+  ::kill(pid, SIGINT);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status)) << "killed by signal " << WTERMSIG(status);
+  EXPECT_EQ(WEXITSTATUS(status), 130);
+  EXPECT_TRUE(fs::exists(out / "checkpoint.pt"));
+  EXPECT_FALSE(fs::exists(out / "checkpoint.pt.tmp"));
+  EXPECT_NE(slurp(d / "log.txt").find("continue with --resume"), std::string::npos) << slurp(d / "log.txt");
+  fs::remove_all(d);
+}
+
+TEST(TrainerEndToEnd, CompareQuickPrintsOneTableAndReusesFinishedRuns) {
+  const fs::path d = scratch("compare");
+  const std::string cmd = "compare --quick --config " + kTiny + " --out " + (d / "cmp").string();
+  const Result r = run(cmd, d / "l0");
+  ASSERT_EQ(r.code, 0) << r.err;
+  for (const char* m : {"lora", "random", "head"}) EXPECT_NE(r.out.find(m), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("forgetting"), std::string::npos);
+  for (const char* f : {"results.md", "results.csv", "compare.svg", "lora/seed0/summary.json"}) {
+    EXPECT_TRUE(fs::exists(d / "cmp" / f)) << f;
+  }
+  const Result again = run(cmd, d / "l1");
+  ASSERT_EQ(again.code, 0) << again.err;
+  EXPECT_NE(again.err.find("already complete"), std::string::npos) << again.err;
+  EXPECT_EQ(again.out, r.out);  // the same table, from the stored summaries
+  fs::remove_all(d);
+}
+
+// ------------------------------------------------------------- inspect
+
+TEST(TrainerInspect, MatchesTheGoldenTable) {
+  const fs::path d = scratch("inspect");
+  const Result r = run("inspect --config " + kTiny, d);
+  ASSERT_EQ(r.code, 0) << r.err;
+  const std::string golden = slurp(fs::path(GRADLORA_TRAINER_GOLDEN) / "inspect_tiny.txt");
+  ASSERT_FALSE(golden.empty());
+  EXPECT_EQ(r.out, golden);
+  const Result one = run("inspect --config " + kTiny + " --method head", d);
+  ASSERT_EQ(one.code, 0) << one.err;
+  EXPECT_NE(one.out.find("head.weight                256x32     full"), std::string::npos) << one.out;
+  EXPECT_NE(one.out.find("total: 26272 parameters, 8448 trainable"), std::string::npos) << one.out;
+  fs::remove_all(d);
+}
+
+// ---------------------------------------------------------- bad configs
+
+TEST(TrainerBadConfig, UnknownModelType) {
+  const fs::path d = scratch("bad_model");
+  expect_clean_error(run("train --config " + kTiny + " --set model.type=lstm --out " + (d / "o").string(), d),
+                     {"model.type", "lstm", "char_transformer"});
+  expect_clean_error(run("inspect --config " + kTiny + " --set model.type=lstm", d), {"model.type", "lstm"});
+  fs::remove_all(d);
+}
+
+TEST(TrainerBadConfig, MissingDataPath) {
+  const fs::path d = scratch("bad_path");
+  expect_clean_error(run("train --config " + kTiny + " --set data.finetune.files=[/nonexistent/corpus.txt] --out " +
+                             (d / "o").string(),
+                         d),
+                     {"data.finetune.files[0]", "/nonexistent/corpus.txt", "does not exist"});
+  fs::remove_all(d);
+}
+
+TEST(TrainerBadConfig, EmptyCorpus) {
+  const fs::path d = scratch("bad_empty");
+  std::ofstream(d / "empty.txt").close();
+  expect_clean_error(run("train --config " + kTiny + " --set data.finetune.files=[" + (d / "empty.txt").string() +
+                             "] --out " + (d / "o").string(),
+                         d),
+                     {"data.finetune.files", "empty"});
+  fs::remove_all(d);
+}
+
+TEST(TrainerBadConfig, BatchLargerThanData) {
+  const fs::path d = scratch("bad_batch");
+  expect_clean_error(run("train --config " + kTiny + " --set training.batch=5000 --out " + (d / "o").string(), d),
+                     {"training.batch", "5000", "larger than the data"});
+  fs::remove_all(d);
+}
+
+TEST(TrainerBadConfig, UnknownKeysAndBadOptimizerValues) {
+  const fs::path d = scratch("bad_keys");
+  expect_clean_error(run("train --config " + kTiny + " --set training.stepz=3 --out " + (d / "o").string(), d),
+                     {"training.stepz", "unknown key"});
+  expect_clean_error(run("train --config " + kTiny + " --set optimizer.lr=fast --out " + (d / "o").string(), d),
+                     {"optimizer.lr", "fast"});
+  expect_clean_error(run("train --config " + kTiny + " --set targets[0].rank=0 --out " + (d / "o").string(), d),
+                     {"rank"});
+  expect_clean_error(run("train --config " + (d / "missing.yaml").string(), d), {"missing.yaml", "cannot be opened"});
+  expect_clean_error(run("train --config " + kTiny + " --set training.steps --out " + (d / "o").string(), d),
+                     {"key=value"});
+  fs::remove_all(d);
+}
