@@ -65,28 +65,9 @@ void Projector::load(const TensorMap& in) {
 
 namespace {
 
-bool low_precision(const torch::Tensor& t) {
-  return t.scalar_type() == torch::kBFloat16 || t.scalar_type() == torch::kHalf;
-}
-
-bool use_exact(const ProjectorContext& ctx) {
-  switch (ctx.target.writeback) {
-    case WriteBack::exact:
-      return true;
-    case WriteBack::incremental:
-      return false;
-    default:
-      return low_precision(ctx.param);
-  }
-}
-
-torch::TensorOptions factor_options(const torch::Tensor& P) {
-  return torch::TensorOptions().dtype(factor_dtype(P.scalar_type())).device(P.device());
-}
-
-void release_grad(torch::Tensor& t) {
-  if (t.grad().defined()) t.mutable_grad() = torch::Tensor();
-}
+using detail::factor_options;
+using detail::release_grad;
+using detail::use_exact;
 
 // -------------------------------------------------------------- full
 

@@ -15,26 +15,6 @@ namespace gradlora::detail {
 
 namespace {
 
-torch::TensorOptions factor_options(const torch::Tensor& P) {
-  return torch::TensorOptions().dtype(factor_dtype(P.scalar_type())).device(P.device());
-}
-
-// Same rule as the core methods: `automatic` keeps an fp32 master copy for bf16/fp16 weights.
-bool use_master(const ProjectorContext& ctx) {
-  switch (ctx.target.writeback) {
-    case WriteBack::exact:
-      return true;
-    case WriteBack::incremental:
-      return false;
-    default:
-      return ctx.param.scalar_type() == torch::kBFloat16 || ctx.param.scalar_type() == torch::kHalf;
-  }
-}
-
-void release_grad(torch::Tensor& t) {
-  if (t.grad().defined()) t.mutable_grad() = torch::Tensor();
-}
-
 // P2d += alpha·D, where D may have a wider dtype than P2d.
 void add_into(torch::Tensor& P2d, const torch::Tensor& D, double alpha) {
   if (P2d.scalar_type() == D.scalar_type()) {
@@ -64,7 +44,7 @@ class GaloreProjector final : public Projector {
     gap_ = t.update_proj_gap;
     scale_ = t.galore_scale;
     left_ = t.proj_side == ProjSide::left || (t.proj_side == ProjSide::automatic && n_ < m_);
-    master_mode_ = use_master(ctx_);
+    master_mode_ = use_exact(ctx_);
     const auto opts = factor_options(ctx_.param);
     torch::NoGradGuard guard;
     Q_ = torch::zeros({left_ ? n_ : m_, r_}, opts);
@@ -240,7 +220,7 @@ class HadamardProjector final : public Projector {
   explicit HadamardProjector(ProjectorContext ctx) : Projector(std::move(ctx)) {
     const Target& t = ctx_.target;
     s_ = t.scale();
-    master_mode_ = use_master(ctx_);
+    master_mode_ = use_exact(ctx_);
     const auto opts = factor_options(ctx_.param);
     const int64_t r = t.rank;
     auto draw = [&](std::vector<int64_t> shape, uint64_t k) {
