@@ -108,7 +108,10 @@ std::string svg_chart(const std::vector<Panel>& panels, const std::string& title
       const Series& s = p.series[si];
       const char* color = kPalette[(s.color >= 0 ? s.color : static_cast<int>(si)) % kColors];
       const size_t n = std::min(s.x.size(), s.y.size());
-      if (s.band.size() >= n && n > 0) {
+      const bool band = s.band.size() >= n && n > 0 &&
+                        std::all_of(s.band.begin(), s.band.begin() + static_cast<std::ptrdiff_t>(n),
+                                    [](double b) { return std::isfinite(b); });
+      if (band) {
         std::string poly;
         for (size_t i = 0; i < n; ++i) poly += fmt::format("{:.1f},{:.1f} ", X(s.x[i]), Y(s.y[i] + s.band[i]));
         for (size_t i = n; i-- > 0;) poly += fmt::format("{:.1f},{:.1f} ", X(s.x[i]), Y(s.y[i] - s.band[i]));

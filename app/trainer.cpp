@@ -674,7 +674,7 @@ struct Stat {
 };
 
 Stat stat(const std::vector<double>& v) {
-  Stat s;
+  Stat s;  // sd stays NaN for a single value
   if (v.empty()) return s;
   double m = 0;
   for (double x : v) m += x;
@@ -684,14 +684,13 @@ Stat stat(const std::vector<double>& v) {
     double q = 0;
     for (double x : v) q += (x - m) * (x - m);
     s.sd = std::sqrt(q / static_cast<double>(v.size() - 1));
-  } else {
-    s.sd = 0;
   }
   return s;
 }
 
 std::string pm(const Stat& s, int digits) {
   if (!std::isfinite(s.mean)) return "-";
+  if (!std::isfinite(s.sd)) return fmt::format("{:.{}f}", s.mean, digits);
   return fmt::format("{:.{}f} ± {:.{}f}", s.mean, digits, s.sd, digits);
 }
 
