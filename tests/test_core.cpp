@@ -314,7 +314,7 @@ TEST(Memory, LoraStateHoldsNoFullSizeTensor) {
       EXPECT_LT(kv.second.numel(), nm) << name << " " << kv.first;
       if (kv.first.rfind("inner.", 0) == 0) moments += kv.second.numel();
     }
-    const auto& P = m->named_parameters()[name];
+    const torch::Tensor P = m->named_parameters()[name];  // a copy: named_parameters() is a temporary
     EXPECT_EQ(moments, 2 * 2 * (P.size(0) + P.size(1))) << name;  // adamw: 2·r·(n+m)
   }
 }
