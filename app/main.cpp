@@ -3,6 +3,7 @@
 #include "trainer.h"
 
 #include <gradlora/config.h>
+#include <gradlora/distributed.h>
 
 #include <CLI/CLI.hpp>
 #include <c10/util/Exception.h>
@@ -10,7 +11,9 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -21,8 +24,27 @@ using namespace gradlora::app;
 namespace {
 
 int fail(const std::string& msg, int code) {
-  std::fprintf(stderr, "gradlora: error: %s\n", msg.c_str());
+  const char* rank = gradlora::launched_distributed() ? std::getenv("RANK") : nullptr;
+  std::fprintf(stderr, "gradlora: error: %s%s%s\n", rank ? "rank " : "", rank ? fmt::format("{}: ", rank).c_str() : "",
+               msg.c_str());
   return code;
+}
+
+/// Runs `body`, turning exceptions into a one-line error and an exit status
+/// (2: bad settings or config; 1: anything else).
+template <typename Body>
+int guarded(Body&& body) {
+  try {
+    return body();
+  } catch (const SettingsError& e) {
+    return fail(e.what(), 2);
+  } catch (const gradlora::ConfigError& e) {
+    return fail(e.what(), 2);
+  } catch (const c10::Error& e) {
+    return fail(e.what_without_backtrace(), 1);
+  } catch (const std::exception& e) {
+    return fail(e.what(), 1);
+  }
 }
 
 std::vector<std::pair<std::string, std::string>> parse_sets(const std::vector<std::string>& sets) {
@@ -39,6 +61,27 @@ const MethodSpec& find_method(const Settings& s, const std::string& name) {
     known += (known.empty() ? "" : ", ") + m.name;
   }
   throw SettingsError(fmt::format("--method '{}': no such method in compare.methods (known: {})", name, known));
+}
+
+/// `train`: one run of the top-level optimizer, or of the compare.methods entry
+/// `method`. `report` prints the one-line summary (rank 0 of a data-parallel run).
+int run_train(const Settings& s, const std::string& method, const std::string& out, bool resume, bool report) {
+  RunOptions o;
+  o.out_dir = out;
+  o.resume = resume;
+  YAML::Node tree = s.root;
+  if (!method.empty()) {
+    tree = method_tree(s, find_method(s, method), s.seed);
+    o.method = method;
+  }
+  const RunSummary r = train_run(parse_settings(tree, s.base_dir, s.source), tree, o);
+  if (r.interrupted) return 130;
+  if (!report) return 0;
+  std::printf("%s: %lld steps, held-out loss %.4f -> %.4f", o.method.c_str(), static_cast<long long>(r.steps_done),
+              r.eval_before, r.eval_after);
+  if (std::isfinite(r.base_before)) std::printf(", pre-training held-out loss %.4f -> %.4f", r.base_before, r.base_after);
+  std::printf("; %.1f ms/step; outputs in %s\n", r.step_ms, out.c_str());
+  return 0;
 }
 
 std::string default_out(const std::string& config, bool quick) {
@@ -58,6 +101,7 @@ int main(int argc, char** argv) {
   std::string config, out, method;
   std::vector<std::string> sets;
   bool resume = false, quick = false, fresh = false, data = false;
+  int nproc = 1;
 
   auto* train = app.add_subcommand("train", "train one model (pre-training once, cached; then fine-tuning)");
   auto* inspect = app.add_subcommand("inspect", "dry run: which parameter gets which method, rank and state");
@@ -75,6 +119,10 @@ int main(int argc, char** argv) {
     sub->add_flag("--quick", quick, "apply the config's compare.quick overrides (a short version of the run)");
   }
   train->add_flag("--resume", resume, "continue from <out>/checkpoint.pt");
+  train->add_option("--nproc", nproc,
+                    "data-parallel training in N processes on this machine (Gloo on loopback); each trains "
+                    "training.batch/N windows of every batch")
+      ->check(CLI::PositiveNumber);
   train->add_option("--method,-m", method, "train this entry of compare.methods instead of the top-level optimizer");
   inspect->add_option("--method,-m", method, "show only this entry of compare.methods");
   inspect->add_flag("--data", data, "also list the corpora: files, sizes, held-out bytes");
@@ -86,7 +134,15 @@ int main(int argc, char** argv) {
     return app.exit(e);
   }
 
-  try {
+  // One rank of a data-parallel job (RANK and WORLD_SIZE set, by --nproc or by
+  // a launcher such as torchrun): logs below warnings carry its rank only.
+  if (gradlora::launched_distributed()) {
+    const std::string rank = std::getenv("RANK");
+    logger->set_pattern(fmt::format("[%H:%M:%S rank {} %^%l%$] %v", rank));
+    if (rank != "0") logger->set_level(spdlog::level::warn);
+  }
+
+  return guarded([&]() -> int {
     const Settings s = load_settings(config, parse_sets(sets), quick);
     if (out.empty()) out = default_out(config, quick);
     if (*inspect) {
@@ -104,31 +160,28 @@ int main(int argc, char** argv) {
       return 0;
     }
     install_interrupt_handler();
-    if (*train) {
-      RunOptions o;
-      o.out_dir = out;
-      o.resume = resume;
-      YAML::Node tree = s.root;
-      if (!method.empty()) {
-        tree = method_tree(s, find_method(s, method), s.seed);
-        o.method = method;
+    if (*train && nproc > 1) {
+      if (gradlora::launched_distributed()) {
+        return fail("--nproc: this process is already one rank of a job (RANK and WORLD_SIZE are set); drop --nproc", 2);
       }
-      const RunSummary r = train_run(parse_settings(tree, s.base_dir, s.source), tree, o);
-      if (r.interrupted) return 130;
-      std::printf("%s: %lld steps, held-out loss %.4f -> %.4f", o.method.c_str(),
-                  static_cast<long long>(r.steps_done), r.eval_before, r.eval_after);
-      if (std::isfinite(r.base_before)) std::printf(", pre-training held-out loss %.4f -> %.4f", r.base_before, r.base_after);
-      std::printf("; %.1f ms/step; outputs in %s\n", r.step_ms, out.c_str());
-      return 0;
+      // Checked here so that the error is printed once, not by every rank.
+      const int64_t batch =
+          method.empty()
+              ? s.training.batch
+              : parse_settings(method_tree(s, find_method(s, method), s.seed), s.base_dir, s.source).training.batch;
+      if (batch % nproc != 0) {
+        throw SettingsError(fmt::format(
+            "training.batch: {} windows cannot be split evenly over --nproc {}; use a multiple of {}", batch, nproc, nproc));
+      }
+      // Forked before any torch work: each rank re-enters main's train path
+      // with RANK/WORLD_SIZE set (rendezvous through a FileStore).
+      return gradlora::launch_local(nproc, [&](int rank, int) {
+        logger->set_pattern(fmt::format("[%H:%M:%S rank {} %^%l%$] %v", rank));
+        if (rank != 0) logger->set_level(spdlog::level::warn);
+        return guarded([&] { return run_train(s, method, out, resume, rank == 0); });
+      });
     }
+    if (*train) return run_train(s, method, out, resume, true);
     return run_compare(s, out, fresh);
-  } catch (const SettingsError& e) {
-    return fail(e.what(), 2);
-  } catch (const gradlora::ConfigError& e) {
-    return fail(e.what(), 2);
-  } catch (const c10::Error& e) {
-    return fail(e.what_without_backtrace(), 1);
-  } catch (const std::exception& e) {
-    return fail(e.what(), 1);
-  }
+  });
 }

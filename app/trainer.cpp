@@ -5,6 +5,7 @@
 #include "model.h"
 #include "svg.h"
 
+#include <gradlora/distributed.h>
 #include <gradlora/gradlora.h>
 
 #include <fmt/format.h>
@@ -156,6 +157,13 @@ struct LoopSpec {
   /// Running train-loss sum and count since the last evaluation (restored on resume).
   double loss_sum = 0;
   int64_t loss_n = 0;
+  /// Data-parallel runs: this rank trains rows [rank·batch/world, (rank+1)·batch/world)
+  /// of every batch; only rank 0 draws the progress bar.
+  int rank = 0, world = 1;
+  /// Data-parallel runs: called after every step with this rank's loss and stop
+  /// request; replaces them by the mean loss over the ranks and by whether any
+  /// rank asked to stop, so that every rank stops after the same step.
+  std::function<void(double& loss, bool& stop)> sync;
 };
 
 struct LoopResult {
@@ -184,22 +192,30 @@ LoopResult run_loop(CharTransformer& model, torch::optim::Optimizer& opt, BatchS
   int64_t loss_n = L.loss_n, timed = 0, this_run = 0;
   const auto t_start = Clock::now();
   const double tokens_per_step = static_cast<double>(L.batch * (sampler.batch(0).size(1) - 1));
+  const bool show = L.rank == 0;
+  bool stop_agreed = false;  // data-parallel runs stop on the agreed request only
   model->train();
   for (int64_t step = L.start; step < L.steps; ++step) {
-    if (g_stop.load()) break;
+    if (L.sync ? stop_agreed : g_stop.load()) break;
     const double f = lr_factor(step, L.steps, L.warmup, L.schedule, L.min_lr_ratio);
     for (size_t g = 0; g < base_lr.size(); ++g) opt.param_groups()[g].options().set_lr(base_lr[g] * f);
     lr = base_lr.empty() ? 0.0 : base_lr[0] * f;
     const auto t0 = Clock::now();
     torch::Tensor x = sampler.batch(step);
+    if (L.world > 1) x = x.slice(0, L.rank * L.batch / L.world, (L.rank + 1) * L.batch / L.world);
     model->zero_grad();
     torch::Tensor loss = model->loss(x);
     loss.backward();
     if (L.grad_clip > 0) torch::nn::utils::clip_grad_norm_(model->parameters(), L.grad_clip);
     const auto t1 = Clock::now();
     opt.step();
-    const double os = seconds_since(t1), ss = seconds_since(t0);
-    const double lv = loss.item<double>();
+    const double os = seconds_since(t1);
+    double lv = loss.item<double>();
+    if (L.sync) {
+      stop_agreed = g_stop.load();
+      L.sync(lv, stop_agreed);
+    }
+    const double ss = seconds_since(t0);
     if (!std::isfinite(lv)) {
       throw std::runtime_error(fmt::format("{}: the training loss is {} at step {} (lower the learning rate?)",
                                            L.label, lv, step + 1));
@@ -215,15 +231,19 @@ LoopResult run_loop(CharTransformer& model, torch::optim::Optimizer& opt, BatchS
     r.steps_done = done;
     const double rate = tokens_per_step * static_cast<double>(this_run) / std::max(1e-9, seconds_since(t_start));
     const double eta = static_cast<double>(L.steps - done) * seconds_since(t_start) / static_cast<double>(this_run);
-    bar.update(done, lv, rate, eta);
+    if (show) bar.update(done, lv, rate, eta);
     if (done % L.eval_every == 0 || done == L.steps) {
       bar.break_line();
       on_eval(done, loss_sum / static_cast<double>(loss_n), lr);
       loss_sum = 0;
       loss_n = 0;
     }
-    if (L.halt_after > 0 && this_run >= L.halt_after && done < L.steps) g_stop.store(true);
-    if (done % L.checkpoint_every == 0 && done < L.steps && !g_stop.load()) on_checkpoint(done, loss_sum, loss_n);
+    if (L.halt_after > 0 && this_run >= L.halt_after && done < L.steps) {
+      g_stop.store(true);
+      stop_agreed = true;  // the same step on every rank
+    }
+    const bool stopping = L.sync ? stop_agreed : g_stop.load();
+    if (done % L.checkpoint_every == 0 && done < L.steps && !stopping) on_checkpoint(done, loss_sum, loss_n);
   }
   bar.break_line();
   if (timed > 0) {
@@ -462,6 +482,60 @@ void set_threads(int64_t n) {
   }
 }
 
+// ------------------------------------------------------------ data-parallel
+
+/// How long a rank waits for the others: rank 0 pre-trains (when the cache is
+/// empty), evaluates and writes checkpoints while the other ranks wait.
+constexpr std::chrono::milliseconds kRankWait = std::chrono::minutes(30);
+
+/// This process's place in a data-parallel run; a single process has no group.
+struct Ranks {
+  c10::intrusive_ptr<c10d::ProcessGroup> pg;
+  int rank = 0, world = 1;
+  bool main() const { return rank == 0; }
+
+  /// Rank 0's `value` on every rank (a barrier as well).
+  bool agree_on_rank0(bool value) {
+    if (!pg) return value;
+    std::vector<torch::Tensor> flag{torch::full({1}, value ? 1.0 : 0.0, torch::kFloat64)};
+    broadcast_tensors(*pg, flag, 0, kRankWait);
+    return flag[0].item<double>() > 0.5;
+  }
+
+  /// Mean loss over the ranks; stop when any rank asks to.
+  void sync(double& loss, bool& stop) {
+    std::vector<torch::Tensor> v{torch::tensor({loss, stop ? 1.0 : 0.0}, torch::kFloat64)};
+    allreduce_mean(*pg, v, 1 << 20, kRankWait);
+    loss = v[0][0].item<double>();
+    stop = v[0][1].item<double>() > 0.0;
+  }
+};
+
+/// Joins the process group when this process is one rank of a job.
+Ranks join_ranks(const TrainingSettings& t) {
+  Ranks d;
+  if (!launched_distributed()) return d;
+  d.pg = process_group_from_env(kRankWait);
+  d.rank = d.pg->getRank();
+  d.world = d.pg->getSize();
+  if (t.batch % d.world != 0) {
+    throw SettingsError(fmt::format("training.batch: {} windows cannot be split evenly over {} ranks (--nproc); use "
+                                    "a multiple of {}",
+                                    t.batch, d.world, d.world));
+  }
+  return d;
+}
+
+/// Bytes a data-parallel run would all-reduce per step if it averaged the full
+/// gradient of every trainable parameter (what DDP does).
+int64_t full_gradient_bytes(const LowRankOptimizer& opt) {
+  int64_t b = 0;
+  for (const auto& p : opt.report().params) {
+    if (p.method != Method::frozen) b += p.numel * 4;
+  }
+  return b;
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------ API
@@ -536,15 +610,23 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
   CharTransformer model = make_model(s.model, seed);
   // Building the optimizer validates the selection before the (long) pre-training.
   { LowRankOptimizer probe(model->named_parameters(), cfg); }
+
+  // Data-parallel run (gradlora train --nproc N, or RANK/WORLD_SIZE from a launcher).
+  Ranks d = join_ranks(t);
   if (pre) {
-    const std::string cache = t.cache_dir.empty() ? (fs::path(o.out_dir) / "cache").string() : t.cache_dir;
-    const std::string path = ensure_pretrained(s, *pre, cache);
-    if (path.empty()) {
+    // Rank 0 pre-trains (or finds the cache); the others receive its weights
+    // when DataParallel broadcasts them, below.
+    std::string path;
+    if (d.main()) {
+      const std::string cache = t.cache_dir.empty() ? (fs::path(o.out_dir) / "cache").string() : t.cache_dir;
+      path = ensure_pretrained(s, *pre, cache);
+    }
+    if (!d.agree_on_rank0(!path.empty() || !d.main())) {
       sum.interrupted = true;
       spdlog::warn("interrupted during pre-training: nothing was cached");
       return sum;
     }
-    load_model(model, path);
+    if (d.main()) load_model(model, path);
   }
   LowRankOptimizer opt(model->named_parameters(), cfg);
   std::vector<double> base_lr;
@@ -590,9 +672,30 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
     spdlog::info("{} seed {}: resuming from step {} ({})", o.method, seed, start, ckpt_path);
   }
 
+  std::unique_ptr<DataParallel> dp;
+  if (d.pg) {
+    // Same config on every rank (checked), parameters and factors from rank 0,
+    // projected gradients averaged in every step(). Rank 0 evaluates and writes
+    // files while the others wait at the next all-reduce: allow for it.
+    DataParallelOptions dpo;
+    dpo.timeout = kRankWait;
+    dp = make_data_parallel(opt, d.pg, dpo);
+    if (d.main()) {
+      spdlog::info("data-parallel: {} ranks, {} windows each per step; {} all-reduced per step instead of {}",
+                   d.world, t.batch / d.world, human_bytes(dp->expected_step_bytes()),
+                   human_bytes(full_gradient_bytes(opt)));
+      if (t.grad_clip > 0) {
+        spdlog::warn("training.grad_clip {}: each rank clips the gradient of its own shard before the ranks "
+                     "average, so the run differs from a single-process one (training.grad_clip=0 makes them equal)",
+                     t.grad_clip);
+      }
+    }
+  }
+
   const auto t0 = Clock::now();
   const std::string title = fmt::format("{} (seed {})", o.method, seed);
   auto on_eval = [&](int64_t step, double train_loss, double lr) {
+    if (!d.main()) return;
     MetricRow r;
     r.step = step;
     r.lr = lr;
@@ -609,6 +712,7 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
     write_file_atomic((fs::path(o.out_dir) / "loss.svg").string(), loss_svg(sum.rows, title, pre.has_value()));
   };
   auto on_checkpoint = [&](int64_t step, double running_sum, int64_t running_n) {
+    if (!d.main()) return;  // every rank holds the same weights and state
     atomic_write(ckpt_path, [&](const std::string& tmp) {
       torch::serialize::OutputArchive a, ma, oa;
       a.write("format", c10::IValue(kCheckpointFormat));
@@ -641,6 +745,9 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
   L.base_lr = base_lr;
   L.loss_sum = loss_sum;
   L.loss_n = loss_n;
+  L.rank = d.rank;
+  L.world = d.world;
+  if (d.pg) L.sync = [&d](double& loss, bool& stop) { d.sync(loss, stop); };
   LoopResult r = run_loop(model, opt, sampler, L, on_eval, on_checkpoint);
 
   sum.steps_done = r.steps_done;
@@ -653,6 +760,7 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
     sum.eval_after = sum.rows.back().eval_loss;
     sum.base_after = sum.rows.back().base_eval_loss;
   }
+  if (!d.main()) return sum;  // rank 0 writes the results
   if (r.interrupted) {
     spdlog::warn("{} seed {}: stopped at step {}; checkpoint {} (continue with --resume)", o.method, seed,
                  r.steps_done, ckpt_path);

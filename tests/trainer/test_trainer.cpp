@@ -13,7 +13,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -216,6 +218,75 @@ TEST_P(TrainerResume, ResumedRunEndsWithTheWeightsOfAnUninterruptedOne) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Methods, TrainerResume, ::testing::Values("lora", "random"));
+
+TEST(TrainerDataParallel, TwoRanksOnHalfBatchesEqualOneProcessOnTheFullBatch) {
+  // gradlora train --nproc 2: each rank trains half of every batch and the
+  // optimizer averages the projected gradients; without gradient clipping (which
+  // each rank applies to its own shard) the weights equal a single-process run.
+  // The two-rank run is stopped after 7 steps and resumed, also on two ranks.
+  const fs::path d = scratch("nproc");
+  const std::string common = "train --config " + kTiny + " --method lora --set training.steps=12 " +
+                             "--set training.grad_clip=0 --set training.eval_every=4 --set training.pretrain.steps=10 " +
+                             "--set training.cache_dir=" + (d / "cache").string();
+  // The cache is empty: rank 0 pre-trains while rank 1 waits for it.
+  const Result part = run(common + " --nproc 2 --set training.halt_after=7 --out " + (d / "dp").string(), d / "l0");
+  ASSERT_EQ(part.code, 130) << part.err;
+  EXPECT_NE(part.err.find("data-parallel: 2 ranks, 4 windows each per step"), std::string::npos) << part.err;
+  EXPECT_NE(part.err.find("rank 0"), std::string::npos) << part.err;
+  EXPECT_EQ(part.err.find("rank 1 info"), std::string::npos) << "rank 1 logs only warnings: " << part.err;
+  ASSERT_TRUE(fs::exists(d / "dp" / "checkpoint.pt"));
+  const Result rest = run(common + " --nproc 2 --resume --out " + (d / "dp").string(), d / "l1");
+  ASSERT_EQ(rest.code, 0) << rest.err;
+  EXPECT_NE(rest.err.find("resuming from step 7"), std::string::npos) << rest.err;
+  // Rank 0 alone prints the summary line.
+  EXPECT_EQ(std::count(rest.out.begin(), rest.out.end(), '\n'), 1) << rest.out;
+
+  const Result single = run(common + " --out " + (d / "one").string(), d / "l2");
+  ASSERT_EQ(single.code, 0) << single.err;
+  const auto a = weights(d / "one"), b = weights(d / "dp");
+  ASSERT_EQ(a.size(), b.size());
+  double worst = 0;
+  for (const auto& [name, w] : a) worst = std::max(worst, (w - b.at(name)).abs().max().item<double>());
+  EXPECT_LE(worst, 1e-5);
+  // The run did train: the head moved by far more than the tolerance.
+  CharTransformer pre = make_model(load_settings(kTiny, {}).model, 5);
+  torch::serialize::InputArchive pa;
+  pa.load_from(fs::directory_iterator(d / "cache")->path().string());
+  pre->load(pa);
+  EXPECT_GT((pre->named_parameters()["head.weight"] - a.at("head.weight")).abs().max().item<double>(), 1e-3);
+  // The logged mean train loss is the full batch's (the mean of the two halves').
+  std::stringstream fa(slurp(d / "one" / "metrics.csv")), fb(slurp(d / "dp" / "metrics.csv"));
+  std::string la, lb;
+  int rows = 0;
+  while (std::getline(fa, la) && std::getline(fb, lb)) {
+    if (rows++ == 0) continue;
+    auto cells = [](const std::string& l) {
+      std::vector<double> v;
+      std::stringstream ls(l);
+      std::string c;
+      while (std::getline(ls, c, ',')) v.push_back(c.empty() ? std::nan("") : std::stod(c));
+      return v;
+    };
+    const auto ca = cells(la), cb = cells(lb);
+    for (size_t k : {2u, 3u, 4u}) {  // train_loss, eval_loss, base_eval_loss
+      if (std::isnan(ca[k])) {
+        EXPECT_TRUE(std::isnan(cb[k])) << la << " vs " << lb;
+      } else {
+        EXPECT_NEAR(ca[k], cb[k], 1e-4) << la << " vs " << lb;
+      }
+    }
+  }
+  EXPECT_EQ(rows, 5);  // header, 0, 4, 8, 12
+  fs::remove_all(d);
+}
+
+TEST(TrainerDataParallel, BatchNotDivisibleByTheRanksIsAClearError) {
+  const fs::path d = scratch("nproc_bad");
+  const Result r = run("train --config " + kTiny + " --nproc 3 --out " + (d / "o").string(), d);
+  expect_clean_error(r, {"training.batch", "8", "--nproc 3"});
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << "one error, not one per rank: " << r.err;
+  fs::remove_all(d);
+}
 
 TEST(TrainerResume, ResumingWithoutTheOptimizerStateWouldBeCaught) {
   // Negative control for the test above: a checkpoint whose optimizer state is
