@@ -182,6 +182,11 @@ int main(int argc, char** argv) {
       });
     }
     if (*train) return run_train(s, method, out, resume, true);
+    if (gradlora::launched_distributed()) {
+      return fail("compare runs in a single process (RANK and WORLD_SIZE are set); train one method data-parallel "
+                  "with `gradlora train --method NAME` instead",
+                  2);
+    }
     return run_compare(s, out, fresh);
   });
 }

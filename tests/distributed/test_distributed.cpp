@@ -204,7 +204,7 @@ TEST_P(Equivalence, TwoRanksOnHalfBatchesEqualOneProcessOnFullBatch) {
   check_equivalence({GetParam(), kSgd, torch::kFloat, int64_t{25} << 20, 1e-5});
 }
 
-INSTANTIATE_TEST_SUITE_P(Methods, Equivalence, ::testing::Values("lora", "random", "additive", "full"),
+INSTANTIATE_TEST_SUITE_P(Methods, Equivalence, ::testing::Values("lora", "random", "additive", "hadamard", "full"),
                          [](const auto& info) { return info.param; });
 
 TEST(Distributed, MixedMethodsWithAdamWInDoubleAndSmallBuckets) {
