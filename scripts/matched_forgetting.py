@@ -5,7 +5,7 @@ For each method and seed, follows the held-out loss on B (eval_loss) step by
 step, finds where it first reaches each target value (linear interpolation
 between evaluations) and reports the increase of the held-out loss on A
 (base_eval_loss) there: mean ± sample std over seeds, "-" when not every seed
-got there.
+got there (a single seed prints its value alone).
 
     scripts/matched_forgetting.py out/experiment 3.2 2.9 2.8
 """
@@ -35,7 +35,7 @@ def at_level(rows, target):
 def main():
     root = pathlib.Path(sys.argv[1])
     targets = [float(x) for x in sys.argv[2:]] or [3.2, 2.9, 2.8]
-    order = {"full": 0, "lora": 1, "random": 2, "random_keep": 3, "additive": 4, "head": 5}
+    order = {"full": 0, "lora": 1, "random": 2, "random_keep": 3, "additive": 4, "galore": 5, "hadamard": 6, "head": 7}
     methods = sorted(runs(root), key=lambda m: (order.get(m[0], 99), m[0]))
     print("| held-out B reached | " + " | ".join(m for m, _ in methods) + " |")
     print("|---|" + "---:|" * len(methods))
@@ -44,8 +44,10 @@ def main():
         for _, seeds in methods:
             v = [at_level(rows, t) for rows in seeds]
             ok = [x for x in v if x is not None]
-            if len(ok) < len(v) or len(ok) < 2:
+            if len(ok) < len(v) or not ok:
                 cells.append("—")
+            elif len(ok) == 1:
+                cells.append(f"{ok[0]:.3f}")  # one seed: no spread
             else:
                 cells.append(f"{statistics.mean(ok):.3f} ± {statistics.stdev(ok):.3f}")
         print(f"| {t} | " + " | ".join(cells) + " |")
