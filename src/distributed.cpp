@@ -530,7 +530,11 @@ int launch_local(int nproc, const std::function<int(int rank, int world_size)>& 
       }
       if (code != 0 && result == 0 && !killing) {
         result = code;
-        spdlog::error("gradlora: rank {} exited with status {}; stopping the other ranks", i, code);
+        if (code == 130) {  // the convention for a run stopped by Ctrl-C, not a failure
+          spdlog::warn("gradlora: rank {} was interrupted (status 130); stopping the other ranks", i);
+        } else {
+          spdlog::error("gradlora: rank {} exited with status {}; stopping the other ranks", i, code);
+        }
       }
     }
     const auto now = Clock::now();
