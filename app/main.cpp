@@ -164,11 +164,18 @@ int main(int argc, char** argv) {
       if (gradlora::launched_distributed()) {
         return fail("--nproc: this process is already one rank of a job (RANK and WORLD_SIZE are set); drop --nproc", 2);
       }
-      // Checked here so that the error is printed once, not by every rank.
-      const int64_t batch =
-          method.empty()
-              ? s.training.batch
-              : parse_settings(method_tree(s, find_method(s, method), s.seed), s.base_dir, s.source).training.batch;
+      // Checked here so that an error is printed once, not by every rank.
+      const YAML::Node tree = method.empty() ? s.root : method_tree(s, find_method(s, method), s.seed);
+      const int64_t batch = parse_settings(tree, s.base_dir, s.source).training.batch;
+      const gradlora::Config cfg = gradlora::Config::from_yaml_string(to_yaml(tree));  // ConfigError names the key
+      for (size_t i = 0; i < cfg.targets.size(); ++i) {
+        if (cfg.targets[i].method == gradlora::Method::galore) {
+          throw SettingsError(fmt::format(
+              "targets[{}].method: galore cannot train data-parallel (--nproc {}): its projector is the SVD of each "
+              "rank's own gradient, so the ranks would disagree; use lora, random, additive or hadamard",
+              i, nproc));
+        }
+      }
       if (batch % nproc != 0) {
         throw SettingsError(fmt::format(
             "training.batch: {} windows cannot be split evenly over --nproc {}; use a multiple of {}", batch, nproc, nproc));

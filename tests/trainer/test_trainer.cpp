@@ -280,11 +280,20 @@ TEST(TrainerDataParallel, TwoRanksOnHalfBatchesEqualOneProcessOnTheFullBatch) {
   fs::remove_all(d);
 }
 
-TEST(TrainerDataParallel, BatchNotDivisibleByTheRanksIsAClearError) {
+TEST(TrainerDataParallel, BadBatchOrConfigIsOneClearErrorBeforeTheRanksStart) {
   const fs::path d = scratch("nproc_bad");
   const Result r = run("train --config " + kTiny + " --nproc 3 --out " + (d / "o").string(), d);
   expect_clean_error(r, {"training.batch", "8", "--nproc 3"});
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << "one error, not one per rank: " << r.err;
+  // A bad optimizer config is also reported once, before the ranks start.
+  const Result c = run("train --config " + kTiny + " --nproc 2 --set targets[0].rank=-3 --out " + (d / "o").string(), d);
+  expect_clean_error(c, {"targets[0].rank", "-3"});
+  EXPECT_EQ(std::count(c.err.begin(), c.err.end(), '\n'), 1) << "one error, not one per rank: " << c.err;
+  // galore's projector is local to a rank: refused before any pre-training.
+  const Result g = run("train --config " + kTiny + " --nproc 2 --set targets[0].method=galore --out " + (d / "o").string(), d);
+  expect_clean_error(g, {"targets[0].method", "galore", "--nproc 2"});
+  EXPECT_EQ(std::count(g.err.begin(), g.err.end(), '\n'), 1) << g.err;
+  EXPECT_FALSE(fs::exists(d / "o" / "cache"));
   fs::remove_all(d);
 }
 
