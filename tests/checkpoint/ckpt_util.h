@@ -5,6 +5,13 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <map>
 #include <string>
 #include <utility>
@@ -20,6 +27,26 @@ struct NetImpl : torch::nn::Module {
   torch::nn::Linear fc1, fc2;
 };
 TORCH_MODULE(Net);
+
+/// A fresh folder under the system's temporary directory, unique per process and call.
+inline std::string temp_dir(const std::string& prefix) {
+  static std::atomic<int> counter{0};
+  const std::filesystem::path p =
+      std::filesystem::temp_directory_path() /
+      fmt::format("gradlora_{}_{}_{}", prefix, static_cast<long>(::getpid()), counter.fetch_add(1));
+  std::filesystem::create_directories(p);
+  return p.string();
+}
+
+inline std::string read_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+inline void write_bytes(const std::string& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
 
 constexpr int64_t kIn = 12, kHidden = 16, kOut = 6;
 

@@ -22,23 +22,6 @@ using json = nlohmann::json;
 
 const fs::path kData = fs::path(GRADLORA_SOURCE_DIR) / "tests" / "data";
 
-std::string temp_dir() {
-  static std::atomic<int> counter{0};
-  const fs::path p = fs::temp_directory_path() /
-                     fmt::format("gradlora_adapter_{}_{}", static_cast<long>(::getpid()), counter.fetch_add(1));
-  fs::create_directories(p);
-  return p.string();
-}
-
-std::string read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
-void write_bytes(const std::string& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-}
 
 template <typename Fn>
 std::string adapter_error(Fn&& fn) {
@@ -54,7 +37,7 @@ std::string adapter_error(Fn&& fn) {
 // ----------------------------------------------------------- safetensors
 
 TEST(Safetensors, RoundTripOfEveryDtype) {
-  const std::string dir = temp_dir(), path = dir + "/t.safetensors";
+  const std::string dir = temp_dir("adapter"), path = dir + "/t.safetensors";
   const NamedTensors in = {
       {"f32", torch::randn({3, 5})},
       {"f64", torch::randn({4}, torch::kDouble)},
@@ -116,7 +99,7 @@ TEST(Safetensors, ReadsAFileFromAnIndependentWriter) {
 }
 
 TEST(Safetensors, MalformedFilesThrowNamingTheProblem) {
-  const std::string dir = temp_dir();
+  const std::string dir = temp_dir("adapter");
   auto file_with = [&](const std::string& header, const std::string& data) {
     std::string bytes(8, '\0');
     const uint64_t n = header.size();
@@ -186,7 +169,7 @@ TEST(Adapter, ExportThenImportReproducesTheWeightChange) {
   for (const char* init : {"zero", "symmetric"}) {
     for (const char* wb : {"incremental", "exact"}) {
       SCOPED_TRACE(fmt::format("init {}, writeback {}", init, wb));
-      const std::string dir = temp_dir();
+      const std::string dir = temp_dir("adapter");
       Net net = make_net(1);
       LowRankOptimizer opt(net->named_parameters(), quiet(lora_yaml(init, wb)));
       train(net, opt, 0, 25);
@@ -233,7 +216,7 @@ TEST(Adapter, ExportThenImportReproducesTheWeightChange) {
 }
 
 TEST(Adapter, ConvKernelsUsePeftConvShapes) {
-  const std::string dir = temp_dir();
+  const std::string dir = temp_dir("adapter");
   torch::manual_seed(3);
   ConvNet net;
   const torch::Tensor W0 = net->conv->weight.detach().clone();
@@ -281,7 +264,7 @@ TEST(Adapter, LoadsAFixtureFromAnIndependentWriter) {
 }
 
 TEST(Adapter, BadAdaptersThrowAndChangeNothing) {
-  const std::string dir = temp_dir();
+  const std::string dir = temp_dir("adapter");
   Net net = make_net(1);
   LowRankOptimizer opt(net->named_parameters(), quiet(lora_yaml("zero", "auto")));
   train(net, opt, 0, 3);
@@ -312,7 +295,7 @@ TEST(Adapter, BadAdaptersThrowAndChangeNothing) {
 }
 
 TEST(Adapter, ExportRefusesWhatAnAdapterCannotHold) {
-  const std::string dir = temp_dir();
+  const std::string dir = temp_dir("adapter");
   {  // merged factors: W − W0 is no longer of rank r
     Net net = make_net(1);
     LowRankOptimizer opt(net->named_parameters(),

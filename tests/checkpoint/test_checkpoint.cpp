@@ -72,23 +72,6 @@ std::string yaml_of(const std::string& method, const std::string& inner) {
       ic->optimizer, mc->target);
 }
 
-std::string temp_dir() {
-  static std::atomic<int> counter{0};
-  const fs::path p = fs::temp_directory_path() /
-                     fmt::format("gradlora_ckpt_{}_{}", static_cast<long>(::getpid()), counter.fetch_add(1));
-  fs::create_directories(p);
-  return p.string();
-}
-
-std::string read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
-void write_bytes(const std::string& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-}
 
 // Runs this test binary again with `args`; returns the raw wait status.
 int run_self(const std::vector<std::string>& args) {
@@ -146,7 +129,7 @@ class Resume : public ::testing::TestWithParam<std::tuple<const char*, const cha
 TEST_P(Resume, NewProcessIsBitIdenticalToUninterrupted) {
   const std::string method = std::get<0>(GetParam()), inner = std::get<1>(GetParam());
   torch::set_num_threads(1);  // the child runs single-threaded too: same reduction order
-  const std::string dir = temp_dir();
+  const std::string dir = temp_dir("ckpt");
   const Config cfg = quiet(yaml_of(method, inner));
 
   Net ref = make_net(1);
@@ -191,7 +174,7 @@ INSTANTIATE_TEST_SUITE_P(AllMethodsAndRules, Resume, ::testing::ValuesIn(all_cas
 TEST(Checkpoint, TorchSaveLoadConventionResumesBitIdentically) {
   for (const char* method : {"lora_symmetric_exact_merge", "random_every3_transfer", "additive"}) {
     SCOPED_TRACE(method);
-    const std::string dir = temp_dir();
+    const std::string dir = temp_dir("ckpt");
     const Config cfg = quiet(yaml_of(method, "adamw"));
     Net ref = make_net(1);
     LowRankOptimizer ref_opt(ref->named_parameters(), cfg);
@@ -216,7 +199,7 @@ TEST(Checkpoint, TorchSaveLoadConventionResumesBitIdentically) {
 // ------------------------------------------------------- crash-safe saving
 
 TEST(Checkpoint, SaveWritesNoTemporaryFileAndReplacesAtomically) {
-  const std::string dir = temp_dir(), path = dir + "/a.ckpt";
+  const std::string dir = temp_dir("ckpt"), path = dir + "/a.ckpt";
   Net net = make_net(1);
   LowRankOptimizer opt(net->named_parameters(), quiet(yaml_of("lora_zero", "adamw")));
   train(net, opt, 0, 2);
@@ -234,7 +217,7 @@ TEST(Checkpoint, SaveWritesNoTemporaryFileAndReplacesAtomically) {
 }
 
 TEST(Checkpoint, FailingWriteLeavesPreviousFileLoadable) {
-  const std::string dir = temp_dir(), path = dir + "/run.ckpt";
+  const std::string dir = temp_dir("ckpt"), path = dir + "/run.ckpt";
   const Config cfg = quiet(yaml_of("lora_symmetric", "adam"));
   Net net = make_net(1);
   LowRankOptimizer opt(net->named_parameters(), cfg);
@@ -268,7 +251,7 @@ TEST(Checkpoint, FailingWriteLeavesPreviousFileLoadable) {
 }
 
 TEST(Checkpoint, ProcessKilledWhileSavingLeavesPreviousFileLoadable) {
-  const std::string dir = temp_dir(), path = dir + "/run.ckpt";
+  const std::string dir = temp_dir("ckpt"), path = dir + "/run.ckpt";
   const Config cfg = quiet(yaml_of("lora_zero", "adam"));
   Net net = make_net(1);
   LowRankOptimizer opt(net->named_parameters(), cfg);
@@ -328,7 +311,7 @@ void expect_rejected(LowRankOptimizer& opt, Net& net, const std::string& path,
 class BadFiles : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = temp_dir();
+    dir_ = temp_dir("ckpt");
     good_ = dir_ + "/good.ckpt";
     Net src = make_net(1);
     LowRankOptimizer src_opt(src->named_parameters(), quiet(yaml_of("lora_symmetric", "adamw")));
