@@ -1,5 +1,7 @@
 #include <gradlora/inner_rule.h>
 
+#include "torch_compat.h"
+
 #include <fmt/format.h>
 #include <torch/torch.h>
 
@@ -56,7 +58,7 @@ void InnerRule::reset_state() { opt_->state().clear(); }
 
 std::map<std::string, torch::Tensor> InnerRule::state(size_t i) const {
   std::map<std::string, torch::Tensor> out;
-  auto it = opt_->state().find(state_key(params_.at(i)));
+  auto it = opt_->state().find(compat::optimizer_state_key(params_.at(i)));
   if (it == opt_->state().end()) return out;
   auto put = [&](const char* k, const torch::Tensor& t) {
     if (t.defined()) out[k] = t;
@@ -76,7 +78,7 @@ std::map<std::string, torch::Tensor> InnerRule::state(size_t i) const {
 }
 
 int64_t InnerRule::step_count(size_t i) const {
-  auto it = opt_->state().find(state_key(params_.at(i)));
+  auto it = opt_->state().find(compat::optimizer_state_key(params_.at(i)));
   if (it == opt_->state().end()) return 0;
   if (auto* s = dynamic_cast<AdamWParamState*>(it->second.get())) return s->step();
   if (auto* s = dynamic_cast<AdamParamState*>(it->second.get())) return s->step();
@@ -97,7 +99,7 @@ int64_t InnerRule::state_tensors_per_element() const {
 void InnerRule::save(TensorMap& out, const std::string& prefix) const {
   for (size_t i = 0; i < params_.size(); ++i) {
     const std::string p = fmt::format("{}{}_", prefix, i);
-    auto it = opt_->state().find(state_key(params_[i]));
+    auto it = opt_->state().find(compat::optimizer_state_key(params_[i]));
     if (it == opt_->state().end()) continue;
     out[p + "step"] = torch::tensor(step_count(i), torch::kLong);
     for (const auto& kv : state(i)) out[p + kv.first] = kv.second;
@@ -168,7 +170,7 @@ void InnerRule::load(const TensorMap& in, const std::string& prefix) {
       x->max_exp_avg_sq(get("max_exp_avg_sq"));
       s = std::move(x);
     }
-    opt_->state()[state_key(params_[i])] = std::move(s);
+    opt_->state()[compat::optimizer_state_key(params_[i])] = std::move(s);
   }
 }
 

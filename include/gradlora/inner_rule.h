@@ -7,7 +7,6 @@
 #include <gradlora/config.h>
 
 #include <torch/optim/optimizer.h>
-#include <torch/version.h>
 
 #include <map>
 #include <memory>
@@ -19,17 +18,6 @@ namespace gradlora {
 
 /// Flat name → tensor map used for checkpoints (counters as 0-d int64 tensors).
 using TensorMap = std::map<std::string, torch::Tensor>;
-
-/// Key of a tensor in torch::optim::Optimizer::state(): a string of the
-/// TensorImpl address in LibTorch 1.x, the address itself in 2.x. The only
-/// place that knows.
-#if TORCH_VERSION_MAJOR >= 2
-inline void* state_key(const torch::Tensor& t) { return t.unsafeGetTensorImpl(); }
-#else
-inline std::string state_key(const torch::Tensor& t) {
-  return c10::guts::to_string(t.unsafeGetTensorImpl());
-}
-#endif
 
 /// One inner optimizer over `params`.
 class InnerRule {
