@@ -31,6 +31,15 @@ void LowRankOptions::serialize(torch::serialize::OutputArchive& archive) const {
 // gradient as soon as autograd has summed it and returns an undefined tensor,
 // so the accumulator never stores the full gradient in .grad. The link is
 // cleared when the optimizer goes away; the hook then lets gradients through.
+//
+// What the hook accumulated must be dropped by any zero_grad() — the optimizer's
+// (called through torch::optim::Optimizer&, which cannot be overridden in 2.x) or
+// the module's — without gradlora overriding anything. So the hook leaves a
+// placeholder in the parameter's .grad: an empty tensor of the parameter's dtype
+// and device. zero_grad() either resets it (set_to_none) or zeroes it in place,
+// which bumps its version counter; either way the next backward or step() sees
+// that the placeholder is gone or touched and starts afresh. The placeholder
+// holds no data, so gradient-norm utilities count it as zero.
 struct FusedLink {
   LowRankOptimizer::Entry* entry = nullptr;
 };
@@ -46,7 +55,29 @@ struct LowRankOptimizer::Entry {
   // fused mode
   std::shared_ptr<torch::autograd::Node> accumulator;  // held, or the hook is lost with it
   std::shared_ptr<FusedLink> link;
-  bool pending = false;  // projected gradients accumulated since the last step()
+  torch::Tensor placeholder;          // what the hook leaves in param.grad
+  int64_t placeholder_version = -1;   // its version counter when the hook left it
+
+  /// True while the projected gradients accumulated since the last step() are
+  /// still wanted: the placeholder is in .grad and nobody zeroed it.
+  bool accumulating() const {
+    if (!placeholder.defined() || !param.grad().defined()) return false;
+    return param.grad().unsafeGetTensorImpl() == placeholder.unsafeGetTensorImpl() &&
+           static_cast<int64_t>(placeholder._version()) == placeholder_version;
+  }
+  void leave_placeholder() {
+    placeholder = torch::empty({0}, param.options().requires_grad(false));
+    placeholder_version = static_cast<int64_t>(placeholder._version());
+    param.mutable_grad() = placeholder;
+  }
+  void remove_placeholder() {
+    if (placeholder.defined() && param.grad().defined() &&
+        param.grad().unsafeGetTensorImpl() == placeholder.unsafeGetTensorImpl()) {
+      param.mutable_grad() = torch::Tensor();
+    }
+    placeholder = torch::Tensor();
+    placeholder_version = -1;
+  }
 };
 
 namespace {
@@ -60,19 +91,22 @@ class FusedProjectHook final : public torch::autograd::FunctionPreHook {
     torch::NoGradGuard guard;
     // Projection is linear: accumulating projected micro-batch gradients equals
     // projecting the accumulated gradient.
+    const bool accumulate = e->accumulating();
     std::vector<torch::Tensor> prev;
-    if (e->pending) {
+    if (accumulate) {
       for (const auto& t : e->projector->inner_params()) prev.push_back(t.grad());
+    } else {
+      e->projector->discard();  // whatever an earlier, since zeroed, backward prepared
     }
     e->projector->project(grads[0]);
-    if (e->pending) {
+    if (accumulate) {
       auto params = e->projector->inner_params();
       for (size_t i = 0; i < params.size(); ++i) {
         if (prev[i].defined()) params[i].mutable_grad().add_(prev[i]);
       }
     }
-    e->pending = true;
-    return {torch::Tensor()};  // AccumulateGrad skips an undefined gradient: .grad is never written
+    e->leave_placeholder();
+    return {torch::Tensor()};  // AccumulateGrad skips an undefined gradient: the full gradient is never stored
   }
 
  private:
@@ -111,12 +145,28 @@ std::string checkpoint_settings(Method method, const Target& t) {
   }
 }
 
-bool all_finite(const std::vector<torch::Tensor>& ts) {
-  for (const auto& t : ts) {
-    const torch::Tensor& g = t.grad();
-    if (g.defined() && !torch::isfinite(g).all().item<bool>()) return false;
+// Per entry, whether every projected gradient it holds is finite, with one host
+// synchronisation per device: the flags are reduced on the device, stacked, and
+// read back together.
+std::vector<char> finite_flags(const std::vector<std::vector<torch::Tensor>>& grads_per_entry) {
+  std::vector<char> finite(grads_per_entry.size(), 1);
+  std::map<std::string, std::pair<std::vector<size_t>, std::vector<torch::Tensor>>> by_device;
+  for (size_t i = 0; i < grads_per_entry.size(); ++i) {
+    for (const auto& g : grads_per_entry[i]) {
+      if (!g.defined() || g.numel() == 0) continue;
+      auto& slot = by_device[g.device().str()];
+      slot.first.push_back(i);
+      slot.second.push_back(torch::isfinite(g).all());
+    }
   }
-  return true;
+  for (auto& kv : by_device) {
+    const torch::Tensor flags = torch::stack(kv.second.second).to(torch::kCPU);
+    const bool* f = flags.data_ptr<bool>();
+    for (size_t k = 0; k < kv.second.first.size(); ++k) {
+      if (!f[k]) finite[kv.second.first[k]] = 0;
+    }
+  }
+  return finite;
 }
 
 }  // namespace
@@ -214,7 +264,9 @@ LowRankOptimizer::LowRankOptimizer(const torch::OrderedDict<std::string, torch::
 
 LowRankOptimizer::~LowRankOptimizer() {
   for (auto& e : entries_) {
-    if (e->link) e->link->entry = nullptr;
+    if (!e->link) continue;
+    e->link->entry = nullptr;
+    e->remove_placeholder();  // a later backward accumulates into .grad as usual
   }
 }
 
@@ -233,8 +285,12 @@ torch::Tensor LowRankOptimizer::step(LossClosure closure) {
   for (auto& e : entries_) {
     if (!e->projector) continue;
     if (e->link) {  // fused: projected during backward()
-      if (!e->pending) continue;
-      e->pending = false;
+      const bool accumulated = e->accumulating();
+      e->remove_placeholder();
+      if (!accumulated) {
+        e->projector->discard();
+        continue;
+      }
     } else {
       const torch::Tensor& g = e->param.grad();
       if (!g.defined()) continue;
@@ -255,8 +311,11 @@ torch::Tensor LowRankOptimizer::step(LossClosure closure) {
   }
   // Phase 3: finite check (all before any change, so `error` leaves everything as it was),
   // then inner step and write-back.
-  std::vector<char> finite(active.size());
-  for (size_t i = 0; i < active.size(); ++i) finite[i] = all_finite(active[i]->projector->inner_params());
+  std::vector<std::vector<torch::Tensor>> grads(active.size());
+  for (size_t i = 0; i < active.size(); ++i) {
+    for (const auto& t : active[i]->projector->inner_params()) grads[i].push_back(t.grad());
+  }
+  const std::vector<char> finite = finite_flags(grads);
   for (size_t i = 0; i < active.size(); ++i) {
     if (finite[i] || config_.on_nonfinite != OnNonFinite::error) continue;
     for (Entry* e : active) e->projector->discard();
@@ -278,19 +337,6 @@ torch::Tensor LowRankOptimizer::step(LossClosure closure) {
     e.projector->write_back(*e.inner);
   }
   return loss;
-}
-
-#if TORCH_VERSION_MAJOR >= 2
-void LowRankOptimizer::zero_grad(bool set_to_none) {
-  torch::optim::Optimizer::zero_grad(set_to_none);
-#else
-void LowRankOptimizer::zero_grad() {
-  torch::optim::Optimizer::zero_grad();
-#endif
-  for (auto& e : entries_) {
-    if (e->pending) e->projector->discard();
-    e->pending = false;
-  }
 }
 
 // ------------------------------------------------------------ queries

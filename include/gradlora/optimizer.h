@@ -120,14 +120,6 @@ class LowRankOptimizer : public torch::optim::Optimizer {
  /// Implementation detail (one per parameter); public only for the fused-mode hook.
   struct Entry;
 
-  /// Zeroes the gradients like torch::optim, and drops projected gradients
-  /// that fused mode accumulated since the last step().
-#if TORCH_VERSION_MAJOR >= 2
-  void zero_grad(bool set_to_none = true) override;
-#else
-  void zero_grad();
-#endif
-
  private:
   Entry& entry(const std::string& name);
   const Entry& entry(const std::string& name) const;
