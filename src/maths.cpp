@@ -1,17 +1,68 @@
 #include <gradlora/maths.h>
 
-#include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace gradlora {
 
+void for_each_row_panel(const torch::Tensor& G, torch::ScalarType dtype, int64_t row_multiple,
+                        const std::function<void(int64_t, const torch::Tensor&)>& fn, bool always_copy) {
+  const int64_t n = G.size(0), m = G.size(1);
+  if (G.scalar_type() == dtype && !always_copy) {
+    fn(0, G);
+    return;
+  }
+  constexpr int64_t kPanelBytes = 256 * 1024;
+  const int64_t esize = static_cast<int64_t>(c10::elementSize(dtype));
+  const int64_t mult = std::max<int64_t>(row_multiple, 1);
+  const int64_t rows = std::max<int64_t>(mult, kPanelBytes / std::max<int64_t>(m * esize, 1) / mult * mult);
+  torch::Tensor buffer = torch::empty({std::min(rows, n), m}, G.options().dtype(dtype));
+  for (int64_t i = 0; i < n; i += rows) {
+    const int64_t h = std::min(rows, n - i);
+    torch::Tensor panel = buffer.narrow(0, 0, h);
+    panel.copy_(G.narrow(0, i, h));
+    fn(i, panel);
+  }
+}
+
+void add_product(torch::Tensor& P2d, const torch::Tensor& L, const torch::Tensor& R, double s,
+                 const torch::Tensor& base) {
+  const torch::Tensor b = base.defined() ? base : P2d;
+  if (P2d.scalar_type() == L.scalar_type() && b.scalar_type() == L.scalar_type()) {
+    if (base.defined()) {
+      at::addmm_out(P2d, base, L, R, /*beta=*/1.0, /*alpha=*/s);
+    } else {
+      P2d.addmm_(L, R, /*beta=*/1.0, /*alpha=*/s);
+    }
+    return;
+  }
+  for_each_row_panel(
+      b, L.scalar_type(), 1,
+      [&](int64_t row0, const torch::Tensor& panel) {
+        torch::Tensor acc = panel;  // a copy: free to overwrite
+        acc.addmm_(L.narrow(0, row0, panel.size(0)), R, 1.0, s);
+        P2d.narrow(0, row0, panel.size(0)).copy_(acc);
+      },
+      /*always_copy=*/true);
+}
+
 std::pair<torch::Tensor, torch::Tensor> lora_factor_grads(const torch::Tensor& G, const torch::Tensor& A,
                                                           const torch::Tensor& B, double s) {
-  const torch::Tensor g = G.scalar_type() == A.scalar_type() ? G : G.to(A.scalar_type());
-  torch::Tensor gA = torch::mm(g, B.t());
-  torch::Tensor gB = torch::mm(A.t(), g);
+  torch::Tensor gA, gB;
+  if (G.scalar_type() == A.scalar_type()) {
+    gA = torch::mm(G, B.t());
+    gB = torch::mm(A.t(), G);
+  } else {
+    gA = torch::empty({G.size(0), B.size(0)}, A.options());
+    gB = torch::zeros({A.size(1), G.size(1)}, A.options());
+    for_each_row_panel(G, A.scalar_type(), 1, [&](int64_t row0, const torch::Tensor& panel) {
+      torch::Tensor rows = gA.narrow(0, row0, panel.size(0));
+      at::mm_out(rows, panel, B.t());
+      gB.addmm_(A.narrow(0, row0, panel.size(0)).t(), panel);
+    });
+  }
   if (s != 1.0) {
     gA.mul_(s);
     gB.mul_(s);
@@ -20,15 +71,11 @@ std::pair<torch::Tensor, torch::Tensor> lora_factor_grads(const torch::Tensor& G
 }
 
 void lora_write_back(torch::Tensor& P2d, const torch::Tensor& A0, const torch::Tensor& B0, const torch::Tensor& A1,
-                     const torch::Tensor& B1, double s) {
+                     const torch::Tensor& B1, double s, const torch::Tensor& base) {
   // A1·B1 − A0·B0 = (A1 − A0)·B1 + A0·(B1 − B0) = [ΔA, A0]·[B1; ΔB]: one rank-2r product.
   torch::Tensor left = torch::cat({A1 - A0, A0}, 1);
   torch::Tensor right = torch::cat({B1, B1 - B0}, 0);
-  if (P2d.scalar_type() == left.scalar_type()) {
-    P2d.addmm_(left, right, /*beta=*/1.0, /*alpha=*/s);
-  } else {
-    P2d.add_(torch::mm(left, right).mul_(s).to(P2d.scalar_type()));
-  }
+  add_product(P2d, left, right, s, base);
 }
 
 namespace {
@@ -97,26 +144,117 @@ uint64_t derive_seed(uint64_t seed, const std::string& name, uint64_t counter) {
 
 namespace {
 
-torch::Tensor seeded_cpu(at::IntArrayRef shape, const torch::TensorOptions& options) {
-  const auto dtype = options.dtype().toScalarType() == torch::kDouble ? torch::kDouble : torch::kFloat;
-  return torch::empty(shape, torch::TensorOptions().dtype(dtype).device(torch::kCPU));
+// On the CPU, draws come from gradlora's own generator (xoshiro256**, seeded by splitmix64)
+// and Marsaglia's polar method, computed in double with +, −, ×, ÷, √ and a logarithm written
+// here: IEEE-754 gives those the same result on every x86-64 or ARM CPU, whichever vector unit
+// it has. LibTorch's normal_ takes an AVX2 path or a scalar path depending on the CPU, and
+// libm's log/cos have FMA variants chosen at run time, so neither can promise that two
+// data-parallel ranks on different machines draw the same projection. (This file is compiled
+// with -ffp-contract=off so that no compiler fuses a multiply-add either.)
+struct Xoshiro256 {
+  uint64_t s[4];
+  explicit Xoshiro256(uint64_t seed) {
+    for (auto& w : s) {
+      seed += 0x9E3779B97F4A7C15ULL;
+      uint64_t z = seed;
+      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+      z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+      w = z ^ (z >> 31);
+    }
+  }
+  static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+  uint64_t next() {
+    const uint64_t result = rotl(s[1] * 5, 7) * 9;
+    const uint64_t t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 45);
+    return result;
+  }
+  /// Uniform in [0, 1) with 53 random bits.
+  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
+};
+
+// Natural logarithm of x > 0 from frexp (exact) and the atanh series, in plain arithmetic.
+double portable_log(double x) {
+  int e = 0;
+  double m = std::frexp(x, &e);  // x = m·2^e, m in [0.5, 1)
+  if (m < 0.70710678118654752440) {
+    m *= 2.0;
+    --e;
+  }
+  const double t = (m - 1.0) / (m + 1.0);  // |t| <= 0.1716
+  const double t2 = t * t;
+  double sum = 0.0, power = t;
+  for (int k = 0; k < 12; ++k) {  // t^25/25 < 1e-20
+    sum += power / static_cast<double>(2 * k + 1);
+    power *= t2;
+  }
+  constexpr double kLn2Hi = 6.93147180369123816490e-01, kLn2Lo = 1.90821492927058770002e-10;
+  const double de = static_cast<double>(e);
+  return de * kLn2Hi + (2.0 * sum + de * kLn2Lo);
+}
+
+torch::Tensor cpu_normal(at::IntArrayRef shape, double std, uint64_t seed) {
+  torch::Tensor t = torch::empty(shape, torch::TensorOptions().dtype(torch::kDouble));
+  double* out = t.data_ptr<double>();
+  const int64_t count = t.numel();
+  Xoshiro256 gen(seed);
+  for (int64_t i = 0; i < count;) {
+    double u = 0.0, v = 0.0, q = 0.0;
+    do {
+      u = 2.0 * gen.uniform() - 1.0;
+      v = 2.0 * gen.uniform() - 1.0;
+      q = u * u + v * v;
+    } while (q >= 1.0 || q == 0.0);
+    const double f = std::sqrt(-2.0 * portable_log(q) / q) * std;
+    out[i++] = u * f;
+    if (i < count) out[i++] = v * f;
+  }
+  return t;
+}
+
+torch::Tensor cpu_uniform(at::IntArrayRef shape, double low, double high, uint64_t seed) {
+  torch::Tensor t = torch::empty(shape, torch::TensorOptions().dtype(torch::kDouble));
+  double* out = t.data_ptr<double>();
+  Xoshiro256 gen(seed);
+  for (int64_t i = 0; i < t.numel(); ++i) out[i] = low + (high - low) * gen.uniform();
+  return t;
+}
+
+// On an accelerator, the draw happens there, with a copy of that device's default generator
+// seeded with `seed` (so the global generator's state is left alone).
+at::Generator device_generator(const torch::Device& device, uint64_t seed) {
+  at::Generator gen = at::globalContext().defaultGenerator(device).clone();
+  gen.set_current_seed(seed);
+  return gen;
+}
+
+torch::ScalarType draw_dtype(const torch::TensorOptions& options) {
+  const auto dtype = options.dtype().toScalarType();
+  return dtype == torch::kDouble ? torch::kDouble : torch::kFloat;
 }
 
 }  // namespace
 
 torch::Tensor seeded_normal(at::IntArrayRef shape, double std, uint64_t seed, const torch::TensorOptions& options) {
-  at::Generator gen = at::detail::createCPUGenerator(seed);
-  torch::Tensor t = seeded_cpu(shape, options);
-  t.normal_(0.0, std, gen);
-  return t.to(options.device(), options.dtype().toScalarType());
+  const auto dtype = options.dtype().toScalarType();
+  if (options.device().is_cpu()) return cpu_normal(shape, std, seed).to(dtype);
+  torch::Tensor t = torch::empty(shape, options.dtype(draw_dtype(options)));
+  t.normal_(0.0, std, device_generator(options.device(), seed));
+  return t.to(dtype);
 }
 
 torch::Tensor seeded_kaiming_uniform(at::IntArrayRef shape, uint64_t seed, const torch::TensorOptions& options) {
-  at::Generator gen = at::detail::createCPUGenerator(seed);
-  torch::Tensor t = seeded_cpu(shape, options);
   const double bound = 1.0 / std::sqrt(static_cast<double>(shape.size() > 1 ? shape[1] : shape[0]));
-  t.uniform_(-bound, bound, gen);
-  return t.to(options.device(), options.dtype().toScalarType());
+  const auto dtype = options.dtype().toScalarType();
+  if (options.device().is_cpu()) return cpu_uniform(shape, -bound, bound, seed).to(dtype);
+  torch::Tensor t = torch::empty(shape, options.dtype(draw_dtype(options)));
+  t.uniform_(-bound, bound, device_generator(options.device(), seed));
+  return t.to(dtype);
 }
 
 torch::ScalarType factor_dtype(torch::ScalarType param_dtype) {

@@ -119,13 +119,13 @@ class LoraProjector final : public Projector {
   void write_back(InnerRule& inner) override {
     torch::Tensor P2 = param2d();
     if (exact_) {
-      torch::Tensor full = P0_.to(A_.scalar_type(), /*non_blocking=*/false, /*copy=*/true).view({n_, m_});
+      // P = P0 + s·(A·B − A0·B0), rounded once into P's dtype; no n×m temporary.
+      const torch::Tensor P0 = P0_.view({n_, m_});
       if (A0_.defined()) {
-        lora_write_back(full, A0_, B0_, A_, B_, s_);  // s·(A·B − A0·B0), exactly 0 while A = A0, B = B0
+        lora_write_back(P2, A0_, B0_, A_, B_, s_, P0);  // exactly P0 while A = A0, B = B0
       } else {
-        full.addmm_(A_, B_, 1.0, s_);
+        add_product(P2, A_, B_, s_, P0);
       }
-      P2.copy_(full);
     } else {
       lora_write_back(P2, A_prev_, B_prev_, A_, B_, s_);
       A_prev_ = B_prev_ = torch::Tensor();
@@ -398,9 +398,21 @@ class AdditiveProjector final : public Projector {
   std::vector<torch::Tensor> inner_params() const override { return {A_, B_}; }
 
   void project(const torch::Tensor& G) override {
-    torch::Tensor g = G.reshape({n_, m_});
-    if (g.scalar_type() != A_.scalar_type()) g = g.to(A_.scalar_type());
-    auto [gA, gB] = additive_factor_grads(g, ctx_.target.rank);
+    const int64_t r = ctx_.target.rank;
+    torch::Tensor gA, gB;
+    for_each_row_panel(G.reshape({n_, m_}), A_.scalar_type(), r, [&](int64_t row0, const torch::Tensor& panel) {
+      auto [pA, pB] = additive_factor_grads(panel, r);  // panels start at multiples of r
+      if (!gA.defined()) {
+        if (panel.size(0) == n_) {
+          std::tie(gA, gB) = std::make_pair(pA, pB);
+          return;
+        }
+        gA = torch::empty({n_, r}, A_.options());
+        gB = torch::zeros({r, m_}, A_.options());
+      }
+      gA.narrow(0, row0, panel.size(0)).copy_(pA);
+      gB.add_(pB);
+    });
     if (s_ != 1.0) {
       gA.mul_(s_);
       gB.mul_(s_);
@@ -424,9 +436,21 @@ class AdditiveProjector final : public Projector {
   void write_back(InnerRule&) override {
     torch::Tensor P2 = param2d();
     if (exact_) {
-      torch::Tensor full = P0_.to(A_.scalar_type(), /*non_blocking=*/false, /*copy=*/true).view({n_, m_});
-      additive_write_back(full, A_, B_, s_);
-      P2.copy_(full);
+      // P = P0 + s·(A·J + J'·B), computed in the factors' dtype and rounded once into P's.
+      const torch::Tensor P0 = P0_.view({n_, m_});
+      if (P2.scalar_type() == A_.scalar_type()) {
+        P2.copy_(P0);
+        additive_write_back(P2, A_, B_, s_);
+      } else {
+        for_each_row_panel(
+            P0, A_.scalar_type(), ctx_.target.rank,
+            [&](int64_t row0, const torch::Tensor& panel) {
+              torch::Tensor acc = panel;  // a copy of P0's rows, starting at a multiple of r
+              additive_write_back(acc, A_.narrow(0, row0, panel.size(0)), B_, s_);
+              P2.narrow(0, row0, panel.size(0)).copy_(acc);
+            },
+            /*always_copy=*/true);
+      }
     } else {
       additive_write_back(P2, A_.sub(A_prev_), B_.sub(B_prev_), s_);
       A_prev_ = B_prev_ = torch::Tensor();

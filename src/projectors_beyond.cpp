@@ -55,13 +55,12 @@ class GaloreProjector final : public Projector {
   std::vector<torch::Tensor> inner_params() const override { return {N_}; }
 
   void project(const torch::Tensor& G) override {
-    torch::Tensor g = G.reshape({n_, m_});
-    if (g.scalar_type() != N_.scalar_type()) g = g.to(N_.scalar_type());
+    const torch::Tensor g = G.reshape({n_, m_});
     torch::Tensor Q = Q_;
     if (steps_ % gap_ == 0) {
       // Fused mode projects each micro-batch as it arrives: all of them must share one Q, so
       // the SVD is taken of the first micro-batch's gradient (the sum is never formed).
-      if (!pending_.defined()) pending_ = compute_projector(g);
+      if (!pending_.defined()) pending_ = compute_projector(g.to(N_.scalar_type()));
       if (pending_.defined()) {
         Q = pending_;
       } else if (steps_ == 0) {
@@ -88,8 +87,7 @@ class GaloreProjector final : public Projector {
     const double wd = inner.weight_decay();
     if (wd != 0.0 && inner.type() != InnerType::adamw) {
       // Coupled (L2) weight decay: the gradient of wd/2·‖P‖² is wd·P; project it like G.
-      torch::Tensor P = master_mode_ ? master_ : param2d();
-      if (P.scalar_type() != N_.scalar_type()) P = P.to(N_.scalar_type());
+      const torch::Tensor P = master_mode_ ? master_ : param2d();
       N_.mutable_grad().add_(project_with(Q_, P), wd);
     }
   }
@@ -100,14 +98,10 @@ class GaloreProjector final : public Projector {
     const double wd = inner.weight_decay();
     if (wd != 0.0 && inner.type() == InnerType::adamw) target.mul_(1.0 - inner.lr() * wd);
     // N was zero before the inner step, so N is now ΔN.
-    if (target.scalar_type() == N_.scalar_type()) {
-      if (left_) {
-        target.addmm_(Q_, N_, 1.0, scale_);
-      } else {
-        target.addmm_(N_, Q_.t(), 1.0, scale_);
-      }
+    if (left_) {
+      add_product(target, Q_, N_, scale_);
     } else {
-      add_into(target, left_ ? torch::mm(Q_, N_) : torch::mm(N_, Q_.t()), scale_);
+      add_product(target, N_, Q_.t(), scale_);
     }
     if (master_mode_) param2d().copy_(master_);
     N_.zero_();
@@ -132,8 +126,19 @@ class GaloreProjector final : public Projector {
   }
 
  private:
+  // Qᵀ·X (left) or X·Q (right) in Q's dtype; X of another dtype is converted by row panels.
   torch::Tensor project_with(const torch::Tensor& Q, const torch::Tensor& X) const {
-    return left_ ? torch::mm(Q.t(), X) : torch::mm(X, Q);
+    if (X.scalar_type() == Q.scalar_type()) return left_ ? torch::mm(Q.t(), X) : torch::mm(X, Q);
+    torch::Tensor out = left_ ? torch::zeros({r_, m_}, Q.options()) : torch::empty({n_, r_}, Q.options());
+    for_each_row_panel(X, Q.scalar_type(), 1, [&](int64_t row0, const torch::Tensor& panel) {
+      if (left_) {
+        out.addmm_(Q.narrow(0, row0, panel.size(0)).t(), panel);
+      } else {
+        torch::Tensor rows = out.narrow(0, row0, panel.size(0));
+        at::mm_out(rows, panel, Q);
+      }
+    });
+    return out;
   }
 
   // Top-r singular vectors of g on the projector's side, or undefined when they cannot be

@@ -6,6 +6,7 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <utility>
 
@@ -16,10 +17,27 @@ std::pair<torch::Tensor, torch::Tensor> lora_factor_grads(const torch::Tensor& G
                                                           const torch::Tensor& A,
                                                           const torch::Tensor& B, double s);
 
+/// Calls fn(row0, panel) over consecutive row panels of the n×m matrix G, each
+/// converted to `dtype`. When G already has that dtype there is one panel, G
+/// itself (unless `always_copy`); otherwise each panel is a copy with a
+/// multiple of `row_multiple` rows and at most about 256 KiB, so converting G
+/// never allocates an n×m temporary.
+void for_each_row_panel(const torch::Tensor& G, torch::ScalarType dtype, int64_t row_multiple,
+                        const std::function<void(int64_t, const torch::Tensor&)>& fn,
+                        bool always_copy = false);
+
+/// P2d ← base + s·L·R (or P2d + s·L·R when `base` is undefined), computed in
+/// L's dtype and rounded once into P2d's dtype, without an n×m temporary:
+/// addmm into P2d when the dtypes agree, row panels otherwise.
+void add_product(torch::Tensor& P2d, const torch::Tensor& L, const torch::Tensor& R, double s,
+                 const torch::Tensor& base = {});
+
 /// P ← P + s·(A1·B1 − A0·B0) = P + s·(ΔA·B1 + A0·ΔB), as one rank-2r `addmm_`
 /// into the n×m view of P (no n×m temporary when dtypes agree).
+/// With `base` defined: P ← base + s·(A1·B1 − A0·B0), rounded once.
 void lora_write_back(torch::Tensor& P2d, const torch::Tensor& A0, const torch::Tensor& B0,
-                     const torch::Tensor& A1, const torch::Tensor& B1, double s);
+                     const torch::Tensor& A1, const torch::Tensor& B1, double s,
+                     const torch::Tensor& base = {});
 
 /// Block sums of the additive form (design.md §2.3), r need not divide n or m:
 /// gA[i,k] = Σ_{j ≡ k (mod r)} G[i,j] (n×r), gB[k,j] = Σ_{i ≡ k (mod r)} G[i,j] (r×m).
@@ -41,8 +59,11 @@ double unbiased_random_std(double s, int64_t r);
 /// of which other parameters are selected.
 uint64_t derive_seed(uint64_t seed, const std::string& name, uint64_t counter);
 
-/// Gaussian N(0, std²) of the given shape, drawn on the CPU from a generator
-/// seeded with `seed` and then moved to `options`' device and dtype.
+/// Gaussian N(0, std²) of the given shape on `options`' device and dtype, a
+/// function of `seed` alone. On the CPU it is drawn by gradlora's own generator
+/// in portable arithmetic, bit-identical on every CPU whatever its vector unit
+/// (LibTorch's CPU kernels are not); on an accelerator by that device's
+/// generator, seeded with `seed`.
 torch::Tensor seeded_normal(at::IntArrayRef shape, double std, uint64_t seed,
                             const torch::TensorOptions& options);
 
