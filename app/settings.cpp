@@ -137,11 +137,20 @@ TrainingSettings parse_training(const YAML::Node& n) {
   if (!n) return t;
   const std::string p = "training";
   check_keys(n, p,
-             {"steps", "batch", "threads", "warmup", "schedule", "min_lr_ratio", "grad_clip", "eval_every",
+             {"steps", "batch", "threads", "device", "warmup", "schedule", "min_lr_ratio", "grad_clip", "eval_every",
               "eval_windows", "log_every", "checkpoint_every", "halt_after", "cache_dir", "pretrain"});
   t.steps = positive(n["steps"], p + ".steps", t.steps);
   t.batch = positive(n["batch"], p + ".batch", t.batch);
   t.threads = positive(n["threads"], p + ".threads", t.threads);
+  if (n["device"]) t.device = as_string(n["device"], p + ".device");
+  {
+    const std::string& d = t.device;
+    const bool cuda_index = d.rfind("cuda:", 0) == 0 && d.size() > 5 &&
+                            d.find_first_not_of("0123456789", 5) == std::string::npos;
+    if (d != "cpu" && d != "cuda" && !cuda_index) {
+      fail(p + ".device", fmt::format("must be cpu, cuda or cuda:N, got '{}'", d));
+    }
+  }
   t.warmup = positive(n["warmup"], p + ".warmup", t.warmup, 0);
   if (n["schedule"]) t.schedule = as_string(n["schedule"], p + ".schedule");
   if (t.schedule != "cosine" && t.schedule != "constant") {

@@ -57,6 +57,7 @@ struct TrainingSettings {
   int64_t steps = 300;
   int64_t batch = 16;
   int64_t threads = 1;     ///< at::set_num_threads
+  std::string device = "cpu";  ///< cpu, cuda or cuda:N: where the model and its batches live
   int64_t warmup = 20;     ///< linear warm-up steps
   std::string schedule = "cosine";  ///< cosine | constant (after warm-up)
   double min_lr_ratio = 0.1;        ///< cosine floor, as a fraction of the base lr

@@ -135,11 +135,31 @@ double lr_factor(int64_t step, int64_t steps, int64_t warmup, const std::string&
   return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + std::cos(M_PI * t));
 }
 
+torch::Device model_device(CharTransformer& model) { return model->parameters().front().device(); }
+
+/// `training.device` as a torch::Device; a clear error when CUDA is asked for and absent.
+torch::Device training_device(const TrainingSettings& t) {
+  const torch::Device device(t.device);
+  if (device.is_cuda() && !torch::cuda::is_available()) {
+    throw SettingsError(fmt::format("training.device: '{}' asked for, but CUDA is not available here (LibTorch "
+                                    "built without CUDA, or no GPU); use cpu",
+                                    t.device));
+  }
+  return device;
+}
+
+/// The built-in model, initialised from `seed`, on training.device.
+CharTransformer build_model(const Settings& s, uint64_t seed) {
+  CharTransformer model = make_model(s.model, seed);
+  model->to(training_device(s.training));
+  return model;
+}
+
 double evaluate(CharTransformer& model, const torch::Tensor& windows, int64_t batch) {
   torch::NoGradGuard guard;
   double sum = 0;
   for (int64_t i = 0; i < windows.size(0); i += batch) {
-    torch::Tensor w = windows.slice(0, i, std::min(windows.size(0), i + batch));
+    torch::Tensor w = windows.slice(0, i, std::min(windows.size(0), i + batch)).to(model_device(model));
     sum += model->loss(w).item<double>() * static_cast<double>(w.size(0));
   }
   return sum / static_cast<double>(windows.size(0));
@@ -160,6 +180,8 @@ struct LoopSpec {
   /// Data-parallel runs: this rank trains rows [rank·batch/world, (rank+1)·batch/world)
   /// of every batch; only rank 0 draws the progress bar.
   int rank = 0, world = 1;
+  /// Where the model lives: every batch is moved there.
+  torch::Device device = torch::kCPU;
   /// Data-parallel runs: called after every step with this rank's loss and stop
   /// request; replaces them by the mean loss over the ranks and by whether any
   /// rank asked to stop, so that every rank stops after the same step.
@@ -203,6 +225,7 @@ LoopResult run_loop(CharTransformer& model, torch::optim::Optimizer& opt, BatchS
     const auto t0 = Clock::now();
     torch::Tensor x = sampler.batch(step);
     if (L.world > 1) x = x.slice(0, L.rank * L.batch / L.world, (L.rank + 1) * L.batch / L.world);
+    x = x.to(L.device);
     model->zero_grad();
     torch::Tensor loss = model->loss(x);
     loss.backward();
@@ -390,7 +413,7 @@ void save_model(CharTransformer& model, const std::string& path) {
 
 void load_model(CharTransformer& model, const std::string& path) {
   torch::serialize::InputArchive a;
-  a.load_from(path);
+  a.load_from(path, model_device(model));
   model->load(a);
 }
 
@@ -413,13 +436,14 @@ std::string ensure_pretrained(const Settings& s, const Corpus& corpus, const std
   fs::create_directories(cache_dir);
   spdlog::info("pre-training on {} ({} bytes, {} steps); cached afterwards in {}", corpus.key, corpus.total_bytes(),
                t.pretrain.steps, path);
-  CharTransformer model = make_model(s.model, t.pretrain.seed);
+  CharTransformer model = build_model(s, t.pretrain.seed);
   torch::optim::AdamW opt(model->parameters(),
                           torch::optim::AdamWOptions(t.pretrain.lr).weight_decay(t.pretrain.weight_decay));
   BatchSampler sampler(corpus, s.model.context + 1, t.batch, t.pretrain.seed);
   const torch::Tensor held = eval_windows(corpus.heldout, s.model.context + 1, t.eval_windows);
   LoopSpec L;
   L.label = "pre-train";
+  L.device = model_device(model);
   L.steps = t.pretrain.steps;
   L.batch = t.batch;
   L.warmup = t.pretrain.warmup;
@@ -492,22 +516,25 @@ constexpr std::chrono::milliseconds kRankWait = std::chrono::minutes(30);
 struct Ranks {
   c10::intrusive_ptr<c10d::ProcessGroup> pg;
   int rank = 0, world = 1;
+  /// Where the small control tensors travel: the training device under NCCL, else the CPU.
+  torch::Device control = torch::kCPU;
   bool main() const { return rank == 0; }
 
   /// Rank 0's `value` on every rank (a barrier as well).
   bool agree_on_rank0(bool value) {
     if (!pg) return value;
-    std::vector<torch::Tensor> flag{torch::full({1}, value ? 1.0 : 0.0, torch::kFloat64)};
+    std::vector<torch::Tensor> flag{torch::full({1}, value ? 1.0 : 0.0, torch::kFloat64).to(control)};
     broadcast_tensors(*pg, flag, 0, kRankWait);
-    return flag[0].item<double>() > 0.5;
+    return flag[0].cpu().item<double>() > 0.5;
   }
 
   /// Mean loss over the ranks; stop when any rank asks to.
   void sync(double& loss, bool& stop) {
-    std::vector<torch::Tensor> v{torch::tensor({loss, stop ? 1.0 : 0.0}, torch::kFloat64)};
+    std::vector<torch::Tensor> v{torch::tensor({loss, stop ? 1.0 : 0.0}, torch::kFloat64).to(control)};
     allreduce_mean(*pg, v, 1 << 20, kRankWait);
-    loss = v[0][0].item<double>();
-    stop = v[0][1].item<double>() > 0.0;
+    const torch::Tensor r = v[0].cpu();
+    loss = r[0].item<double>();
+    stop = r[1].item<double>() > 0.0;
   }
 };
 
@@ -515,7 +542,9 @@ struct Ranks {
 Ranks join_ranks(const TrainingSettings& t) {
   Ranks d;
   if (!launched_distributed()) return d;
-  d.pg = process_group_from_env(kRankWait);
+  const torch::Device device = training_device(t);
+  d.pg = process_group_from_env(kRankWait, device);
+  if (d.pg->getBackendName() == "nccl") d.control = device;
   d.rank = d.pg->getRank();
   d.world = d.pg->getSize();
   if (t.batch % d.world != 0) {
@@ -607,7 +636,7 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
   spdlog::info("{}: {} files, {} bytes; {} windows of {} bytes per epoch, {} held-out windows", fine.key,
                fine.files.size(), fine.total_bytes(), sampler.windows_per_epoch(), window, held.size(0));
 
-  CharTransformer model = make_model(s.model, seed);
+  CharTransformer model = build_model(s, seed);
   // Building the optimizer validates the selection before the (long) pre-training.
   { LowRankOptimizer probe(model->named_parameters(), cfg); }
 
@@ -644,7 +673,7 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
       throw SettingsError(fmt::format("--resume: no checkpoint '{}' to resume from", ckpt_path));
     }
     torch::serialize::InputArchive a;
-    a.load_from(ckpt_path);
+    a.load_from(ckpt_path, model_device(model));
     c10::IValue v;
     a.read("format", v);
     if (v.toInt() != kCheckpointFormat) throw std::runtime_error(fmt::format("'{}': unknown format", ckpt_path));
@@ -731,6 +760,7 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
 
   LoopSpec L;
   L.label = fmt::format("{} seed {}", o.method, seed);
+  L.device = model_device(model);
   L.steps = t.steps;
   L.start = start;
   L.batch = t.batch;

@@ -8,12 +8,18 @@
 
 #include <gradlora/distributed.h>
 
+#define GRADLORA_COMPAT_C10D
+#include "torch_compat.h"
+
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 #include <torch/csrc/distributed/c10d/FileStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef GRADLORA_HAVE_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 #include <torch/torch.h>
 
 #include <signal.h>
@@ -124,33 +130,47 @@ std::vector<std::pair<std::string, std::string>> parse_lines(const std::string& 
   return out;
 }
 
-/// All-gathers one string per rank (lengths first, then the padded bytes).
+/// All-gathers one string per rank (lengths first, then the padded bytes). The tensors
+/// travel on `device` (NCCL carries CUDA tensors only) and are read back on the CPU.
 std::vector<std::string> allgather_strings(c10d::ProcessGroup& pg, const std::string& mine,
-                                           std::chrono::milliseconds timeout) {
+                                           std::chrono::milliseconds timeout, torch::Device device) {
   const int world = pg.getSize();
   const int rank = pg.getRank();
-  std::vector<torch::Tensor> in{torch::tensor({static_cast<int64_t>(mine.size())}, torch::kLong)};
+  const auto longs = torch::TensorOptions().dtype(torch::kLong).device(device);
+  std::vector<torch::Tensor> in{torch::tensor({static_cast<int64_t>(mine.size())}, torch::kLong).to(device)};
   std::vector<std::vector<torch::Tensor>> out(1);
-  for (int r = 0; r < world; ++r) out[0].push_back(torch::empty({1}, torch::kLong));
+  for (int r = 0; r < world; ++r) out[0].push_back(torch::empty({1}, longs));
   wait_work(pg.allgather(out, in), timeout, "the config check (all-gather of the config fingerprint)", rank);
   int64_t longest = 0;
   std::vector<int64_t> lengths;
   for (const auto& t : out[0]) {
-    lengths.push_back(t.item<int64_t>());
+    lengths.push_back(t.cpu().item<int64_t>());
     longest = std::max(longest, lengths.back());
   }
   torch::Tensor mine_t = torch::zeros({std::max<int64_t>(longest, 1)}, torch::kByte);
   std::memcpy(mine_t.data_ptr<uint8_t>(), mine.data(), mine.size());
-  std::vector<torch::Tensor> in2{mine_t};
+  std::vector<torch::Tensor> in2{mine_t.to(device)};
   std::vector<std::vector<torch::Tensor>> out2(1);
-  for (int r = 0; r < world; ++r) out2[0].push_back(torch::empty_like(mine_t));
+  for (int r = 0; r < world; ++r) out2[0].push_back(torch::empty_like(in2[0]));
   wait_work(pg.allgather(out2, in2), timeout, "the config check (all-gather of the config fingerprint)", rank);
   std::vector<std::string> texts;
   for (int r = 0; r < world; ++r) {
-    texts.emplace_back(reinterpret_cast<const char*>(out2[0][r].data_ptr<uint8_t>()),
-                       static_cast<size_t>(lengths[r]));
+    const torch::Tensor bytes = out2[0][r].cpu();
+    texts.emplace_back(reinterpret_cast<const char*>(bytes.data_ptr<uint8_t>()), static_cast<size_t>(lengths[r]));
   }
   return texts;
+}
+
+/// Where the small control tensors of a collective must live: NCCL takes CUDA tensors only
+/// (the device of the optimizer's first parameter), Gloo takes CPU tensors.
+torch::Device control_device(const c10d::ProcessGroup& pg, const LowRankOptimizer& opt) {
+  if (pg.getBackendName() != "nccl") return torch::kCPU;
+  for (const auto& g : opt.param_groups()) {
+    for (const auto& p : g.params()) {
+      if (p.is_cuda()) return p.device();
+    }
+  }
+  throw DistributedError("gradlora: an NCCL process group needs the optimizer's parameters on a CUDA device");
 }
 
 /// Empty when all ranks agree; otherwise one line per differing key.
@@ -319,7 +339,7 @@ DataParallel::DataParallel(LowRankOptimizer& optimizer, c10::intrusive_ptr<c10d:
   const int world = pg_->getSize();
 
   // 1. Every rank must run the same config on the same parameters.
-  const std::vector<std::string> texts = allgather_strings(*pg_, distributed_fingerprint(opt_), options_.timeout);
+  const std::vector<std::string> texts = allgather_strings(*pg_, distributed_fingerprint(opt_), options_.timeout, control_device(*pg_, opt_));
   const std::vector<std::string> diffs = fingerprint_differences(texts);
   if (!diffs.empty()) {
     const size_t shown = std::min<size_t>(diffs.size(), 10);
@@ -390,10 +410,11 @@ std::unique_ptr<DataParallel> make_data_parallel(LowRankOptimizer& optimizer, c1
 
 // ---------------------------------------------------------- process groups
 
-c10::intrusive_ptr<c10d::ProcessGroup> make_gloo_process_group(int rank, int world_size,
-                                                              const std::string& store_path,
-                                                              const std::string& master_addr, int master_port,
-                                                              std::chrono::milliseconds timeout) {
+namespace {
+
+c10::intrusive_ptr<c10d::Store> make_store(int rank, int world_size, const std::string& store_path,
+                                           const std::string& master_addr, int master_port,
+                                           std::chrono::milliseconds timeout) {
   if (world_size < 1) throw ConfigError(fmt::format("gradlora: world size must be >= 1, got {}", world_size));
   if (rank < 0 || rank >= world_size) {
     throw ConfigError(fmt::format("gradlora: rank must be in [0, {}), got {}", world_size, rank));
@@ -411,6 +432,7 @@ c10::intrusive_ptr<c10d::ProcessGroup> make_gloo_process_group(int rank, int wor
     so.numWorkers = static_cast<size_t>(world_size);
     so.waitWorkers = true;
     so.timeout = timeout;
+    compat::use_plain_sockets(so);
     try {
       store = c10::make_intrusive<c10d::TCPStore>(master_addr, so);
     } catch (const std::exception& e) {
@@ -419,6 +441,16 @@ c10::intrusive_ptr<c10d::ProcessGroup> make_gloo_process_group(int rank, int wor
     }
   }
   store->setTimeout(timeout);
+  return store;
+}
+
+}  // namespace
+
+c10::intrusive_ptr<c10d::ProcessGroup> make_gloo_process_group(int rank, int world_size,
+                                                              const std::string& store_path,
+                                                              const std::string& master_addr, int master_port,
+                                                              std::chrono::milliseconds timeout) {
+  auto store = make_store(rank, world_size, store_path, master_addr, master_port, timeout);
   auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
   const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
   if (ifname && *ifname) {
@@ -430,29 +462,63 @@ c10::intrusive_ptr<c10d::ProcessGroup> make_gloo_process_group(int rank, int wor
   }
   opts->threads = 2;
   try {
-    return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world_size, opts);
+    return compat::as_process_group(c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world_size, opts), store,
+                                    rank, world_size, "gloo");
   } catch (const std::exception& e) {
     throw DistributedError(fmt::format("gradlora: rank {} of {}: Gloo rendezvous failed within {:g} s: {}", rank,
                                        world_size, seconds_of(timeout), e.what()));
   }
 }
 
+bool nccl_available() {
+#ifdef GRADLORA_HAVE_NCCL
+  return true;
+#else
+  return false;
+#endif
+}
+
+c10::intrusive_ptr<c10d::ProcessGroup> make_nccl_process_group(int rank, int world_size,
+                                                              const std::string& store_path,
+                                                              const std::string& master_addr, int master_port,
+                                                              std::chrono::milliseconds timeout) {
+#ifdef GRADLORA_HAVE_NCCL
+  auto store = make_store(rank, world_size, store_path, master_addr, master_port, timeout);
+  auto opts = c10d::ProcessGroupNCCL::Options::create();
+  opts->timeout = timeout;
+  try {
+    return compat::as_process_group(c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world_size, opts),
+                                    store, rank, world_size, "nccl");
+  } catch (const std::exception& e) {
+    throw DistributedError(fmt::format("gradlora: rank {} of {}: NCCL process group failed: {}", rank, world_size,
+                                       e.what()));
+  }
+#else
+  (void)store_path, (void)master_addr, (void)master_port, (void)timeout;
+  throw DistributedError(fmt::format(
+      "gradlora: rank {} of {}: this build has no NCCL backend (LibTorch without CUDA/NCCL); use Gloo", rank,
+      world_size));
+#endif
+}
+
 bool launched_distributed() { return std::getenv("RANK") && std::getenv("WORLD_SIZE"); }
 
-c10::intrusive_ptr<c10d::ProcessGroup> process_group_from_env(std::chrono::milliseconds timeout) {
+c10::intrusive_ptr<c10d::ProcessGroup> process_group_from_env(std::chrono::milliseconds timeout, torch::Device device) {
+  const bool nccl = device.is_cuda() && nccl_available();
+  auto make = nccl ? make_nccl_process_group : make_gloo_process_group;
   const int world = env_int("WORLD_SIZE", true, 1);
   const int rank = env_int("RANK", true, 0);
   if (world < 1 || rank >= world) {
     throw DistributedError(fmt::format("gradlora: RANK={} does not fit WORLD_SIZE={}", rank, world));
   }
   const char* file = std::getenv("GRADLORA_STORE_FILE");
-  if (file && *file) return make_gloo_process_group(rank, world, file, "127.0.0.1", 0, timeout);
+  if (file && *file) return make(rank, world, file, "127.0.0.1", 0, timeout);
   const char* addr = std::getenv("MASTER_ADDR");
   if (!addr || !*addr) {
     throw DistributedError("gradlora: environment variable MASTER_ADDR is not set (nor GRADLORA_STORE_FILE)");
   }
   const int port = env_int("MASTER_PORT", true, 0);
-  return make_gloo_process_group(rank, world, "", addr, port, timeout);
+  return make(rank, world, "", addr, port, timeout);
 }
 
 // ---------------------------------------------------------- launcher

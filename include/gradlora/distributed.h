@@ -135,12 +135,27 @@ c10::intrusive_ptr<c10d::ProcessGroup> make_gloo_process_group(int rank, int wor
                                                               int master_port = 29500,
                                                               std::chrono::milliseconds timeout = std::chrono::seconds(60));
 
-/// Creates a Gloo process group from the environment, as torchrun sets it:
+/// True when this build of gradlora has the NCCL backend: LibTorch was built with
+/// CUDA and NCCL (detected when gradlora is configured; Debian's CPU build has not).
+bool nccl_available();
+
+/// The same rendezvous as make_gloo_process_group, with c10d's NCCL backend (one
+/// CUDA device per rank: LOCAL_RANK's, else rank modulo the device count). Throws
+/// DistributedError when nccl_available() is false.
+c10::intrusive_ptr<c10d::ProcessGroup> make_nccl_process_group(int rank, int world_size,
+                                                              const std::string& store_path,
+                                                              const std::string& master_addr = "127.0.0.1",
+                                                              int master_port = 29500,
+                                                              std::chrono::milliseconds timeout = std::chrono::seconds(60));
+
+/// Creates a process group from the environment, as torchrun sets it:
 /// RANK, WORLD_SIZE, and MASTER_ADDR + MASTER_PORT (TCPStore), or
-/// GRADLORA_STORE_FILE (FileStore; set by launch_local). Throws
+/// GRADLORA_STORE_FILE (FileStore; set by launch_local). The backend follows
+/// the device the tensors live on: NCCL for CUDA where nccl_available(), Gloo
+/// otherwise (Gloo also carries CUDA tensors, through the host). Throws
 /// DistributedError naming the variable when one is missing or invalid.
 c10::intrusive_ptr<c10d::ProcessGroup> process_group_from_env(
-    std::chrono::milliseconds timeout = std::chrono::seconds(60));
+    std::chrono::milliseconds timeout = std::chrono::seconds(60), torch::Device device = torch::kCPU);
 
 /// True when RANK and WORLD_SIZE are set (this process is one rank of a job).
 bool launched_distributed();

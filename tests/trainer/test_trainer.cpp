@@ -449,3 +449,14 @@ TEST(TrainerBadConfig, UnknownKeysAndBadOptimizerValues) {
                      {"key=value"});
   fs::remove_all(d);
 }
+
+TEST(TrainerBadConfig, Device) {
+  const fs::path d = scratch("bad_device");
+  expect_clean_error(run("train --config " + kTiny + " --set training.device=tpu --out " + (d / "o").string(), d),
+                     {"training.device", "tpu", "cpu, cuda or cuda:N"});
+  if (!torch::cuda::is_available()) {
+    expect_clean_error(run("train --config " + kTiny + " --set training.device=cuda --out " + (d / "o").string(), d),
+                       {"training.device", "CUDA is not available"});
+  }
+  fs::remove_all(d);
+}
