@@ -8,10 +8,13 @@
 
 using namespace gradlora;
 using gradlora::testing::batch;
+using gradlora::testing::CaseAndDeviceName;
+using gradlora::testing::DeviceName;
 using gradlora::testing::make_mlp;
 using gradlora::testing::max_abs_diff;
 using gradlora::testing::Mlp2;
 using gradlora::testing::quiet;
+using gradlora::testing::test_devices;
 
 namespace {
 
@@ -63,10 +66,10 @@ std::string lora_config(InnerType t, Init init) {
 }
 
 /// Runs both sides for `steps` steps and returns the largest weight and factor gap seen.
-/// `module_scale` lets a test break the module side's scale on purpose.
+/// `module_scale` lets a test break the module side's scale on purpose. Both sides run on `device`.
 std::pair<double, double> run_equivalence(InnerType t, Init init, torch::ScalarType dtype, int steps,
-                                          double module_scale) {
-  Mlp2 model = make_mlp(dtype);
+                                          double module_scale, torch::Device device = torch::kCPU) {
+  Mlp2 model = make_mlp(dtype, device);
   LowRankOptimizer opt(model->named_parameters(), quiet(lora_config(t, init)));
   torch::optim::StepLR sched(opt, /*step_size=*/7, /*gamma=*/0.5);
 
@@ -89,7 +92,7 @@ std::pair<double, double> run_equivalence(InnerType t, Init init, torch::ScalarT
 
   double wgap = 0, fgap = 0;
   for (int i = 0; i < steps; ++i) {
-    auto [x, y] = batch(i, dtype);
+    auto [x, y] = batch(i, dtype, device);
     {
       torch::AutoGradMode on(true);
       opt.zero_grad();
@@ -112,14 +115,16 @@ std::pair<double, double> run_equivalence(InnerType t, Init init, torch::ScalarT
   return {wgap, fgap};
 }
 
-class ModuleEquivalence : public ::testing::TestWithParam<std::tuple<InnerType, Init, torch::ScalarType>> {};
+class ModuleEquivalence
+    : public ::testing::TestWithParam<std::tuple<InnerType, Init, torch::ScalarType, torch::Device>> {};
 
 }  // namespace
 
 TEST_P(ModuleEquivalence, OptimizerSideLoraFollowsModuleSideLora) {
-  const auto [rule, init, dtype] = GetParam();
+  const auto [rule, init, dtype, device] = GetParam();
+  GRADLORA_SKIP_IF_UNAVAILABLE(device);
   const double s = 2.0;  // alpha 6 / rank 3
-  auto [wgap, fgap] = run_equivalence(rule, init, dtype, 25, s);
+  auto [wgap, fgap] = run_equivalence(rule, init, dtype, 25, s, device);
   const double tol = dtype == torch::kDouble ? 1e-11 : 1e-5;
   EXPECT_LE(wgap, tol) << "weights";
   EXPECT_LE(fgap, tol) << "factors";
@@ -128,7 +133,9 @@ TEST_P(ModuleEquivalence, OptimizerSideLoraFollowsModuleSideLora) {
 INSTANTIATE_TEST_SUITE_P(Rules, ModuleEquivalence,
                          ::testing::Combine(::testing::Values(InnerType::sgd, InnerType::adam, InnerType::adamw),
                                             ::testing::Values(Init::zero, Init::symmetric),
-                                            ::testing::Values(torch::kFloat, torch::kDouble)));
+                                            ::testing::Values(torch::kFloat, torch::kDouble),
+                                            ::testing::ValuesIn(test_devices())),
+                         CaseAndDeviceName());
 
 // The equivalence test can fail: with the scale dropped on the module side
 // (s = 1 instead of 2) the trajectories part at once, under SGD and AdamW.
@@ -140,15 +147,21 @@ TEST(ModuleEquivalenceControl, DetectsAWrongScale) {
   }
 }
 
-// ---- full parity
+// ---- full parity (optimizer side against torch::optim on the same device)
 
-TEST(FullParity, AdamWBitForBit) {
-  Mlp2 a = make_mlp(), b = make_mlp();
+namespace {
+class FullParity : public ::testing::TestWithParam<torch::Device> {};
+}  // namespace
+
+TEST_P(FullParity, AdamWBitForBit) {
+  const torch::Device device = GetParam();
+  GRADLORA_SKIP_IF_UNAVAILABLE(device);
+  Mlp2 a = make_mlp(torch::kFloat, device), b = make_mlp(torch::kFloat, device);
   LowRankOptimizer opt(a->named_parameters(),
                        quiet("optimizer: {type: adamw, lr: 0.02, weight_decay: 0.05, amsgrad: true}\ndefault: full"));
   torch::optim::AdamW ref(b->parameters(), torch::optim::AdamWOptions(0.02).weight_decay(0.05).amsgrad(true));
   for (int i = 0; i < 15; ++i) {
-    auto [x, y] = batch(i);
+    auto [x, y] = batch(i, torch::kFloat, device);
     opt.zero_grad();
     ref.zero_grad();
     torch::mse_loss(a->forward(x), y).backward();
@@ -160,15 +173,17 @@ TEST(FullParity, AdamWBitForBit) {
   for (size_t i = 0; i < pa.size(); ++i) EXPECT_TRUE(torch::equal(pa[i], pb[i])) << i;
 }
 
-TEST(FullParity, SgdNesterovBitForBit) {
-  Mlp2 a = make_mlp(), b = make_mlp();
+TEST_P(FullParity, SgdNesterovBitForBit) {
+  const torch::Device device = GetParam();
+  GRADLORA_SKIP_IF_UNAVAILABLE(device);
+  Mlp2 a = make_mlp(torch::kFloat, device), b = make_mlp(torch::kFloat, device);
   LowRankOptimizer opt(a->named_parameters(),
                        quiet("optimizer: {type: sgd, lr: 0.1, momentum: 0.9, nesterov: true, weight_decay: 0.01}\n"
                              "default: full"));
   torch::optim::SGD ref(b->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9).nesterov(true).weight_decay(0.01));
   torch::optim::StepLR s1(opt, 4, 0.3), s2(ref, 4, 0.3);
   for (int i = 0; i < 15; ++i) {
-    auto [x, y] = batch(i);
+    auto [x, y] = batch(i, torch::kFloat, device);
     opt.zero_grad();
     ref.zero_grad();
     torch::mse_loss(a->forward(x), y).backward();
@@ -181,6 +196,8 @@ TEST(FullParity, SgdNesterovBitForBit) {
   auto pa = a->parameters(), pb = b->parameters();
   for (size_t i = 0; i < pa.size(); ++i) EXPECT_TRUE(torch::equal(pa[i], pb[i])) << i;
 }
+
+INSTANTIATE_TEST_SUITE_P(Devices, FullParity, ::testing::ValuesIn(test_devices()), DeviceName());
 
 // ---- frozen, step 0, schedulers, skipping
 

@@ -6,11 +6,13 @@
 
 using namespace gradlora;
 using gradlora::testing::batch;
+using gradlora::testing::DeviceName;
 using gradlora::testing::make_mlp;
 using gradlora::testing::max_abs_diff;
 using gradlora::testing::Mlp2;
 using gradlora::testing::numerical_rank;
 using gradlora::testing::quiet;
+using gradlora::testing::test_devices;
 
 namespace {
 
@@ -44,15 +46,20 @@ MeanStats mean_delta(const torch::Tensor& P, const torch::Tensor& G, double lr, 
   return {mean, (sq / N - mean * mean) * N / (N - 1)};
 }
 
+class Random : public ::testing::TestWithParam<torch::Device> {};
+class Additive : public ::testing::TestWithParam<torch::Device> {};
+
 }  // namespace
 
 // ---- random: the expected update equals full-rank SGD
 
-TEST(Random, ExpectedUpdateEqualsFullSgd) {
+TEST_P(Random, ExpectedUpdateEqualsFullSgd) {
+  const torch::Device device = GetParam();
+  GRADLORA_SKIP_IF_UNAVAILABLE(device);
   torch::manual_seed(3);
   const auto opts = torch::TensorOptions().dtype(torch::kDouble);
-  const torch::Tensor P = torch::randn({10, 8}, opts);
-  const torch::Tensor G = torch::randn({10, 8}, opts);
+  const torch::Tensor P = torch::randn({10, 8}, opts).to(device);  // drawn on the CPU, as everywhere
+  const torch::Tensor G = torch::randn({10, 8}, opts).to(device);
   const double lr = 1e-3;
   const torch::Tensor target = -lr * G;
 
@@ -76,6 +83,8 @@ TEST(Random, ExpectedUpdateEqualsFullSgd) {
     prev_err = err;
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Devices, Random, ::testing::ValuesIn(test_devices()), DeviceName());
 
 TEST(Random, ExpectationTestDetectsAScaleOffByTwo) {
   // σ·√2 doubles E[UUᵀ] and E[VᵀV]: the mean update becomes −2η·G and the bound must fail.
@@ -211,12 +220,14 @@ TEST(Additive, BlockSumsFollowTheModFormula) {
   }
 }
 
-TEST(Additive, SgdStepIsTheClosedForm) {
+TEST_P(Additive, SgdStepIsTheClosedForm) {
+  const torch::Device device = GetParam();
+  GRADLORA_SKIP_IF_UNAVAILABLE(device);
   // r = 1, s = 1: ΔP_ij = −η·(Σ_j' G_ij' + Σ_i' G_i'j) after one SGD step from zero factors.
   torch::manual_seed(0);
-  torch::Tensor P = torch::randn({6, 5}, torch::kDouble);
+  torch::Tensor P = torch::randn({6, 5}, torch::kDouble).to(device);
   const torch::Tensor P0 = P.clone();
-  const torch::Tensor G = torch::randn({6, 5}, torch::kDouble);
+  const torch::Tensor G = torch::randn({6, 5}, torch::kDouble).to(device);
   torch::OrderedDict<std::string, torch::Tensor> params;
   params.insert("w", P);
   LowRankOptimizer opt(params, quiet("optimizer: {type: sgd, lr: 0.1}\ntargets: [{match: w, method: additive, rank: 1}]"));
@@ -229,19 +240,22 @@ TEST(Additive, SgdStepIsTheClosedForm) {
 
 namespace {
 
-/// J (r×m) with J[k, j] = 1 when j ≡ k (mod r): the explicit block identity.
-torch::Tensor block_identity(int64_t r, int64_t m, torch::ScalarType dtype) {
+/// J (r×m) with J[k, j] = 1 when j ≡ k (mod r): the explicit block identity (built on the CPU).
+torch::Tensor block_identity(int64_t r, int64_t m, torch::ScalarType dtype, torch::Device device) {
   torch::Tensor J = torch::zeros({r, m}, dtype);
   for (int64_t j = 0; j < m; ++j) J[j % r][j] = 1;
-  return J;
+  return J.to(device);
 }
 
 }  // namespace
 
-TEST(Additive, MatchesAutogradThroughTheExplicitParameterisation) {
+TEST_P(Additive, MatchesAutogradThroughTheExplicitParameterisation) {
+  const torch::Device device = GetParam();
+  GRADLORA_SKIP_IF_UNAVAILABLE(device);
   for (int64_t r : {2, 3, 5}) {  // 16x12 and 6x16: 2 divides all, 3 and 5 leave truncated blocks
     for (auto dtype : {torch::kFloat, torch::kDouble}) {
-      Mlp2 m = make_mlp(dtype);
+      const auto o = torch::TensorOptions().dtype(dtype).device(device);
+      Mlp2 m = make_mlp(dtype, device);
       LowRankOptimizer opt(m->named_parameters(),
                            quiet(fmt::format("optimizer: {{type: adamw, lr: 0.01, weight_decay: 0.1}}\n"
                                              "targets: [{{match: 'fc*.weight', method: additive, rank: {}, alpha: {}}}]",
@@ -251,14 +265,14 @@ TEST(Additive, MatchesAutogradThroughTheExplicitParameterisation) {
       torch::Tensor W1 = m->fc1->weight.detach().clone(), W2 = m->fc2->weight.detach().clone();
       torch::Tensor b1 = m->fc1->bias.detach().clone(), b2 = m->fc2->bias.detach().clone();
       const int64_t n1 = W1.size(0), m1 = W1.size(1), n2 = W2.size(0), m2 = W2.size(1);
-      torch::Tensor A1 = torch::zeros({n1, r}, dtype).requires_grad_(), B1 = torch::zeros({r, m1}, dtype).requires_grad_();
-      torch::Tensor A2 = torch::zeros({n2, r}, dtype).requires_grad_(), B2 = torch::zeros({r, m2}, dtype).requires_grad_();
-      const torch::Tensor J1 = block_identity(r, m1, dtype), J1p = block_identity(r, n1, dtype).t();
-      const torch::Tensor J2 = block_identity(r, m2, dtype), J2p = block_identity(r, n2, dtype).t();
+      torch::Tensor A1 = torch::zeros({n1, r}, o).requires_grad_(), B1 = torch::zeros({r, m1}, o).requires_grad_();
+      torch::Tensor A2 = torch::zeros({n2, r}, o).requires_grad_(), B2 = torch::zeros({r, m2}, o).requires_grad_();
+      const torch::Tensor J1 = block_identity(r, m1, dtype, device), J1p = block_identity(r, n1, dtype, device).t();
+      const torch::Tensor J2 = block_identity(r, m2, dtype, device), J2p = block_identity(r, n2, dtype, device).t();
       torch::optim::AdamW ref({A1, B1, A2, B2}, torch::optim::AdamWOptions(0.01).weight_decay(0.1));
       double gap = 0;
       for (int i = 0; i < 20; ++i) {
-        auto [x, y] = batch(i, dtype);
+        auto [x, y] = batch(i, dtype, device);
         opt.zero_grad();
         torch::mse_loss(m->forward(x), y).backward();
         opt.step();
@@ -279,6 +293,8 @@ TEST(Additive, MatchesAutogradThroughTheExplicitParameterisation) {
     }
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Devices, Additive, ::testing::ValuesIn(test_devices()), DeviceName());
 
 TEST(Additive, ReportShowsTheAdditiveNumbers) {
   Mlp2 m = make_mlp();

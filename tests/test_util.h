@@ -1,12 +1,56 @@
 #pragma once
-// Shared helpers of the core tests: a small MLP, a fixed data set, and
-// quiet configs.
+// Shared helpers of the core tests: a small MLP, a fixed data set, quiet
+// configs, and the devices the equivalence tests run on.
 #include <gradlora/gradlora.h>
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
 #include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace gradlora::testing {
+
+// ---- devices
+
+/// The devices a device-parameterised test runs on: CPU, and CUDA always listed
+/// (its instances skip themselves, GRADLORA_SKIP_IF_UNAVAILABLE, where there is no GPU).
+inline std::vector<torch::Device> test_devices() { return {torch::Device(torch::kCPU), torch::Device(torch::kCUDA)}; }
+
+/// "cpu" / "cuda", for test names.
+inline std::string device_name(const torch::Device& d) { return d.is_cuda() ? "cuda" : d.is_cpu() ? "cpu" : d.str(); }
+
+inline bool device_available(const torch::Device& d) { return !d.is_cuda() || torch::cuda::is_available(); }
+
+/// Name generator of INSTANTIATE_TEST_SUITE_P over ValuesIn(test_devices()).
+struct DeviceName {
+  std::string operator()(const ::testing::TestParamInfo<torch::Device>& info) const { return device_name(info.param); }
+};
+
+/// Name generator of INSTANTIATE_TEST_SUITE_P over Combine(..., ValuesIn(test_devices())), the
+/// device last: the index of the case without the device, then the device ("3_cuda").
+struct CaseAndDeviceName {
+  template <typename... T>
+  std::string operator()(const ::testing::TestParamInfo<std::tuple<T...>>& info) const {
+    static_assert(std::is_same_v<std::tuple_element_t<sizeof...(T) - 1, std::tuple<T...>>, torch::Device>,
+                  "the device must be the last dimension");
+    return std::to_string(info.index / test_devices().size()) + "_" +
+           device_name(std::get<sizeof...(T) - 1>(info.param));
+  }
+};
+
+}  // namespace gradlora::testing
+
+/// Skips the current test (GTEST_SKIP) when `device` is CUDA and no GPU is available.
+#define GRADLORA_SKIP_IF_UNAVAILABLE(device)                 \
+  do {                                                       \
+    if (!::gradlora::testing::device_available(device)) {    \
+      GTEST_SKIP() << "CUDA not available";                  \
+    }                                                        \
+  } while (0)
 
 namespace gradlora::testing {
 
@@ -19,22 +63,29 @@ struct Mlp2Impl : torch::nn::Module {
 };
 TORCH_MODULE(Mlp2);
 
-/// A deterministic MLP (seeded) in the given dtype.
+/// A deterministic MLP (seeded) in the given dtype, initialised on the CPU and then
+/// moved to `device` (so every device starts from the same weights).
 inline Mlp2 make_mlp(torch::ScalarType dtype = torch::kFloat, int64_t in = 12, int64_t hidden = 16,
-                     int64_t out = 6, uint64_t seed = 1) {
+                     int64_t out = 6, uint64_t seed = 1, torch::Device device = torch::kCPU) {
   torch::manual_seed(seed);
   Mlp2 m(in, hidden, out);
   m->to(dtype);
+  if (!device.is_cpu()) m->to(device);
   return m;
 }
+inline Mlp2 make_mlp(torch::ScalarType dtype, torch::Device device) { return make_mlp(dtype, 12, 16, 6, 1, device); }
 
-/// Batch `i` of a fixed regression data set.
+/// Batch `i` of a fixed regression data set, drawn on the CPU and then moved to `device`.
 inline std::pair<torch::Tensor, torch::Tensor> batch(int64_t i, torch::ScalarType dtype = torch::kFloat,
-                                                     int64_t in = 12, int64_t out = 6, int64_t size = 32) {
+                                                     int64_t in = 12, int64_t out = 6, int64_t size = 32,
+                                                     torch::Device device = torch::kCPU) {
   auto gen = at::detail::createCPUGenerator(1000 + i);
   torch::Tensor x = at::randn({size, in}, gen, torch::TensorOptions().dtype(torch::kDouble));
   torch::Tensor y = at::randn({size, out}, gen, torch::TensorOptions().dtype(torch::kDouble));
-  return {x.to(dtype), y.to(dtype)};
+  return {x.to(dtype).to(device), y.to(dtype).to(device)};
+}
+inline std::pair<torch::Tensor, torch::Tensor> batch(int64_t i, torch::ScalarType dtype, torch::Device device) {
+  return batch(i, dtype, 12, 6, 32, device);
 }
 
 /// Parses YAML and switches off the construction log.
@@ -51,7 +102,7 @@ inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
 /// Numerical rank: singular values above `rel`·σ_max (rounding noise of a
 /// weight difference would otherwise count as rank).
 inline int64_t numerical_rank(const torch::Tensor& d, double rel) {
-  const torch::Tensor sv = torch::linalg_svdvals(d.to(torch::kDouble));
+  const torch::Tensor sv = torch::linalg_svdvals(d.to(torch::kDouble).cpu());
   const double top = sv.max().item<double>();
   return (sv > rel * top).sum().item<int64_t>();
 }

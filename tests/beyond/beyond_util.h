@@ -3,6 +3,8 @@
 // linear-regression problem, so that every gradient depends on the trajectory.
 #include <gradlora/gradlora.h>
 
+#include "test_util.h"  // test_devices, GRADLORA_SKIP_IF_UNAVAILABLE
+
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
 
@@ -12,7 +14,7 @@
 
 namespace gradlora::beyond_testing {
 
-/// Batch `t` of the regression problem y = W·x (X is b×m, Y is b×n), in double.
+/// Batch `t` of the regression problem y = W·x (X is b×m, Y is b×n), in double, on the CPU.
 inline std::pair<torch::Tensor, torch::Tensor> batch(int64_t t, int64_t n, int64_t m, int64_t b = 16) {
   auto gen = at::detail::createCPUGenerator(700 + static_cast<uint64_t>(t));
   const auto opts = torch::TensorOptions().dtype(torch::kDouble);
@@ -21,21 +23,22 @@ inline std::pair<torch::Tensor, torch::Tensor> batch(int64_t t, int64_t n, int64
   return {X, Y};
 }
 
-/// Mean-squared-error loss 0.5/b·‖X·Wᵀ − Y‖² of batch t (differentiable in W).
+/// Mean-squared-error loss 0.5/b·‖X·Wᵀ − Y‖² of batch t (differentiable in W), on W's device.
 inline torch::Tensor loss(const torch::Tensor& W, int64_t t) {
   auto [X, Y] = batch(t, W.size(0), W.size(1));
-  torch::Tensor D = torch::mm(X.to(W.scalar_type()), W.t()) - Y.to(W.scalar_type());
+  torch::Tensor D = torch::mm(X.to(W.scalar_type()).to(W.device()), W.t()) - Y.to(W.scalar_type()).to(W.device());
   return D.square().sum() * (0.5 / static_cast<double>(X.size(0)));
 }
 
-/// Its gradient in closed form, (X·Wᵀ − Y)ᵀ·X / b, with plain tensor ops.
+/// Its gradient in closed form, (X·Wᵀ − Y)ᵀ·X / b, with plain tensor ops, on W's device.
 inline torch::Tensor grad(const torch::Tensor& W, int64_t t) {
-  auto [X, Y] = batch(t, W.size(0), W.size(1));
+  auto [X0, Y0] = batch(t, W.size(0), W.size(1));
+  const torch::Tensor X = X0.to(W.device()), Y = Y0.to(W.device());
   torch::Tensor Wd = W.detach().to(torch::kDouble);
   return torch::mm((torch::mm(X, Wd.t()) - Y).t(), X).div_(static_cast<double>(X.size(0))).to(W.scalar_type());
 }
 
-/// A seeded n×m weight.
+/// A seeded n×m weight, on the CPU (move it with .to(device)).
 inline torch::Tensor weight(int64_t n, int64_t m, torch::ScalarType dtype = torch::kDouble, uint64_t seed = 3) {
   auto gen = at::detail::createCPUGenerator(seed);
   return at::randn({n, m}, gen, torch::TensorOptions().dtype(torch::kDouble)).mul_(0.5).to(dtype);

@@ -19,6 +19,8 @@ using beyond_testing::grad;
 using beyond_testing::max_abs_diff;
 using beyond_testing::named;
 using beyond_testing::weight;
+using ::gradlora::testing::CaseAndDeviceName;
+using ::gradlora::testing::test_devices;
 
 Config galore_config(InnerType type, double lr, double wd, int64_t rank, int64_t gap, double scale,
                      ProjSide side = ProjSide::automatic, OnResample on_resample = OnResample::keep) {
@@ -44,12 +46,16 @@ void run(LowRankOptimizer& opt, torch::Tensor& W, int64_t first, int64_t steps) 
 // orthogonal matrix, so scale·Q·Qᵀ·G = G: galore with SGD is full SGD (weight decay
 // included, coupled). With momentum the buffer lives in the rotating basis; `transfer`
 // rotates it exactly (C = Q_newᵀ·Q_old is orthogonal), so momentum SGD matches too.
-class GaloreFullRank : public ::testing::TestWithParam<std::tuple<int64_t, int64_t, double, OnResample>> {};
+// The reference runs on the same device as the optimizer.
+using FullRankCase = std::tuple<int64_t, int64_t, double, OnResample>;
+class GaloreFullRank : public ::testing::TestWithParam<std::tuple<FullRankCase, torch::Device>> {};
 
 TEST_P(GaloreFullRank, EqualsFullSgd) {
-  const auto [n, m, momentum, on_resample] = GetParam();
+  const auto [n, m, momentum, on_resample] = std::get<0>(GetParam());
+  const torch::Device device = std::get<1>(GetParam());
+  GRADLORA_SKIP_IF_UNAVAILABLE(device);
   const double lr = 0.05, wd = 0.01;
-  torch::Tensor W = weight(n, m);
+  torch::Tensor W = weight(n, m).to(device);
   torch::Tensor ref = W.clone();
   Config c = galore_config(InnerType::sgd, lr, wd, std::min(n, m), 1, 1.0, ProjSide::automatic, on_resample);
   c.optimizer.momentum = momentum;
@@ -62,15 +68,18 @@ TEST_P(GaloreFullRank, EqualsFullSgd) {
     buf = t == 0 ? g : momentum * buf + g;
     ref -= lr * buf;
   }
-  EXPECT_GT(max_abs_diff(W, weight(n, m)), 0.1);  // it moved
+  EXPECT_GT(max_abs_diff(W.cpu(), weight(n, m)), 0.1);  // it moved
   EXPECT_LT(max_abs_diff(W, ref), 1e-11);
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, GaloreFullRank,
-                         ::testing::Values(std::make_tuple(int64_t{6}, int64_t{10}, 0.0, OnResample::keep),
-                                           std::make_tuple(int64_t{10}, int64_t{6}, 0.0, OnResample::keep),
-                                           std::make_tuple(int64_t{6}, int64_t{10}, 0.9, OnResample::transfer),
-                                           std::make_tuple(int64_t{10}, int64_t{6}, 0.9, OnResample::transfer)));
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, GaloreFullRank,
+    ::testing::Combine(::testing::Values(std::make_tuple(int64_t{6}, int64_t{10}, 0.0, OnResample::keep),
+                                         std::make_tuple(int64_t{10}, int64_t{6}, 0.0, OnResample::keep),
+                                         std::make_tuple(int64_t{6}, int64_t{10}, 0.9, OnResample::transfer),
+                                         std::make_tuple(int64_t{10}, int64_t{6}, 0.9, OnResample::transfer)),
+                       ::testing::ValuesIn(test_devices())),
+    CaseAndDeviceName());
 
 // Control: with momentum and `keep`, the buffer is not rotated and galore is not full SGD,
 // so the test above can tell the two apart.
@@ -173,14 +182,18 @@ struct GaloreReference {
   }
 };
 
-// (n, m, on_resample)
-class GaloreVsReference : public ::testing::TestWithParam<std::tuple<int64_t, int64_t, OnResample>> {};
+// (n, m, on_resample) × device. The reference runs on the optimizer's device: its SVD then
+// comes from the same backend, so the exp_avg comparison sees the same singular-vector signs.
+using VsReferenceCase = std::tuple<int64_t, int64_t, OnResample>;
+class GaloreVsReference : public ::testing::TestWithParam<std::tuple<VsReferenceCase, torch::Device>> {};
 
 TEST_P(GaloreVsReference, AdamWOver30Steps) {
-  const auto [n, m, on_resample] = GetParam();
+  const auto [n, m, on_resample] = std::get<0>(GetParam());
+  const torch::Device device = std::get<1>(GetParam());
+  GRADLORA_SKIP_IF_UNAVAILABLE(device);
   const int64_t r = 3, gap = 7;
   const double lr = 2e-2, wd = 0.1, scale = 0.25;
-  torch::Tensor W = weight(n, m);
+  torch::Tensor W = weight(n, m).to(device);
   torch::Tensor P = W.clone();
   LowRankOptimizer opt(named(W),
                        galore_config(InnerType::adamw, lr, wd, r, gap, scale, ProjSide::automatic, on_resample));
@@ -192,16 +205,19 @@ TEST_P(GaloreVsReference, AdamWOver30Steps) {
     opt.step();
     ref.step(P, grad(P, t), t);
   }
-  EXPECT_GT(max_abs_diff(W, weight(n, m)), 0.05);  // it moved
+  EXPECT_GT(max_abs_diff(W.cpu(), weight(n, m)), 0.05);  // it moved
   EXPECT_LT(max_abs_diff(W, P), 1e-10);
   EXPECT_LT(max_abs_diff(opt.state_tensors("w").at("inner.0.exp_avg"), ref.M), 1e-10);
 }
 
-INSTANTIATE_TEST_SUITE_P(Moments, GaloreVsReference,
-                         ::testing::Values(std::make_tuple(int64_t{8}, int64_t{14}, OnResample::keep),
-                                           std::make_tuple(int64_t{14}, int64_t{8}, OnResample::keep),
-                                           std::make_tuple(int64_t{8}, int64_t{14}, OnResample::reset),
-                                           std::make_tuple(int64_t{14}, int64_t{8}, OnResample::transfer)));
+INSTANTIATE_TEST_SUITE_P(
+    Moments, GaloreVsReference,
+    ::testing::Combine(::testing::Values(std::make_tuple(int64_t{8}, int64_t{14}, OnResample::keep),
+                                         std::make_tuple(int64_t{14}, int64_t{8}, OnResample::keep),
+                                         std::make_tuple(int64_t{8}, int64_t{14}, OnResample::reset),
+                                         std::make_tuple(int64_t{14}, int64_t{8}, OnResample::transfer)),
+                       ::testing::ValuesIn(test_devices())),
+    CaseAndDeviceName());
 
 // ------------------------------------------------------------ edges
 

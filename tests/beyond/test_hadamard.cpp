@@ -18,6 +18,8 @@ using beyond_testing::loss;
 using beyond_testing::max_abs_diff;
 using beyond_testing::named;
 using beyond_testing::weight;
+using ::gradlora::testing::CaseAndDeviceName;
+using ::gradlora::testing::test_devices;
 
 Config hadamard_config(double lr, double wd, int64_t rank, double alpha, Init init,
                        InnerType type = InnerType::adamw) {
@@ -37,15 +39,18 @@ void step(LowRankOptimizer& opt, torch::Tensor& W, int64_t t) {
 
 // (dtype, init, alpha, tolerance, inner rule). AdamW is nearly blind to a constant factor on a
 // gradient (m/√v), so SGD with momentum is there to pin down the scale s in the gradients.
-class HadamardVsAutograd
-    : public ::testing::TestWithParam<std::tuple<torch::ScalarType, Init, double, double, InnerType>> {};
+// Both sides run on the device of the last dimension.
+using HadamardCase = std::tuple<torch::ScalarType, Init, double, double, InnerType>;
+class HadamardVsAutograd : public ::testing::TestWithParam<std::tuple<HadamardCase, torch::Device>> {};
 
 TEST_P(HadamardVsAutograd, Over25Steps) {
-  const auto [dtype, init, alpha, tol, type] = GetParam();
+  const auto [dtype, init, alpha, tol, type] = std::get<0>(GetParam());
+  const torch::Device device = std::get<1>(GetParam());
+  GRADLORA_SKIP_IF_UNAVAILABLE(device);
   const int64_t n = 10, m = 7, r = 3;
   const bool sgd = type == InnerType::sgd;
   const double lr = sgd ? 0.1 : 1e-2, wd = 0.01, s = alpha / r;
-  torch::Tensor W = weight(n, m, dtype).requires_grad_();
+  torch::Tensor W = weight(n, m, dtype).to(device).requires_grad_();
   LowRankOptimizer opt(named(W), hadamard_config(lr, wd, r, alpha, init, type));
 
   // The module-side reference: leaf factors, P = P0 − s·W1₀⊙W2₀ + s·(A1·B1)⊙(A2·B2), so the
@@ -78,7 +83,7 @@ TEST_P(HadamardVsAutograd, Over25Steps) {
     ref_opt->step();
   }
   torch::NoGradGuard g;
-  EXPECT_GT(max_abs_diff(W, weight(n, m, dtype)), 20 * tol);  // it moved
+  EXPECT_GT(max_abs_diff(W.cpu(), weight(n, m, dtype)), 20 * tol);  // it moved
   EXPECT_LT(max_abs_diff(W, ref_weight()), tol);
   st = opt.state_tensors("w");
   EXPECT_LT(max_abs_diff(st.at("A1"), A1), tol);
@@ -86,13 +91,16 @@ TEST_P(HadamardVsAutograd, Over25Steps) {
 }
 
 constexpr InnerType kAdamW = InnerType::adamw, kSgd = InnerType::sgd;
-INSTANTIATE_TEST_SUITE_P(Inits, HadamardVsAutograd,
-                         ::testing::Values(std::make_tuple(torch::kDouble, Init::zero, 6.0, 1e-10, kAdamW),
-                                           std::make_tuple(torch::kDouble, Init::symmetric, 4.5, 1e-10, kAdamW),
-                                           std::make_tuple(torch::kFloat, Init::zero, 6.0, 1e-5, kAdamW),
-                                           std::make_tuple(torch::kFloat, Init::symmetric, 3.0, 1e-5, kAdamW),
-                                           std::make_tuple(torch::kDouble, Init::zero, 6.0, 1e-10, kSgd),
-                                           std::make_tuple(torch::kDouble, Init::symmetric, 4.5, 1e-10, kSgd)));
+INSTANTIATE_TEST_SUITE_P(
+    Inits, HadamardVsAutograd,
+    ::testing::Combine(::testing::Values(std::make_tuple(torch::kDouble, Init::zero, 6.0, 1e-10, kAdamW),
+                                         std::make_tuple(torch::kDouble, Init::symmetric, 4.5, 1e-10, kAdamW),
+                                         std::make_tuple(torch::kFloat, Init::zero, 6.0, 1e-5, kAdamW),
+                                         std::make_tuple(torch::kFloat, Init::symmetric, 3.0, 1e-5, kAdamW),
+                                         std::make_tuple(torch::kDouble, Init::zero, 6.0, 1e-10, kSgd),
+                                         std::make_tuple(torch::kDouble, Init::symmetric, 4.5, 1e-10, kSgd)),
+                       ::testing::ValuesIn(test_devices())),
+    CaseAndDeviceName());
 
 TEST(Hadamard, UpdateRankExceedsRButNotRSquared) {
   const int64_t n = 12, m = 10, r = 2;

@@ -8,6 +8,8 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include "test_util.h"  // test_devices, GRADLORA_SKIP_IF_UNAVAILABLE
+
 #include <atomic>
 #include <filesystem>
 #include <fstream>
@@ -50,20 +52,25 @@ inline void write_bytes(const std::string& path, const std::string& bytes) {
 
 constexpr int64_t kIn = 12, kHidden = 16, kOut = 6;
 
-/// A seeded MLP; a different seed gives different initial weights.
-inline Net make_net(uint64_t seed = 1, int64_t hidden = kHidden, torch::ScalarType dtype = torch::kFloat) {
+/// A seeded MLP; a different seed gives different initial weights. Initialised on the
+/// CPU, then moved to `device`.
+inline Net make_net(uint64_t seed = 1, int64_t hidden = kHidden, torch::ScalarType dtype = torch::kFloat,
+                    torch::Device device = torch::kCPU) {
   torch::manual_seed(seed);
   Net n(kIn, hidden, kOut);
   n->to(dtype);
+  if (!device.is_cpu()) n->to(device);
   return n;
 }
 
-/// Batch `i` of a fixed regression stream (independent of the global generator).
-inline std::pair<torch::Tensor, torch::Tensor> batch(int64_t i, torch::ScalarType dtype = torch::kFloat) {
+/// Batch `i` of a fixed regression stream (independent of the global generator), drawn on
+/// the CPU, then moved to `device`.
+inline std::pair<torch::Tensor, torch::Tensor> batch(int64_t i, torch::ScalarType dtype = torch::kFloat,
+                                                     torch::Device device = torch::kCPU) {
   auto gen = at::detail::createCPUGenerator(5000 + i);
   torch::Tensor x = at::randn({16, kIn}, gen, torch::TensorOptions().dtype(torch::kDouble));
   torch::Tensor y = at::randn({16, kOut}, gen, torch::TensorOptions().dtype(torch::kDouble));
-  return {x.to(dtype), y.to(dtype)};
+  return {x.to(dtype).to(device), y.to(dtype).to(device)};
 }
 
 /// Parses YAML and switches off the construction log.
@@ -73,14 +80,14 @@ inline Config quiet(const std::string& yaml) {
   return c;
 }
 
-/// Steps [from, to) on the fixed stream. At step `decay_at` every group's
-/// learning rate is halved (a user-side schedule the checkpoint must carry).
+/// Steps [from, to) on the fixed stream, on the model's device. At step `decay_at` every
+/// group's learning rate is halved (a user-side schedule the checkpoint must carry).
 inline void train(Net& net, LowRankOptimizer& opt, int64_t from, int64_t to, int64_t decay_at = 5) {
   for (int64_t i = from; i < to; ++i) {
     if (i == decay_at) {
       for (auto& g : opt.param_groups()) g.options().set_lr(g.options().get_lr() * 0.5);
     }
-    auto [x, y] = batch(i, net->fc1->weight.scalar_type());
+    auto [x, y] = batch(i, net->fc1->weight.scalar_type(), net->fc1->weight.device());
     opt.zero_grad();
     torch::mse_loss(net->forward(x), y).backward();
     opt.step();

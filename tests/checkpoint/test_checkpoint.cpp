@@ -90,18 +90,18 @@ int run_self(const std::vector<std::string>& args) {
 
 // ------------------------------------------------ child-process entry points
 
-// Fresh model (other initial weights) and optimizer, load, train 10..20, save
-// the snapshot. Exit code 0 on success.
-int resume_child(const std::string& method, const std::string& inner, const std::string& ckpt,
-                 const std::string& out) {
+// Fresh model (other initial weights) on `device` and optimizer, load, train 10..20, save
+// the snapshot (moved to the CPU). Exit code 0 on success.
+int resume_child(const std::string& method, const std::string& inner, const std::string& device,
+                 const std::string& ckpt, const std::string& out) {
   torch::set_num_threads(1);
-  Net net = make_net(/*seed=*/1234);
+  Net net = make_net(/*seed=*/1234, kHidden, torch::kFloat, torch::Device(device));
   LowRankOptimizer opt(net->named_parameters(), quiet(yaml_of(method, inner)));
   load_checkpoint(opt, *net, ckpt);
   if (opt.step_count() != 10) return 3;
   train(net, opt, 10, 20);
   std::vector<torch::Tensor> values;
-  for (auto& kv : snapshot(opt, *net)) values.push_back(kv.second);
+  for (auto& kv : snapshot(opt, *net)) values.push_back(kv.second.cpu());
   torch::save(values, out);
   return 0;
 }
@@ -121,52 +121,60 @@ int kill_child(const std::string& path) {
 
 // ----------------------------------------------------------- resume tests
 
-class Resume : public ::testing::TestWithParam<std::tuple<const char*, const char*>> {};
+using ResumeCase = std::tuple<const char*, const char*>;  // (method, inner rule)
+class Resume : public ::testing::TestWithParam<std::tuple<ResumeCase, torch::Device>> {};
 
 // 10 steps, save, new process: fresh model + optimizer, load, 10 more steps
 // ⇒ bit-identical to 20 uninterrupted steps (parameters, every state tensor,
-// counters, learning rates).
+// counters, learning rates). Both runs on the same device; compared on the CPU.
 TEST_P(Resume, NewProcessIsBitIdenticalToUninterrupted) {
-  const std::string method = std::get<0>(GetParam()), inner = std::get<1>(GetParam());
+  const std::string method = std::get<0>(std::get<0>(GetParam())), inner = std::get<1>(std::get<0>(GetParam()));
+  const torch::Device device = std::get<1>(GetParam());
+  GRADLORA_SKIP_IF_UNAVAILABLE(device);
   torch::set_num_threads(1);  // the child runs single-threaded too: same reduction order
   const std::string dir = temp_dir("ckpt");
   const Config cfg = quiet(yaml_of(method, inner));
 
-  Net ref = make_net(1);
+  Net ref = make_net(1, kHidden, torch::kFloat, device);
   LowRankOptimizer ref_opt(ref->named_parameters(), cfg);
   train(ref, ref_opt, 0, 20);
   const Snapshot expected = snapshot(ref_opt, *ref);
+  Snapshot expected_cpu;  // what the child wrote: its snapshot moved to the CPU
+  for (const auto& kv : expected) expected_cpu.emplace_back(kv.first, kv.second.cpu());
 
-  Net net = make_net(1);
+  Net net = make_net(1, kHidden, torch::kFloat, device);
   LowRankOptimizer opt(net->named_parameters(), cfg);
   train(net, opt, 0, 10);
   const std::string ckpt = dir + "/run.ckpt", out = dir + "/child.pt";
   save_checkpoint(opt, *net, ckpt);
 
-  const int status = run_self({"--gradlora-resume-child", method, inner, ckpt, out});
+  const int status = run_self({"--gradlora-resume-child", method, inner, device.str(), ckpt, out});
   ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child status " << status;
   std::vector<torch::Tensor> values;
   torch::load(values, out);
   ASSERT_EQ(values.size(), expected.size());
   Snapshot got;
   for (size_t i = 0; i < values.size(); ++i) got.emplace_back(expected[i].first, values[i]);
-  expect_identical(expected, got);
+  expect_identical(expected_cpu, got);
   // The comparison has teeth: the state after 10 steps is not the one after 20.
   EXPECT_FALSE(torch::equal(snapshot(opt, *net)[0].second, expected[0].second));
   fs::remove_all(dir);
 }
 
-std::vector<std::tuple<const char*, const char*>> all_cases() {
-  std::vector<std::tuple<const char*, const char*>> v;
+std::vector<ResumeCase> all_cases() {
+  std::vector<ResumeCase> v;
   for (const auto& m : kMethods) {
     for (const auto& i : kInners) v.emplace_back(m.name, i.name);
   }
   return v;
 }
 
-INSTANTIATE_TEST_SUITE_P(AllMethodsAndRules, Resume, ::testing::ValuesIn(all_cases()),
+INSTANTIATE_TEST_SUITE_P(AllMethodsAndRules, Resume,
+                         ::testing::Combine(::testing::ValuesIn(all_cases()), ::testing::ValuesIn(::gradlora::testing::test_devices())),
                          [](const auto& info) {
-                           return std::string(std::get<0>(info.param)) + "_" + std::get<1>(info.param);
+                           const ResumeCase& c = std::get<0>(info.param);
+                           return std::string(std::get<0>(c)) + "_" + std::get<1>(c) + "_" +
+                                  ::gradlora::testing::device_name(std::get<1>(info.param));
                          });
 
 // LibTorch's own convention, torch::save(opt) / torch::load(opt), over a model
@@ -431,9 +439,9 @@ TEST_F(BadFiles, TorchLoadOfAnotherConfigThrowsAndChangesNothing) {
 // The resume and kill tests re-run this binary with a flag to get a new process.
 int main(int argc, char** argv) {
   using namespace gradlora::ckpt_test;
-  if (argc == 6 && std::string(argv[1]) == "--gradlora-resume-child") {
+  if (argc == 7 && std::string(argv[1]) == "--gradlora-resume-child") {
     try {
-      return resume_child(argv[2], argv[3], argv[4], argv[5]);
+      return resume_child(argv[2], argv[3], argv[4], argv[5], argv[6]);
     } catch (const std::exception& e) {
       std::fprintf(stderr, "resume child: %s\n", e.what());
       return 2;
