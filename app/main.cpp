@@ -4,6 +4,7 @@
 
 #include <gradlora/config.h>
 #include <gradlora/distributed.h>
+#include <gradlora/method.h>
 
 #include <CLI/CLI.hpp>
 #include <c10/util/Exception.h>
@@ -168,14 +169,8 @@ int main(int argc, char** argv) {
       const YAML::Node tree = method.empty() ? s.root : method_tree(s, find_method(s, method), s.seed);
       const int64_t batch = parse_settings(tree, s.base_dir, s.source).training.batch;
       const gradlora::Config cfg = gradlora::Config::from_yaml_string(to_yaml(tree));  // ConfigError names the key
-      for (size_t i = 0; i < cfg.targets.size(); ++i) {
-        if (cfg.targets[i].method == gradlora::Method::galore) {
-          throw SettingsError(fmt::format(
-              "targets[{}].method: galore cannot train data-parallel (--nproc {}): its projector is the SVD of each "
-              "rank's own gradient, so the ranks would disagree; use lora, random, additive or hadamard",
-              i, nproc));
-        }
-      }
+      const std::string refusal = gradlora::data_parallel_refusal(cfg);
+      if (!refusal.empty()) throw SettingsError(fmt::format("{} (--nproc {})", refusal, nproc));
       if (batch % nproc != 0) {
         throw SettingsError(fmt::format(
             "training.batch: {} windows cannot be split evenly over --nproc {}; use a multiple of {}", batch, nproc, nproc));

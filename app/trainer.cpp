@@ -560,7 +560,7 @@ Ranks join_ranks(const TrainingSettings& t) {
 int64_t full_gradient_bytes(const LowRankOptimizer& opt) {
   int64_t b = 0;
   for (const auto& p : opt.report().params) {
-    if (p.method != Method::frozen) b += p.adamw_state_bytes / 2;  // AdamW holds 2 tensors of its size
+    if (p.trainable > 0) b += p.adamw_state_bytes / 2;  // AdamW holds 2 tensors of its size
   }
   return b;
 }

@@ -1,6 +1,7 @@
 // PEFT-compatible LoRA adapters and the safetensors format (adapter.h).
 #include <gradlora/adapter.h>
 #include <gradlora/checkpoint.h>
+#include <gradlora/method.h>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -244,11 +245,12 @@ AdapterExport export_adapter(const LowRankOptimizer& opt, const std::string& fol
     }
     const Projector& p = self.projector(name);
     const Target& t = p.context().target;
-    if (t.merge_every > 0 && p.steps() >= t.merge_every) {
+    const int64_t merge_every = option_int(t, "merge_every");
+    if (merge_every > 0 && p.steps() >= merge_every) {
       throw AdapterError(fmt::format(
           "export_adapter: parameter '{}' merged its factors into the weight {} time(s) (merge_every: {}); its "
           "change is no longer of rank {} and cannot be an adapter (save the weights instead)",
-          name, p.steps() / t.merge_every, t.merge_every, t.rank));
+          name, p.steps() / merge_every, merge_every, t.rank));
     }
     auto [A, B] = p.factors();
     auto [A0, B0] = p.initial_factors();

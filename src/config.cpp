@@ -1,4 +1,5 @@
 #include <gradlora/config.h>
+#include <gradlora/method.h>
 
 #include <fmt/format.h>
 
@@ -23,9 +24,6 @@ E parse_enum(const std::string& s, const std::string& key, const char* const (&n
   throw ConfigError(fmt::format("config key '{}': unknown value '{}' (expected {})", key, s, allowed));
 }
 
-const char* const kMethods[] = {"lora", "random", "additive", "galore", "hadamard", "full", "frozen"};
-const Method kMethodValues[] = {Method::lora,     Method::random, Method::additive, Method::galore,
-                                Method::hadamard, Method::full,   Method::frozen};
 const char* const kInits[] = {"zero", "symmetric"};
 const Init kInitValues[] = {Init::zero, Init::symmetric};
 const char* const kWriteBacks[] = {"auto", "incremental", "exact"};
@@ -36,8 +34,6 @@ const char* const kOnResample[] = {"keep", "reset", "transfer"};
 const OnResample kOnResampleValues[] = {OnResample::keep, OnResample::reset, OnResample::transfer};
 const char* const kOnNonFinite[] = {"skip", "error"};
 const OnNonFinite kOnNonFiniteValues[] = {OnNonFinite::skip, OnNonFinite::error};
-const char* const kProjSides[] = {"auto", "left", "right"};
-const ProjSide kProjSideValues[] = {ProjSide::automatic, ProjSide::left, ProjSide::right};
 
 template <typename E, size_t N>
 const char* name_of(E e, const char* const (&names)[N], const E (&values)[N]) {
@@ -71,16 +67,15 @@ bool glob_match(const char* p, const char* s) {
 
 }  // namespace
 
-const char* to_string(Method m) { return name_of(m, kMethods, kMethodValues); }
+const std::string& to_string(const Method& m) { return m.name(); }
 const char* to_string(Init i) { return name_of(i, kInits, kInitValues); }
 const char* to_string(WriteBack w) { return name_of(w, kWriteBacks, kWriteBackValues); }
 const char* to_string(InnerType t) { return name_of(t, kInnerTypes, kInnerTypeValues); }
 const char* to_string(OnResample o) { return name_of(o, kOnResample, kOnResampleValues); }
 const char* to_string(OnNonFinite o) { return name_of(o, kOnNonFinite, kOnNonFiniteValues); }
-const char* to_string(ProjSide p) { return name_of(p, kProjSides, kProjSideValues); }
 
 Method parse_method(const std::string& s, const std::string& key) {
-  return parse_enum(s, key, kMethods, kMethodValues);
+  return Method(method_info(s, key).name);
 }
 Init parse_init(const std::string& s, const std::string& key) {
   return parse_enum(s, key, kInits, kInitValues);
@@ -96,9 +91,6 @@ OnResample parse_on_resample(const std::string& s, const std::string& key) {
 }
 OnNonFinite parse_on_nonfinite(const std::string& s, const std::string& key) {
   return parse_enum(s, key, kOnNonFinite, kOnNonFiniteValues);
-}
-ProjSide parse_proj_side(const std::string& s, const std::string& key) {
-  return parse_enum(s, key, kProjSides, kProjSideValues);
 }
 
 double InnerConfig::effective_weight_decay() const {
@@ -116,6 +108,25 @@ bool pattern_matches(const std::string& pattern, const std::string& name) {
     }
   }
   return glob_match(pattern.c_str(), name.c_str());
+}
+
+std::vector<std::pair<std::string, std::string>> describe_target(const Target& t) {
+  auto num = [](double d) { return fmt::format("{:.17g}", d); };
+  auto opt = [&](const std::optional<double>& o) { return o ? num(*o) : std::string("(unset)"); };
+  std::vector<std::pair<std::string, std::string>> v{
+      {"match", t.match},
+      {"method", to_string(t.method)},
+      {"rank", std::to_string(t.rank)},
+      {"alpha", opt(t.alpha)},
+      {"init", to_string(t.init)},
+      {"init_std", opt(t.init_std)},
+      {"lr", opt(t.lr)},
+      {"weight_decay", opt(t.weight_decay)},
+      {"writeback", to_string(t.writeback)},
+      {"on_resample", to_string(on_resample_of(t))},
+  };
+  for (const auto& o : method_info(t.method).options) v.emplace_back(o.key, option_text_of(option(t, o.key)));
+  return v;
 }
 
 namespace {
@@ -169,13 +180,7 @@ void Config::validate() const {
       check(std::isfinite(*t.weight_decay) && *t.weight_decay >= 0, k + ".weight_decay",
             "expected a finite number >= 0", *t.weight_decay);
     }
-    check(t.resample_every >= 0, k + ".resample_every", "expected an integer >= 0 (0 = never resample)",
-          static_cast<double>(t.resample_every));
-    check(t.merge_every >= 0, k + ".merge_every", "expected an integer >= 0 (0 = never)",
-          static_cast<double>(t.merge_every));
-    check(t.update_proj_gap > 0, k + ".update_proj_gap", "expected an integer > 0",
-          static_cast<double>(t.update_proj_gap));
-    check(std::isfinite(t.galore_scale) && t.galore_scale > 0, k + ".scale", "expected a number > 0", t.galore_scale);
+    check_options(t, k);
   }
 }
 

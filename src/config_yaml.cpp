@@ -1,5 +1,6 @@
 // YAML → Config. The only translation unit that knows yaml-cpp.
 #include <gradlora/config.h>
+#include <gradlora/method.h>
 
 #include <fmt/format.h>
 #include <yaml-cpp/yaml.h>
@@ -101,16 +102,33 @@ InnerConfig parse_optimizer(const YAML::Node& n) {
   return c;
 }
 
+// A method's own option, read as the type its declaration gives.
+OptionValue parse_option(const YAML::Node& n, const OptionSpec& spec, const std::string& key) {
+  switch (spec.default_value.index()) {
+    case 0:
+      return as_bool(n, key);
+    case 1:
+      return as_int(n, key);
+    case 2:
+      return as_double(n, key);
+    default:
+      return as_string(n, key);
+  }
+}
+
 Target parse_target(const YAML::Node& n, size_t i) {
   const std::string p = fmt::format("targets[{}]", i);
   if (!n.IsMap()) type_error(p, "a mapping", n);
-  check_keys(n, p,
-             {"match", "method", "rank", "alpha", "init", "init_std", "lr", "weight_decay", "writeback",
-              "resample_every", "on_resample", "merge_every", "update_proj_gap", "scale", "proj_side"});
   Target t;
   if (!n["match"]) throw ConfigError(fmt::format("config key '{}.match': missing{}", p, where(n)));
   t.match = as_string(n["match"], p + ".match");
   if (n["method"]) t.method = parse_method(as_string(n["method"], p + ".method"), p + ".method");
+  // The keys every method shares, then the method's own options.
+  std::set<std::string> keys{"match",  "method",       "rank",      "alpha",      "init",
+                             "init_std", "lr",         "weight_decay", "writeback", "on_resample"};
+  const MethodInfo& info = method_info(t.method);
+  for (const auto& o : info.options) keys.insert(o.key);
+  check_keys(n, p, keys);
   if (n["rank"]) t.rank = as_int(n["rank"], p + ".rank");
   if (n["alpha"]) t.alpha = as_double(n["alpha"], p + ".alpha");
   if (n["init"]) t.init = parse_init(as_string(n["init"], p + ".init"), p + ".init");
@@ -118,14 +136,12 @@ Target parse_target(const YAML::Node& n, size_t i) {
   if (n["lr"]) t.lr = as_double(n["lr"], p + ".lr");
   if (n["weight_decay"]) t.weight_decay = as_double(n["weight_decay"], p + ".weight_decay");
   if (n["writeback"]) t.writeback = parse_writeback(as_string(n["writeback"], p + ".writeback"), p + ".writeback");
-  if (n["resample_every"]) t.resample_every = as_int(n["resample_every"], p + ".resample_every");
   if (n["on_resample"]) {
     t.on_resample = parse_on_resample(as_string(n["on_resample"], p + ".on_resample"), p + ".on_resample");
   }
-  if (n["merge_every"]) t.merge_every = as_int(n["merge_every"], p + ".merge_every");
-  if (n["update_proj_gap"]) t.update_proj_gap = as_int(n["update_proj_gap"], p + ".update_proj_gap");
-  if (n["scale"]) t.galore_scale = as_double(n["scale"], p + ".scale");
-  if (n["proj_side"]) t.proj_side = parse_proj_side(as_string(n["proj_side"], p + ".proj_side"), p + ".proj_side");
+  for (const auto& o : info.options) {
+    if (n[o.key]) t.options[o.key] = parse_option(n[o.key], o, p + "." + o.key);
+  }
   return t;
 }
 

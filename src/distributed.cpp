@@ -7,6 +7,7 @@
 #endif
 
 #include <gradlora/distributed.h>
+#include <gradlora/method.h>
 
 #define GRADLORA_COMPAT_C10D
 #include "torch_compat.h"
@@ -288,21 +289,7 @@ std::string distributed_fingerprint(const LowRankOptimizer& optimizer) {
   for (size_t i = 0; i < c.targets.size(); ++i) {
     const Target& t = c.targets[i];
     const std::string p = fmt::format("targets[{}].", i);
-    line(p + "match", t.match);
-    line(p + "method", to_string(t.method));
-    line(p + "rank", std::to_string(t.rank));
-    line(p + "alpha", fmt_opt(t.alpha));
-    line(p + "init", to_string(t.init));
-    line(p + "init_std", fmt_opt(t.init_std));
-    line(p + "lr", fmt_opt(t.lr));
-    line(p + "weight_decay", fmt_opt(t.weight_decay));
-    line(p + "writeback", to_string(t.writeback));
-    line(p + "resample_every", std::to_string(t.resample_every));
-    line(p + "on_resample", to_string(t.resample_policy()));
-    line(p + "merge_every", std::to_string(t.merge_every));
-    line(p + "update_proj_gap", std::to_string(t.update_proj_gap));
-    line(p + "scale", fmt_double(t.galore_scale));
-    line(p + "proj_side", to_string(t.proj_side));
+    for (const auto& [key, value] : describe_target(t)) line(p + key, value);
   }
   line("default", to_string(c.default_method));
   line("allow_unmatched_targets", c.allow_unmatched_targets ? "true" : "false");
@@ -350,15 +337,14 @@ DataParallel::DataParallel(LowRankOptimizer& optimizer, c10::intrusive_ptr<c10d:
         fmt::join(head, "\n  ")));
   }
 
-  // GaLore's projector is the SVD of the local gradient: it would differ between ranks, so the
-  // projected gradients could not be averaged (after the check above, every rank throws here).
-  for (const auto& p : opt_.report().params) {
-    if (p.method == Method::galore) {
-      throw ConfigError(fmt::format(
-          "gradlora: DataParallel: parameter '{}' uses method 'galore', whose projector (top-r singular vectors of "
-          "the local gradient) differs between ranks; data-parallel training supports lora, random, additive, "
-          "hadamard, full and frozen",
-          p.name));
+  // Some methods cannot average their projected gradients (after the check above, every
+  // rank throws here alike): each method says so in its registry entry.
+  for (const auto& name : opt_.names()) {
+    const MethodInfo& info = method_info(opt_.method_of(name));
+    if (!info.data_parallel_refusal) continue;
+    const std::string why = info.data_parallel_refusal(opt_.projector(name).context().target);
+    if (!why.empty()) {
+      throw ConfigError(fmt::format("gradlora: DataParallel: parameter '{}' uses method '{}': {}", name, info.name, why));
     }
   }
 

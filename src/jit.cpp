@@ -1,4 +1,4 @@
-// TorchScript modules as a source of named parameters (issue 9).
+// TorchScript modules as a source of named parameters.
 #include <gradlora/jit.h>
 
 #include <fmt/format.h>

@@ -120,6 +120,31 @@ torch::Tensor additive_expand(const torch::Tensor& A, const torch::Tensor& B, in
   return out;
 }
 
+torch::Tensor galore_project(const torch::Tensor& Q, const torch::Tensor& G, bool left) {
+  if (G.scalar_type() == Q.scalar_type()) return left ? torch::mm(Q.t(), G) : torch::mm(G, Q);
+  const int64_t n = G.size(0), m = G.size(1), r = Q.size(1);
+  torch::Tensor out = left ? torch::zeros({r, m}, Q.options()) : torch::empty({n, r}, Q.options());
+  for_each_row_panel(G, Q.scalar_type(), 1, [&](int64_t row0, const torch::Tensor& panel) {
+    if (left) {
+      out.addmm_(Q.narrow(0, row0, panel.size(0)).t(), panel);
+    } else {
+      torch::Tensor rows = out.narrow(0, row0, panel.size(0));
+      at::mm_out(rows, panel, Q);
+    }
+  });
+  return out;
+}
+
+std::array<torch::Tensor, 4> hadamard_factor_grads(const torch::Tensor& G, const torch::Tensor& A1,
+                                                   const torch::Tensor& B1, const torch::Tensor& A2,
+                                                   const torch::Tensor& B2, double s) {
+  const torch::Tensor g = G.scalar_type() == A1.scalar_type() ? G : G.to(A1.scalar_type());
+  const torch::Tensor H1 = g * torch::mm(A2, B2);  // G ⊙ W2
+  const torch::Tensor H2 = g * torch::mm(A1, B1);  // G ⊙ W1
+  return {torch::mm(H1, B1.t()).mul_(s), torch::mm(A1.t(), H1).mul_(s), torch::mm(H2, B2.t()).mul_(s),
+          torch::mm(A2.t(), H2).mul_(s)};
+}
+
 double unbiased_random_std(double s, int64_t r) { return 1.0 / (s * std::sqrt(2.0 * static_cast<double>(r))); }
 
 namespace {

@@ -1,6 +1,8 @@
 #include <gradlora/maths.h>
 #include <gradlora/optimizer.h>
 
+#include "optimizer_entry.h"
+
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
@@ -26,59 +28,6 @@ void LowRankOptions::serialize(torch::serialize::InputArchive& archive) {
 void LowRankOptions::serialize(torch::serialize::OutputArchive& archive) const { archive.write("lr", c10::IValue(lr_)); }
 
 // -------------------------------------------------------------- entry
-
-// Fused mode: a pre-hook on the parameter's gradient accumulator projects the
-// gradient as soon as autograd has summed it and returns an undefined tensor,
-// so the accumulator never stores the full gradient in .grad. The link is
-// cleared when the optimizer goes away; the hook then lets gradients through.
-//
-// What the hook accumulated must be dropped by any zero_grad() — the optimizer's
-// (called through torch::optim::Optimizer&, which cannot be overridden in 2.x) or
-// the module's — without gradlora overriding anything. So the hook leaves a
-// placeholder in the parameter's .grad: an empty tensor of the parameter's dtype
-// and device. zero_grad() either resets it (set_to_none) or zeroes it in place,
-// which bumps its version counter; either way the next backward or step() sees
-// that the placeholder is gone or touched and starts afresh. The placeholder
-// holds no data, so gradient-norm utilities count it as zero.
-struct FusedLink {
-  LowRankOptimizer::Entry* entry = nullptr;
-};
-
-struct LowRankOptimizer::Entry {
-  std::string name;
-  torch::Tensor param;
-  Method method = Method::frozen;
-  size_t group = 0;
-  int64_t target_index = -1;  // -1: default
-  std::unique_ptr<Projector> projector;
-  std::unique_ptr<InnerRule> inner;
-  // fused mode
-  std::shared_ptr<torch::autograd::Node> accumulator;  // held, or the hook is lost with it
-  std::shared_ptr<FusedLink> link;
-  torch::Tensor placeholder;          // what the hook leaves in param.grad
-  int64_t placeholder_version = -1;   // its version counter when the hook left it
-
-  /// True while the projected gradients accumulated since the last step() are
-  /// still wanted: the placeholder is in .grad and nobody zeroed it.
-  bool accumulating() const {
-    if (!placeholder.defined() || !param.grad().defined()) return false;
-    return param.grad().unsafeGetTensorImpl() == placeholder.unsafeGetTensorImpl() &&
-           static_cast<int64_t>(placeholder._version()) == placeholder_version;
-  }
-  void leave_placeholder() {
-    placeholder = torch::empty({0}, param.options().requires_grad(false));
-    placeholder_version = static_cast<int64_t>(placeholder._version());
-    param.mutable_grad() = placeholder;
-  }
-  void remove_placeholder() {
-    if (placeholder.defined() && param.grad().defined() &&
-        param.grad().unsafeGetTensorImpl() == placeholder.unsafeGetTensorImpl()) {
-      param.mutable_grad() = torch::Tensor();
-    }
-    placeholder = torch::Tensor();
-    placeholder_version = -1;
-  }
-};
 
 namespace {
 
@@ -116,34 +65,6 @@ class FusedProjectHook final : public torch::autograd::FunctionPreHook {
 }  // namespace
 
 namespace {
-
-constexpr int64_t kFormatVersion = 1;
-
-std::string human_bytes(int64_t b) {
-  const double d = static_cast<double>(b);
-  if (b >= (int64_t{1} << 30)) return fmt::format("{:.2f} GiB", d / (1 << 30));
-  if (b >= (int64_t{1} << 20)) return fmt::format("{:.2f} MiB", d / (1 << 20));
-  if (b >= (int64_t{1} << 10)) return fmt::format("{:.1f} KiB", d / (1 << 10));
-  return fmt::format("{} B", b);
-}
-
-// Target settings that change what the saved tensors mean (checked on load; the
-// learning rates are restored from the checkpoint instead).
-std::string checkpoint_settings(Method method, const Target& t) {
-  const std::string init_std = t.init_std ? fmt::format("{:.17g}", *t.init_std) : "auto";
-  switch (method) {
-    case Method::full:
-      return "full";
-    case Method::lora:
-      return fmt::format("scale {:.17g}, init {}, init_std {}, merge_every {}", t.scale(), to_string(t.init),
-                         t.init == Init::symmetric ? init_std : "-", t.merge_every);
-    case Method::random:
-      return fmt::format("scale {:.17g}, init_std {}, resample_every {}, on_resample {}", t.scale(), init_std,
-                         t.resample_every, to_string(t.resample_policy()));
-    default:
-      return fmt::format("scale {:.17g}", t.scale());
-  }
-}
 
 // Per entry, whether every projected gradient it holds is finite, with one host
 // synchronisation per device: the flags are reduced on the device, stacked, and
@@ -217,7 +138,6 @@ LowRankOptimizer::LowRankOptimizer(const torch::OrderedDict<std::string, torch::
 
   // Build projectors and inner rules (may throw ConfigError; nothing is registered yet).
   for (auto& e : entries) {
-    if (e->method == Method::frozen) continue;
     Target t;
     if (e->target_index >= 0) {
       t = config_.targets[e->target_index];
@@ -226,6 +146,7 @@ LowRankOptimizer::LowRankOptimizer(const torch::OrderedDict<std::string, torch::
       t.method = e->method;
     }
     e->projector = make_projector(ProjectorContext{e->name, e->param, t, config_.seed});
+    if (!e->projector) continue;  // frozen
     const double lr = t.lr.value_or(config_.optimizer.lr);
     const double wd = t.weight_decay.value_or(config_.optimizer.effective_weight_decay());
     e->inner = std::make_unique<InnerRule>(e->projector->inner_params(), config_.optimizer, lr, wd);
@@ -251,7 +172,7 @@ LowRankOptimizer::LowRankOptimizer(const torch::OrderedDict<std::string, torch::
   }
   if (config_.fuse_into_backward) {
     for (auto& e : entries_) {
-      if (!e->projector || e->method == Method::full || !e->param.requires_grad()) continue;
+      if (!e->projector || !e->projector->fusable() || !e->param.requires_grad()) continue;
       e->link = std::make_shared<FusedLink>();
       e->link->entry = e.get();
       e->accumulator = torch::autograd::impl::grad_accumulator(e->param);
@@ -382,204 +303,6 @@ std::vector<std::string> LowRankOptimizer::names() const {
   std::vector<std::string> v;
   for (const auto& e : entries_) v.push_back(e->name);
   return v;
-}
-
-// ------------------------------------------------------------- report
-
-void LowRankOptimizer::build_report() {
-  SelectionReport r;
-  for (const auto& e : entries_) {
-    ParamReport p;
-    p.name = e->name;
-    p.shape = e->param.sizes().vec();
-    p.method = e->method;
-    p.numel = e->param.numel();
-    const int64_t esize = static_cast<int64_t>(e->param.element_size());
-    p.adamw_state_bytes = 2 * p.numel * esize;
-    if (e->projector) {
-      const Target& t = e->projector->context().target;
-      p.rank = (e->method == Method::full) ? 0 : t.rank;
-      p.trainable = e->projector->trainable();
-      const int64_t inner_esize = static_cast<int64_t>(c10::elementSize(
-          e->method == Method::full ? e->param.scalar_type() : factor_dtype(e->param.scalar_type())));
-      const int64_t persistent = e->projector->persistent_bytes();
-      p.persistent_bytes = persistent;
-      p.moment_bytes = e->inner->state_tensors_per_element() * p.trainable * inner_esize;
-      p.state_bytes = p.persistent_bytes + p.moment_bytes;
-      p.allreduce_bytes = p.trainable * inner_esize;
-      p.note = e->projector->note();
-    }
-    r.total_params += p.numel;
-    r.total_trainable += p.trainable;
-    r.total_state_bytes += p.state_bytes;
-    r.total_adamw_state_bytes += p.adamw_state_bytes;
-    r.total_allreduce_bytes += p.allreduce_bytes;
-    r.params.push_back(std::move(p));
-  }
-  report_ = std::move(r);
-}
-
-std::string SelectionReport::to_string() const {
-  size_t w = 9;
-  for (const auto& p : params) w = std::max(w, p.name.size());
-  std::string out = fmt::format("{:<{}}  {:<14} {:<9} {:>4} {:>12} {:>12} {:>11} {:>11}  {}\n", "parameter", w,
-                                "shape", "method", "rank", "numel", "trainable", "state", "adamw", "note");
-  for (const auto& p : params) {
-    out += fmt::format("{:<{}}  {:<14} {:<9} {:>4} {:>12} {:>12} {:>11} {:>11}  {}\n", p.name, w,
-                       fmt::format("{}", fmt::join(p.shape, "x")), gradlora::to_string(p.method),
-                       p.rank ? std::to_string(p.rank) : "-", p.numel, p.trainable, human_bytes(p.state_bytes),
-                       human_bytes(p.adamw_state_bytes), p.note);
-  }
-  const double pct = total_params ? 100.0 * static_cast<double>(total_trainable) / total_params : 0.0;
-  const double ratio = total_state_bytes ? static_cast<double>(total_adamw_state_bytes) / total_state_bytes : 0.0;
-  out += fmt::format(
-      "trainable: {} of {} values ({:.3f}%) | optimizer state: {} vs {} for AdamW ({:.1f}x smaller) | "
-      "all-reduce per step: {}",
-      total_trainable, total_params, pct, human_bytes(total_state_bytes), human_bytes(total_adamw_state_bytes), ratio,
-      human_bytes(total_allreduce_bytes));
-  return out;
-}
-
-// -------------------------------------------------------- checkpoints
-
-void LowRankOptimizer::save(torch::serialize::OutputArchive& archive) const {
-  archive.write("gradlora_format", c10::IValue(kFormatVersion));
-  archive.write("step_count", c10::IValue(step_count_));
-  archive.write("skipped_count", c10::IValue(skipped_count_));
-  c10::List<std::string> names;
-  c10::List<double> lrs;
-  for (const auto& e : entries_) names.push_back(e->name);
-  for (const auto& g : param_groups_) lrs.push_back(g.options().get_lr());
-  archive.write("names", c10::IValue(names));
-  archive.write("group_lrs", c10::IValue(lrs));
-  for (size_t i = 0; i < entries_.size(); ++i) {
-    const Entry& e = *entries_[i];
-    torch::serialize::OutputArchive sub(archive.compilation_unit());
-    sub.write("method", c10::IValue(std::string(to_string(e.method))));
-    sub.write("shape", c10::IValue(c10::List<int64_t>(e.param.sizes().vec())));
-    if (e.projector) {
-      sub.write("rank", c10::IValue(e.method == Method::full ? int64_t{0} : e.projector->context().target.rank));
-      sub.write("inner_type", c10::IValue(std::string(to_string(e.inner->type()))));
-      sub.write("settings", c10::IValue(checkpoint_settings(e.method, e.projector->context().target)));
-      TensorMap m;
-      e.projector->save(m);
-      e.inner->save(m, "inner_");
-      c10::List<std::string> keys;
-      for (const auto& kv : m) {
-        keys.push_back(kv.first);
-        sub.write(kv.first, kv.second);
-      }
-      sub.write("tensor_keys", c10::IValue(keys));
-    }
-    archive.write(fmt::format("p{}", i), sub);
-  }
-}
-
-void LowRankOptimizer::load(torch::serialize::InputArchive& archive) {
-  std::vector<std::string> problems;
-  std::vector<TensorMap> maps(entries_.size());
-  int64_t step_count = 0, skipped = 0;
-  std::vector<double> lrs;
-  try {
-    c10::IValue v;
-    if (!archive.try_read("gradlora_format", v)) {
-      throw std::runtime_error("not a gradlora optimizer checkpoint (no 'gradlora_format' key)");
-    }
-    if (v.toInt() != kFormatVersion) {
-      throw std::runtime_error(fmt::format("checkpoint format {} is not supported (expected {})", v.toInt(),
-                                           kFormatVersion));
-    }
-    archive.read("step_count", v);
-    step_count = v.toInt();
-    archive.read("skipped_count", v);
-    skipped = v.toInt();
-    archive.read("names", v);
-    std::vector<std::string> names;
-    for (const auto& n : v.toListRef()) names.push_back(n.toStringRef());
-    archive.read("group_lrs", v);
-    for (const auto& d : v.toListRef()) lrs.push_back(d.toDouble());
-    if (lrs.size() != param_groups_.size()) {
-      problems.push_back(fmt::format("checkpoint has {} parameter groups, the optimizer {}", lrs.size(),
-                                     param_groups_.size()));
-    }
-    std::map<std::string, size_t> pos;
-    for (size_t i = 0; i < names.size(); ++i) pos[names[i]] = i;
-    for (const auto& e : entries_) {
-      if (!pos.count(e->name)) problems.push_back(fmt::format("parameter '{}' is not in the checkpoint", e->name));
-    }
-    for (const auto& n : names) {
-      if (!index_.count(n)) problems.push_back(fmt::format("checkpoint has parameter '{}', the model has not", n));
-    }
-    for (size_t i = 0; i < entries_.size(); ++i) {
-      const Entry& e = *entries_[i];
-      auto it = pos.find(e.name);
-      if (it == pos.end()) continue;
-      torch::serialize::InputArchive sub;
-      archive.read(fmt::format("p{}", it->second), sub);
-      const std::string who = fmt::format("parameter '{}': ", e.name);
-      sub.read("method", v);
-      const std::string method = v.toStringRef();
-      if (method != to_string(e.method)) {
-        problems.push_back(who + fmt::format("method is '{}' in the checkpoint, '{}' here", method,
-                                             to_string(e.method)));
-        continue;
-      }
-      sub.read("shape", v);
-      const std::vector<int64_t> shape = v.toIntVector();
-      if (shape != e.param.sizes().vec()) {
-        problems.push_back(who + fmt::format("shape is [{}] in the checkpoint, [{}] here", fmt::join(shape, ", "),
-                                             fmt::join(e.param.sizes(), ", ")));
-        continue;
-      }
-      if (!e.projector) continue;
-      sub.read("rank", v);
-      const int64_t rank = e.method == Method::full ? 0 : e.projector->context().target.rank;
-      if (v.toInt() != rank) {
-        problems.push_back(who + fmt::format("rank is {} in the checkpoint, {} here", v.toInt(), rank));
-        continue;
-      }
-      sub.read("inner_type", v);
-      if (v.toStringRef() != to_string(e.inner->type())) {
-        problems.push_back(who + fmt::format("inner rule is '{}' in the checkpoint, '{}' here", v.toStringRef(),
-                                             to_string(e.inner->type())));
-        continue;
-      }
-      const std::string settings = checkpoint_settings(e.method, e.projector->context().target);
-      if (sub.try_read("settings", v) && v.isString() && v.toStringRef() != settings) {
-        problems.push_back(who + fmt::format("settings are '{}' in the checkpoint, '{}' here", v.toStringRef(),
-                                             settings));
-        continue;
-      }
-      sub.read("tensor_keys", v);
-      for (const auto& k : v.toListRef()) {
-        torch::Tensor t;
-        sub.read(k.toStringRef(), t);
-        maps[i][k.toStringRef()] = t;
-      }
-      std::vector<std::string> local;
-      e.projector->check(maps[i], local);
-      e.inner->check(maps[i], "inner_", local);
-      for (auto& p : local) problems.push_back(who + p);
-    }
-  } catch (const c10::Error& err) {
-    throw std::runtime_error(fmt::format("gradlora: cannot load optimizer checkpoint: corrupt or incomplete ({})",
-                                         err.what_without_backtrace()));
-  }
-  if (!problems.empty()) {
-    throw std::runtime_error(fmt::format("gradlora: checkpoint does not fit this optimizer ({} problem(s)):\n  {}",
-                                         problems.size(), fmt::join(problems, "\n  ")));
-  }
-  // Everything checked: apply (cannot fail from here on).
-  torch::NoGradGuard guard;
-  for (size_t i = 0; i < entries_.size(); ++i) {
-    Entry& e = *entries_[i];
-    if (!e.projector) continue;
-    e.projector->load(maps[i]);
-    e.inner->load(maps[i], "inner_");
-  }
-  for (size_t g = 0; g < param_groups_.size(); ++g) param_groups_[g].options().set_lr(lrs[g]);
-  step_count_ = step_count;
-  skipped_count_ = skipped;
 }
 
 }  // namespace gradlora

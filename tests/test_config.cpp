@@ -53,11 +53,11 @@ allow_unmatched_targets: true
   EXPECT_DOUBLE_EQ(c.targets[0].scale(), 2.0);
   EXPECT_EQ(c.targets[0].init, Init::symmetric);
   EXPECT_EQ(c.targets[0].writeback, WriteBack::exact);
-  EXPECT_EQ(c.targets[0].merge_every, 100);
+  EXPECT_EQ(option_int(c.targets[0], "merge_every"), 100);
   EXPECT_DOUBLE_EQ(*c.targets[0].lr, 0.1);
   EXPECT_EQ(c.targets[1].method, Method::full);
   EXPECT_EQ(c.targets[2].on_resample, OnResample::transfer);
-  EXPECT_EQ(c.targets[2].resample_every, 5);
+  EXPECT_EQ(option_int(c.targets[2], "resample_every"), 5);
   EXPECT_EQ(c.default_method, Method::full);
   EXPECT_EQ(c.on_nonfinite, OnNonFinite::error);
   EXPECT_TRUE(c.allow_unmatched_targets);

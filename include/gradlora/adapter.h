@@ -6,7 +6,7 @@
 /// PEFT (Mangrulkar et al., "PEFT: State-of-the-art Parameter-Efficient
 /// Fine-Tuning methods", 2022) merges an adapter as W ← W + scale·lora_B·lora_A
 /// with scale = lora_alpha / r (Hu et al., "LoRA", arXiv:2106.09685). Our
-/// parameterisation is P = P0 + s·(A·B − A0·B0) (design.md §2.1), so
+/// parameterisation is P = P0 + s·(A·B − A0·B0), so
 /// lora_B = our A (n×r) and lora_A = our B (r×m), with lora_alpha = s·r.
 /// A `symmetric` init has A0·B0 ≠ 0 and the change has rank ≤ 2r: it is
 /// exported faithfully at rank 2r as lora_B = [A, −A0], lora_A = [B; B0].

@@ -4,10 +4,14 @@
 /// YAML (config_yaml.cpp); the optimizer itself knows nothing of YAML.
 
 #include <array>
+#include <map>
+#include <ostream>
 #include <cstdint>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <variant>
 #include <vector>
 
 namespace gradlora {
@@ -20,8 +24,33 @@ class ConfigError : public std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
-/// How a selected parameter is trained (the `method:` of a target).
-enum class Method { lora, random, additive, galore, hadamard, full, frozen };
+/// How a selected parameter is trained (the `method:` of a target): the name of
+/// a registered method (<gradlora/method.h>). The built-in ones have constants.
+class Method {
+ public:
+  Method() = default;  ///< frozen
+  explicit Method(std::string name) : name_(std::move(name)) {}
+  const std::string& name() const { return name_; }
+  bool operator==(const Method& o) const { return name_ == o.name_; }
+  bool operator!=(const Method& o) const { return name_ != o.name_; }
+  bool operator<(const Method& o) const { return name_ < o.name_; }
+
+  static const Method lora, random, additive, galore, hadamard, full, frozen;
+
+ private:
+  std::string name_ = "frozen";
+};
+inline const Method Method::lora{"lora"};
+inline const Method Method::random{"random"};
+inline const Method Method::additive{"additive"};
+inline const Method Method::galore{"galore"};
+inline const Method Method::hadamard{"hadamard"};
+inline const Method Method::full{"full"};
+inline const Method Method::frozen{"frozen"};
+inline std::ostream& operator<<(std::ostream& os, const Method& m) { return os << m.name(); }
+
+/// The value of a method's own option (a target key only that method reads).
+using OptionValue = std::variant<bool, int64_t, double, std::string>;
 /// Initial factors of `lora`: one factor zero, or both random.
 enum class Init { zero, symmetric };
 /// How factor updates reach the weight: rank-r increments, or P = P0 + s·A·B.
@@ -33,25 +62,22 @@ enum class InnerType { sgd, adam, adamw };
 enum class OnResample { keep, reset, transfer };
 /// What a step does when a selected gradient holds NaN or Inf.
 enum class OnNonFinite { skip, error };
-/// Which side of G the `galore` projector multiplies.
-enum class ProjSide { automatic, left, right };
 
-const char* to_string(Method m);
+const std::string& to_string(const Method& m);
 const char* to_string(Init i);
 const char* to_string(WriteBack w);
 const char* to_string(InnerType t);
 const char* to_string(OnResample o);
 const char* to_string(OnNonFinite o);
-const char* to_string(ProjSide p);
 
 /// Inverse of to_string; throws ConfigError naming `key` and the value.
+/// parse_method accepts the name of any registered method.
 Method parse_method(const std::string& s, const std::string& key);
 Init parse_init(const std::string& s, const std::string& key);
 WriteBack parse_writeback(const std::string& s, const std::string& key);
 InnerType parse_inner_type(const std::string& s, const std::string& key);
 OnResample parse_on_resample(const std::string& s, const std::string& key);
 OnNonFinite parse_on_nonfinite(const std::string& s, const std::string& key);
-ProjSide parse_proj_side(const std::string& s, const std::string& key);
 
 /// Hyper-parameters of the inner rule, with LibTorch's defaults.
 struct InnerConfig {
@@ -88,20 +114,13 @@ struct Target {
   std::optional<double> lr;            ///< overrides optimizer.lr
   std::optional<double> weight_decay;  ///< overrides optimizer.weight_decay
   WriteBack writeback = WriteBack::automatic;
-  int64_t resample_every = 1;               ///< random: steps between draws
-  /// random, galore: moments at a projection change. Unset: resample_policy().
+  /// Moments when the method changes its projection (random, galore). Unset: the
+  /// method's default (MethodInfo::default_on_resample).
   std::optional<OnResample> on_resample;
-  int64_t merge_every = 0;  ///< lora: merge-and-restart period (0 = never)
-  int64_t update_proj_gap = 200;  ///< galore: steps between SVDs
-  double galore_scale = 0.25;     ///< galore: `scale`
-  ProjSide proj_side = ProjSide::automatic;  ///< galore
-
-  /// The on_resample in force: the configured one, else `reset` for `random`
-  /// (measured best, README "Moments at a resample") and `keep` for `galore`
-  /// (GaLore's own behaviour).
-  OnResample resample_policy() const {
-    return on_resample.value_or(method == Method::random ? OnResample::reset : OnResample::keep);
-  }
+  /// The method's own options, by key (e.g. `merge_every` for lora, `update_proj_gap`
+  /// for galore): the keys and defaults each method declares (MethodInfo::options).
+  /// A key that is not set takes the method's default.
+  std::map<std::string, OptionValue> options;
 
   /// s = alpha / rank.
   double scale() const { return alpha.value_or(static_cast<double>(rank)) / static_cast<double>(rank); }
@@ -127,12 +146,17 @@ struct Config {
   /// Checks value ranges; throws ConfigError naming the key and value.
   void validate() const;
 
-  /// Parses YAML text (design.md §5 schema). Unknown keys, wrong types and
+  /// Parses YAML text. Unknown keys, wrong types and
   /// out-of-range values throw ConfigError with the key path and value.
   static Config from_yaml_string(const std::string& text);
   /// Reads and parses a YAML file; the error names the file too.
   static Config from_yaml_file(const std::string& path);
 };
+
+/// Every field of a target as (YAML key, config text), in the reference config's
+/// order, with the method's options (defaults filled in) last. The data-parallel
+/// config check compares these between ranks.
+std::vector<std::pair<std::string, std::string>> describe_target(const Target& t);
 
 /// True when `name` matches a target's pattern (glob, or `re:` regex).
 /// Throws ConfigError when a regex does not compile.

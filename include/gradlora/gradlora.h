@@ -5,5 +5,6 @@
 #include <gradlora/config.h>
 #include <gradlora/inner_rule.h>
 #include <gradlora/maths.h>
+#include <gradlora/method.h>
 #include <gradlora/optimizer.h>
 #include <gradlora/projector.h>

@@ -1,10 +1,11 @@
 #pragma once
 /// \file maths.h
-/// The projections as pure functions on plain tensors (design.md §2). The
+/// The projections as pure functions on plain tensors. The
 /// projectors call these; tests call them directly.
 
 #include <torch/types.h>
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -39,7 +40,7 @@ void lora_write_back(torch::Tensor& P2d, const torch::Tensor& A0, const torch::T
                      const torch::Tensor& A1, const torch::Tensor& B1, double s,
                      const torch::Tensor& base = {});
 
-/// Block sums of the additive form (design.md §2.3), r need not divide n or m:
+/// Block sums of the additive form, r need not divide n or m:
 /// gA[i,k] = Σ_{j ≡ k (mod r)} G[i,j] (n×r), gB[k,j] = Σ_{i ≡ k (mod r)} G[i,j] (r×m).
 std::pair<torch::Tensor, torch::Tensor> additive_factor_grads(const torch::Tensor& G, int64_t r);
 
@@ -49,6 +50,17 @@ void additive_write_back(torch::Tensor& P2d, const torch::Tensor& dA, const torc
 
 /// The dense n×m matrix A·J + J'·B (for tests and exports; the optimizer never forms it).
 torch::Tensor additive_expand(const torch::Tensor& A, const torch::Tensor& B, int64_t n, int64_t m);
+
+/// GaLore's projection of G on Q (columns orthonormal): Qᵀ·G (r×m) when `left`,
+/// else G·Q (n×r), in Q's dtype (a G of another dtype is converted by row panels).
+torch::Tensor galore_project(const torch::Tensor& Q, const torch::Tensor& G, bool left);
+
+/// Factor gradients of P = P0 + s·(A1·B1) ⊙ (A2·B2): with W1 = A1·B1, W2 = A2·B2,
+/// gA1 = s·(G⊙W2)·B1ᵀ, gB1 = s·A1ᵀ·(G⊙W2), gA2 = s·(G⊙W1)·B2ᵀ, gB2 = s·A2ᵀ·(G⊙W1)
+/// (the product rule), in the factors' dtype. Forms two n×m products.
+std::array<torch::Tensor, 4> hadamard_factor_grads(const torch::Tensor& G, const torch::Tensor& A1,
+                                                   const torch::Tensor& B1, const torch::Tensor& A2,
+                                                   const torch::Tensor& B2, double s);
 
 /// σ that makes the expected plain-SGD update of `random` equal −η·G:
 /// E[ΔP] = −η·s²·(E[VᵀV] + E[UUᵀ])·G = −2·η·s²·r·σ²·G, so σ = 1/(s·√(2r)).

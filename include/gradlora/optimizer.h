@@ -2,7 +2,7 @@
 /// \file optimizer.h
 /// gradlora::LowRankOptimizer — LoRA-style low-rank training done from the
 /// optimizer side: a drop-in replacement for torch::optim::AdamW that never
-/// modifies the model. Method and maths: docs/methods.md and design.md §2.
+/// modifies the model. Method and maths: docs/methods.md.
 
 #include <gradlora/config.h>
 #include <gradlora/inner_rule.h>
@@ -33,12 +33,15 @@ struct LowRankOptions : public torch::optim::OptimizerCloneableOptions<LowRankOp
   void serialize(torch::serialize::OutputArchive& archive) const override;
 };
 
+/// Bytes in binary units for people ("42.0 KiB", "1.50 GiB").
+std::string human_bytes(int64_t bytes);
+
 /// One row of the selection report.
 struct ParamReport {
   std::string name;
   std::vector<int64_t> shape;
-  Method method = Method::frozen;
-  int64_t rank = 0;         ///< 0 for full/frozen
+  Method method;            ///< frozen unless selected
+  int64_t rank = 0;         ///< 0 for methods without one (full, frozen)
   int64_t numel = 0;        ///< elements of the parameter
   int64_t trainable = 0;    ///< values the inner rule updates
   int64_t state_bytes = 0;  ///< optimizer state: persistent_bytes + moment_bytes

@@ -25,7 +25,8 @@ struct ProjectorContext {
   uint64_t seed = 0;     ///< config seed
 };
 
-/// Maps G to inner-rule gradients and writes back. A step is
+/// Maps G to inner-rule gradients and writes back (one subclass per method, each
+/// in its own file under src/methods/). A step is
 ///   project(G) → [finite check] → commit(inner) → inner.step() → write_back(inner)
 /// and discard() replaces commit() when the step is skipped.
 class Projector {
@@ -60,6 +61,16 @@ class Projector {
   virtual int64_t trainable() const = 0;
   /// One-line note for the selection report (e.g. "rank(ΔP) ≤ 2r").
   virtual std::string note() const { return {}; }
+  /// The rank shown in the report and checked in checkpoints (0: the method has none).
+  virtual int64_t rank() const { return ctx_.target.rank; }
+  /// Whether fused mode projects this parameter inside backward() (false when the
+  /// inner rule needs the full gradient anyway, as for `full`).
+  virtual bool fusable() const { return true; }
+  /// The target settings that give the saved tensors their meaning: a checkpoint
+  /// saved with other settings is refused. By default the method, scale, init,
+  /// init_std, writeback, on_resample and every option of the method (not the
+  /// learning rate or the weight decay, which may change between runs).
+  virtual std::string settings() const;
 
   /// Checkpointing: save() writes tensors() and counters; check() lists what
   /// in `in` does not fit (missing keys, shapes); load() restores after a
@@ -82,9 +93,9 @@ class Projector {
   int64_t steps_ = 0;
 };
 
-/// Builds the projector for ctx.target.method (lora, random, additive, full).
-/// Throws ConfigError on a parameter the method cannot take (1-D for a
-/// low-rank method, rank out of range, non-floating dtype).
+/// Builds the projector of ctx.target.method from the registry (<gradlora/method.h>);
+/// nullptr for `frozen`. Throws ConfigError on a parameter the method cannot take
+/// (1-D for a low-rank method, rank out of range, non-floating dtype).
 std::unique_ptr<Projector> make_projector(ProjectorContext ctx);
 
 }  // namespace gradlora

@@ -9,25 +9,25 @@
 #include <string>
 #include <tuple>
 
-#include "beyond_util.h"
+#include "method_util.h"
 
 namespace gradlora {
 namespace {
 
-using beyond_testing::config;
-using beyond_testing::grad;
-using beyond_testing::max_abs_diff;
-using beyond_testing::named;
-using beyond_testing::weight;
+using method_testing::config;
+using method_testing::grad;
+using method_testing::max_abs_diff;
+using method_testing::named;
+using method_testing::weight;
 using ::gradlora::testing::CaseAndDeviceName;
 using ::gradlora::testing::test_devices;
 
 Config galore_config(InnerType type, double lr, double wd, int64_t rank, int64_t gap, double scale,
-                     ProjSide side = ProjSide::automatic, OnResample on_resample = OnResample::keep) {
+                     const std::string& side = "auto", OnResample on_resample = OnResample::keep) {
   Config c = config(Method::galore, type, lr, wd, rank);
-  c.targets[0].update_proj_gap = gap;
-  c.targets[0].galore_scale = scale;
-  c.targets[0].proj_side = side;
+  c.targets[0].options["update_proj_gap"] = gap;
+  c.targets[0].options["scale"] = scale;
+  c.targets[0].options["proj_side"] = side;
   c.targets[0].on_resample = on_resample;
   return c;
 }
@@ -57,7 +57,7 @@ TEST_P(GaloreFullRank, EqualsFullSgd) {
   const double lr = 0.05, wd = 0.01;
   torch::Tensor W = weight(n, m).to(device);
   torch::Tensor ref = W.clone();
-  Config c = galore_config(InnerType::sgd, lr, wd, std::min(n, m), 1, 1.0, ProjSide::automatic, on_resample);
+  Config c = galore_config(InnerType::sgd, lr, wd, std::min(n, m), 1, 1.0, "auto", on_resample);
   c.optimizer.momentum = momentum;
   LowRankOptimizer opt(named(W), c);
   torch::Tensor buf;
@@ -105,7 +105,7 @@ TEST(GaloreFullRankControl, KeepWithMomentumDiffersFromFullSgd) {
 
 // (n, m, proj_side, left?): every step's update lies in span(Q) on the projector's side,
 // and Q spans the top-r singular vectors of the gradient it was computed from.
-class GaloreSpan : public ::testing::TestWithParam<std::tuple<int64_t, int64_t, ProjSide, bool>> {};
+class GaloreSpan : public ::testing::TestWithParam<std::tuple<int64_t, int64_t, std::string, bool>> {};
 
 TEST_P(GaloreSpan, UpdateLiesInSpanOfQ) {
   const auto [n, m, side, left] = GetParam();
@@ -137,10 +137,10 @@ TEST_P(GaloreSpan, UpdateLiesInSpanOfQ) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Sides, GaloreSpan,
-                         ::testing::Values(std::make_tuple(int64_t{8}, int64_t{12}, ProjSide::automatic, true),
-                                           std::make_tuple(int64_t{12}, int64_t{8}, ProjSide::automatic, false),
-                                           std::make_tuple(int64_t{12}, int64_t{8}, ProjSide::left, true),
-                                           std::make_tuple(int64_t{8}, int64_t{12}, ProjSide::right, false)));
+                         ::testing::Values(std::make_tuple(int64_t{8}, int64_t{12}, std::string("auto"), true),
+                                           std::make_tuple(int64_t{12}, int64_t{8}, std::string("auto"), false),
+                                           std::make_tuple(int64_t{12}, int64_t{8}, std::string("left"), true),
+                                           std::make_tuple(int64_t{8}, int64_t{12}, std::string("right"), false)));
 
 // ---------------------------------------------- straightforward reference
 
@@ -196,7 +196,7 @@ TEST_P(GaloreVsReference, AdamWOver30Steps) {
   torch::Tensor W = weight(n, m).to(device);
   torch::Tensor P = W.clone();
   LowRankOptimizer opt(named(W),
-                       galore_config(InnerType::adamw, lr, wd, r, gap, scale, ProjSide::automatic, on_resample));
+                       galore_config(InnerType::adamw, lr, wd, r, gap, scale, "auto", on_resample));
   GaloreReference ref{r, gap, lr, wd, scale};
   ref.left = n < m;
   ref.on_resample = on_resample;
@@ -281,12 +281,12 @@ TEST(Galore, StateIsLowRankAndReported) {
 TEST(Galore, CheckpointRoundTripContinuesIdentically) {
   const int64_t n = 7, m = 12;
   torch::Tensor W1 = weight(n, m);
-  Config c = galore_config(InnerType::adamw, 1e-2, 0.05, 3, 4, 0.5, ProjSide::automatic, OnResample::transfer);
+  Config c = galore_config(InnerType::adamw, 1e-2, 0.05, 3, 4, 0.5, "auto", OnResample::transfer);
   LowRankOptimizer a(named(W1), c);
   run(a, W1, 0, 6);
   torch::Tensor W2 = W1.clone();
   LowRankOptimizer b(named(W2), c);
-  beyond_testing::copy_state(a, b);
+  method_testing::copy_state(a, b);
   run(a, W1, 6, 6);  // crosses a refresh (steps 8) with moment transfer
   run(b, W2, 6, 6);
   EXPECT_TRUE(torch::equal(W1, W2)) << max_abs_diff(W1, W2);
@@ -306,8 +306,8 @@ TEST(Galore, FusedMicroBatchesShareOneProjector) {
   torch::Tensor Q;
   for (int64_t t = 0; t < 6; ++t) {
     opt.zero_grad();
-    beyond_testing::loss(W, t).backward();
-    beyond_testing::loss(W, 100 + t).backward();
+    method_testing::loss(W, t).backward();
+    method_testing::loss(W, 100 + t).backward();
     opt.step();
     torch::Tensor G1 = grad(P, t), G2 = grad(P, 100 + t);
     if (t % gap == 0) Q = std::get<0>(torch::linalg_svd(G1, false)).narrow(1, 0, r);

@@ -8,16 +8,16 @@
 #include <string>
 #include <tuple>
 
-#include "beyond_util.h"
+#include "method_util.h"
 
 namespace gradlora {
 namespace {
 
-using beyond_testing::config;
-using beyond_testing::loss;
-using beyond_testing::max_abs_diff;
-using beyond_testing::named;
-using beyond_testing::weight;
+using method_testing::config;
+using method_testing::loss;
+using method_testing::max_abs_diff;
+using method_testing::named;
+using method_testing::weight;
 using ::gradlora::testing::CaseAndDeviceName;
 using ::gradlora::testing::test_devices;
 
@@ -136,7 +136,7 @@ TEST(Hadamard, CheckpointRoundTripContinuesIdentically) {
   for (int64_t t = 0; t < 5; ++t) step(a, W1, t);
   torch::Tensor W2 = W1.detach().clone().requires_grad_();
   LowRankOptimizer b(named(W2), c);
-  beyond_testing::copy_state(a, b);
+  method_testing::copy_state(a, b);
   for (int64_t t = 5; t < 10; ++t) {
     step(a, W1, t);
     step(b, W2, t);

@@ -12,7 +12,7 @@
 #include <string>
 #include <utility>
 
-namespace gradlora::beyond_testing {
+namespace gradlora::method_testing {
 
 /// Batch `t` of the regression problem y = W·x (X is b×m, Y is b×n), in double, on the CPU.
 inline std::pair<torch::Tensor, torch::Tensor> batch(int64_t t, int64_t n, int64_t m, int64_t b = 16) {
@@ -81,4 +81,4 @@ inline void copy_state(const torch::optim::Optimizer& from, torch::optim::Optimi
   to.load(in);
 }
 
-}  // namespace gradlora::beyond_testing
+}  // namespace gradlora::method_testing

@@ -1,7 +1,6 @@
-// galore (SVD projection) and hadamard (FedPara / LoHa) projectors (design.md §2.4, docs/methods_beyond.md).
-#include "projectors_internal.h"
-
-#include <gradlora/maths.h>
+// galore: the gradient projected on its top-r singular vectors, refreshed every
+// `update_proj_gap` steps (Zhao et al. 2024, arXiv 2403.03507).
+#include "methods.h"
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -11,22 +10,11 @@
 #include <limits>
 #include <tuple>
 
-namespace gradlora::detail {
+namespace gradlora::methods {
 
 namespace {
 
-// P2d += alpha·D, where D may have a wider dtype than P2d.
-void add_into(torch::Tensor& P2d, const torch::Tensor& D, double alpha) {
-  if (P2d.scalar_type() == D.scalar_type()) {
-    P2d.add_(D, alpha);
-  } else {
-    P2d.add_(D.mul(alpha).to(P2d.scalar_type()));
-  }
-}
-
 bool finite(const torch::Tensor& t) { return torch::isfinite(t).all().item<bool>(); }
-
-// ------------------------------------------------------------ galore
 
 /// GaLore (Zhao et al. 2024, arXiv 2403.03507). The projector Q holds the top-r
 /// singular vectors of G on the smaller side (left: Q = U_r, n×r, R = Qᵀ·G, r×m;
@@ -41,15 +29,15 @@ class GaloreProjector final : public Projector {
   explicit GaloreProjector(ProjectorContext ctx) : Projector(std::move(ctx)) {
     const Target& t = ctx_.target;
     r_ = t.rank;
-    gap_ = t.update_proj_gap;
-    scale_ = t.galore_scale;
-    left_ = t.proj_side == ProjSide::left || (t.proj_side == ProjSide::automatic && n_ < m_);
-    master_mode_ = use_exact(ctx_);
+    gap_ = option_int(t, "update_proj_gap");
+    scale_ = option_double(t, "scale");
+    const std::string& side = option_text(t, "proj_side");
+    left_ = side == "left" || (side == "auto" && n_ < m_);
     const auto opts = factor_options(ctx_.param);
     torch::NoGradGuard guard;
     Q_ = torch::zeros({left_ ? n_ : m_, r_}, opts);
     N_ = torch::zeros(left_ ? std::vector<int64_t>{r_, m_} : std::vector<int64_t>{n_, r_}, opts);
-    if (master_mode_) master_ = ctx_.param.detach().to(opts.dtype().toScalarType()).reshape({n_, m_}).clone();
+    weight_ = WeightTarget(param2d(), use_exact(ctx_));
   }
 
   std::vector<torch::Tensor> inner_params() const override { return {N_}; }
@@ -87,14 +75,16 @@ class GaloreProjector final : public Projector {
     const double wd = inner.weight_decay();
     if (wd != 0.0 && inner.type() != InnerType::adamw) {
       // Coupled (L2) weight decay: the gradient of wd/2·‖P‖² is wd·P; project it like G.
-      const torch::Tensor P = master_mode_ ? master_ : param2d();
+      torch::Tensor P2 = param2d();
+      const torch::Tensor P = weight_.target(P2);
       N_.mutable_grad().add_(project_with(Q_, P), wd);
     }
   }
 
   void write_back(InnerRule& inner) override {
     torch::NoGradGuard guard;
-    torch::Tensor target = master_mode_ ? master_ : param2d();
+    torch::Tensor P2 = param2d();
+    torch::Tensor& target = weight_.target(P2);
     const double wd = inner.weight_decay();
     if (wd != 0.0 && inner.type() == InnerType::adamw) target.mul_(1.0 - inner.lr() * wd);
     // N was zero before the inner step, so N is now ΔN.
@@ -103,7 +93,7 @@ class GaloreProjector final : public Projector {
     } else {
       add_product(target, N_, Q_.t(), scale_);
     }
-    if (master_mode_) param2d().copy_(master_);
+    weight_.publish(P2);
     N_.zero_();
     release_grad(N_);
     ++steps_;
@@ -111,7 +101,7 @@ class GaloreProjector final : public Projector {
 
   std::vector<std::pair<std::string, torch::Tensor>> tensors() const override {
     std::vector<std::pair<std::string, torch::Tensor>> v{{"Q", Q_}};
-    if (master_mode_) v.emplace_back("master", master_);
+    weight_.append(v);
     return v;
   }
 
@@ -119,26 +109,15 @@ class GaloreProjector final : public Projector {
 
   std::string note() const override {
     std::string s = fmt::format("scale={:g}, {} projector Q {}x{}, SVD every {} steps, on_resample {}", scale_,
-                                left_ ? "left" : "right", Q_.size(0), r_, gap_, to_string(ctx_.target.resample_policy()));
+                                left_ ? "left" : "right", Q_.size(0), r_, gap_, to_string(on_resample_of(ctx_.target)));
     if (r_ == std::min(n_, m_)) s += ", rank = min(n, m): exact full-rank projection, no state saving";
-    if (master_mode_) s += ", fp32 master copy";
+    if (weight_.has_master()) s += ", fp32 master copy";
     return s;
   }
 
  private:
-  // Qᵀ·X (left) or X·Q (right) in Q's dtype; X of another dtype is converted by row panels.
   torch::Tensor project_with(const torch::Tensor& Q, const torch::Tensor& X) const {
-    if (X.scalar_type() == Q.scalar_type()) return left_ ? torch::mm(Q.t(), X) : torch::mm(X, Q);
-    torch::Tensor out = left_ ? torch::zeros({r_, m_}, Q.options()) : torch::empty({n_, r_}, Q.options());
-    for_each_row_panel(X, Q.scalar_type(), 1, [&](int64_t row0, const torch::Tensor& panel) {
-      if (left_) {
-        out.addmm_(Q.narrow(0, row0, panel.size(0)).t(), panel);
-      } else {
-        torch::Tensor rows = out.narrow(0, row0, panel.size(0));
-        at::mm_out(rows, panel, Q);
-      }
-    });
-    return out;
+    return galore_project(Q, X, left_);
   }
 
   // Top-r singular vectors of g on the projector's side, or undefined when they cannot be
@@ -182,7 +161,7 @@ class GaloreProjector final : public Projector {
   // for the part of M that lies in span(Q_new); second moments v → (C∘C)·v, the variance of
   // the rotated coordinates when the old ones are uncorrelated.
   void move_moments(InnerRule& inner, const torch::Tensor& Q_new) {
-    switch (ctx_.target.resample_policy()) {
+    switch (on_resample_of(ctx_.target)) {
       case OnResample::keep:
         return;
       case OnResample::reset:
@@ -209,115 +188,29 @@ class GaloreProjector final : public Projector {
   int64_t r_ = 1, gap_ = 1;
   double scale_ = 1.0;
   bool left_ = true;
-  bool master_mode_ = false;
-  torch::Tensor Q_, N_, pending_, master_;
-};
-
-// ---------------------------------------------------------- hadamard
-
-/// FedPara (Hyeon-Woo et al. 2022, arXiv 2108.06098), known as LoHa:
-/// P = P0 + s·(A1·B1) ⊙ (A2·B2), rank(ΔP) ≤ r². With W1 = A1·B1, W2 = A2·B2 the
-/// product rule gives gA1 = s·(G⊙W2)·B1ᵀ, gB1 = s·A1ᵀ·(G⊙W2), and symmetrically
-/// for A2, B2 with W1. The write-back adds only differences, so any init leaves
-/// the model unchanged at step 0.
-class HadamardProjector final : public Projector {
- public:
-  explicit HadamardProjector(ProjectorContext ctx) : Projector(std::move(ctx)) {
-    const Target& t = ctx_.target;
-    s_ = t.scale();
-    master_mode_ = use_exact(ctx_);
-    const auto opts = factor_options(ctx_.param);
-    const int64_t r = t.rank;
-    auto draw = [&](std::vector<int64_t> shape, uint64_t k) {
-      const uint64_t seed = derive_seed(ctx_.seed, ctx_.name, k);
-      return t.init_std ? seeded_normal(shape, *t.init_std, seed, opts) : seeded_kaiming_uniform(shape, seed, opts);
-    };
-    torch::NoGradGuard guard;
-    A1_ = t.init == Init::zero ? torch::zeros({n_, r}, opts) : draw({n_, r}, 0);
-    B1_ = draw({r, m_}, 1);
-    A2_ = draw({n_, r}, 2);
-    B2_ = draw({r, m_}, 3);
-    if (master_mode_) master_ = ctx_.param.detach().to(opts.dtype().toScalarType()).reshape({n_, m_}).clone();
-  }
-
-  std::vector<torch::Tensor> inner_params() const override { return {A1_, B1_, A2_, B2_}; }
-
-  void project(const torch::Tensor& G) override {
-    torch::Tensor g = G.reshape({n_, m_});
-    if (g.scalar_type() != A1_.scalar_type()) g = g.to(A1_.scalar_type());
-    torch::Tensor H1 = g * torch::mm(A2_, B2_);  // G ⊙ W2
-    torch::Tensor H2 = g * torch::mm(A1_, B1_);  // G ⊙ W1
-    A1_.mutable_grad() = torch::mm(H1, B1_.t()).mul_(s_);
-    B1_.mutable_grad() = torch::mm(A1_.t(), H1).mul_(s_);
-    A2_.mutable_grad() = torch::mm(H2, B2_.t()).mul_(s_);
-    B2_.mutable_grad() = torch::mm(A2_.t(), H2).mul_(s_);
-  }
-
-  void discard() override {
-    for (auto* t : {&A1_, &B1_, &A2_, &B2_}) release_grad(*t);
-  }
-
-  void commit(InnerRule&) override {
-    A1p_ = A1_.clone();
-    B1p_ = B1_.clone();
-    A2p_ = A2_.clone();
-    B2p_ = B2_.clone();
-  }
-
-  void write_back(InnerRule&) override {
-    torch::NoGradGuard guard;
-    // W1'⊙W2' − W1⊙W2 = ΔW1⊙W2' + W1⊙ΔW2, with ΔW = A'·B' − A·B = [A' − A, A]·[B'; B' − B]
-    // (one rank-2r product): no cancellation between two large products.
-    auto delta = [](const torch::Tensor& A0, const torch::Tensor& B0, const torch::Tensor& A1,
-                    const torch::Tensor& B1) {
-      return torch::mm(torch::cat({A1 - A0, A0}, 1), torch::cat({B1, B1 - B0}, 0));
-    };
-    torch::Tensor D = delta(A1p_, B1p_, A1_, B1_).mul_(torch::mm(A2_, B2_));
-    D.addcmul_(torch::mm(A1p_, B1p_), delta(A2p_, B2p_, A2_, B2_));
-    torch::Tensor target = master_mode_ ? master_ : param2d();
-    add_into(target, D, s_);
-    if (master_mode_) param2d().copy_(master_);
-    A1p_ = B1p_ = A2p_ = B2p_ = torch::Tensor();
-    discard();
-    ++steps_;
-  }
-
-  std::pair<torch::Tensor, torch::Tensor> factors() const override {
-    throw std::invalid_argument(fmt::format(
-        "parameter '{}' uses method 'hadamard', which keeps four factors (A1, B1, A2, B2): read them with "
-        "state_tensors()",
-        ctx_.name));
-  }
-
-  std::vector<std::pair<std::string, torch::Tensor>> tensors() const override {
-    std::vector<std::pair<std::string, torch::Tensor>> v{{"A1", A1_}, {"B1", B1_}, {"A2", A2_}, {"B2", B2_}};
-    if (master_mode_) v.emplace_back("master", master_);
-    return v;
-  }
-
-  int64_t trainable() const override { return A1_.numel() + B1_.numel() + A2_.numel() + B2_.numel(); }
-
-  std::string note() const override {
-    const int64_t r = ctx_.target.rank;
-    return fmt::format("s={:g}, init {}, rank(dP) <= {}, needs {}x{} temporaries during the step{}", s_,
-                       to_string(ctx_.target.init), std::min({r * r, n_, m_}), n_, m_,
-                       master_mode_ ? ", fp32 master copy" : "");
-  }
-
- private:
-  double s_ = 1.0;
-  bool master_mode_ = false;
-  torch::Tensor A1_, B1_, A2_, B2_, A1p_, B1p_, A2p_, B2p_, master_;
+  WeightTarget weight_;
+  torch::Tensor Q_, N_, pending_;
 };
 
 }  // namespace
 
-std::unique_ptr<Projector> make_galore_projector(ProjectorContext ctx) {
-  return std::make_unique<GaloreProjector>(std::move(ctx));
+MethodInfo galore() {
+  MethodInfo m;
+  m.name = "galore";
+  m.options = {
+      {"update_proj_gap", int64_t{200}, "steps between SVDs of the gradient", {}, 0.0, true},
+      {"scale", 0.25, "GaLore's scale of the projected update", {}, 0.0, true},
+      {"proj_side", std::string("auto"), "side of G the projector multiplies (auto: the smaller)",
+       {"auto", "left", "right"}},
+  };
+  m.default_on_resample = OnResample::keep;  // GaLore's own behaviour
+  m.make = [](ProjectorContext ctx) { return std::make_unique<GaloreProjector>(std::move(ctx)); };
+  m.data_parallel_refusal = [](const Target&) {
+    return std::string(
+        "its projector is the SVD of each rank's own gradient, so the ranks would disagree; data-parallel "
+        "training supports lora, random, additive, hadamard, full and frozen");
+  };
+  return m;
 }
 
-std::unique_ptr<Projector> make_hadamard_projector(ProjectorContext ctx) {
-  return std::make_unique<HadamardProjector>(std::move(ctx));
-}
-
-}  // namespace gradlora::detail
+}  // namespace gradlora::methods

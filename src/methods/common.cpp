@@ -1,0 +1,53 @@
+// What several methods share: the factor base, the master copy, the write-back choice.
+#include "methods.h"
+
+#include <torch/torch.h>
+
+namespace gradlora::methods {
+
+bool use_exact(const ProjectorContext& ctx) {
+  switch (ctx.target.writeback) {
+    case WriteBack::exact:
+      return true;
+    case WriteBack::incremental:
+      return false;
+    default:
+      return ctx.param.scalar_type() == torch::kBFloat16 || ctx.param.scalar_type() == torch::kHalf;
+  }
+}
+
+WeightTarget::WeightTarget(const torch::Tensor& P2d, bool master) {
+  if (master) master_ = P2d.detach().to(factor_dtype(P2d.scalar_type())).clone();
+}
+
+void WeightTarget::publish(torch::Tensor& P2d) const {
+  if (master_.defined()) P2d.copy_(master_);
+}
+
+void WeightTarget::append(std::vector<std::pair<std::string, torch::Tensor>>& out) const {
+  if (master_.defined()) out.emplace_back("master", master_);
+}
+
+FactorProjector::FactorProjector(ProjectorContext ctx) : Projector(std::move(ctx)) {
+  s_ = ctx_.target.scale();
+  exact_ = use_exact(ctx_);
+}
+
+void FactorProjector::discard() {
+  release_grad(A_);
+  release_grad(B_);
+}
+
+void FactorProjector::set_grads(torch::Tensor gA, torch::Tensor gB) {
+  A_.mutable_grad() = std::move(gA);
+  B_.mutable_grad() = std::move(gB);
+}
+
+void FactorProjector::remember_factors() {
+  A_prev_ = A_.clone();
+  B_prev_ = B_.clone();
+}
+
+void FactorProjector::forget_factors() { A_prev_ = B_prev_ = torch::Tensor(); }
+
+}  // namespace gradlora::methods

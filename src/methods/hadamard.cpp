@@ -1,0 +1,123 @@
+// hadamard: P = P0 + s·(A1·B1) ⊙ (A2·B2), rank up to r² (FedPara / LoHa,
+// Hyeon-Woo et al. 2022, arXiv 2108.06098).
+#include "methods.h"
+
+#include <fmt/format.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+
+namespace gradlora::methods {
+
+namespace {
+
+// P2d += alpha·D, where D may have a wider dtype than P2d.
+void add_into(torch::Tensor& P2d, const torch::Tensor& D, double alpha) {
+  if (P2d.scalar_type() == D.scalar_type()) {
+    P2d.add_(D, alpha);
+  } else {
+    P2d.add_(D.mul(alpha).to(P2d.scalar_type()));
+  }
+}
+
+/// FedPara (Hyeon-Woo et al. 2022, arXiv 2108.06098), known as LoHa:
+/// P = P0 + s·(A1·B1) ⊙ (A2·B2), rank(ΔP) ≤ r². With W1 = A1·B1, W2 = A2·B2 the
+/// product rule gives gA1 = s·(G⊙W2)·B1ᵀ, gB1 = s·A1ᵀ·(G⊙W2), and symmetrically
+/// for A2, B2 with W1. The write-back adds only differences, so any init leaves
+/// the model unchanged at step 0.
+class HadamardProjector final : public Projector {
+ public:
+  explicit HadamardProjector(ProjectorContext ctx) : Projector(std::move(ctx)) {
+    const Target& t = ctx_.target;
+    s_ = t.scale();
+    const auto opts = factor_options(ctx_.param);
+    const int64_t r = t.rank;
+    auto draw = [&](std::vector<int64_t> shape, uint64_t k) {
+      const uint64_t seed = derive_seed(ctx_.seed, ctx_.name, k);
+      return t.init_std ? seeded_normal(shape, *t.init_std, seed, opts) : seeded_kaiming_uniform(shape, seed, opts);
+    };
+    torch::NoGradGuard guard;
+    A1_ = t.init == Init::zero ? torch::zeros({n_, r}, opts) : draw({n_, r}, 0);
+    B1_ = draw({r, m_}, 1);
+    A2_ = draw({n_, r}, 2);
+    B2_ = draw({r, m_}, 3);
+    weight_ = WeightTarget(param2d(), use_exact(ctx_));
+  }
+
+  std::vector<torch::Tensor> inner_params() const override { return {A1_, B1_, A2_, B2_}; }
+
+  void project(const torch::Tensor& G) override {
+    auto g = hadamard_factor_grads(G.reshape({n_, m_}), A1_, B1_, A2_, B2_, s_);
+    A1_.mutable_grad() = g[0];
+    B1_.mutable_grad() = g[1];
+    A2_.mutable_grad() = g[2];
+    B2_.mutable_grad() = g[3];
+  }
+
+  void discard() override {
+    for (auto* t : {&A1_, &B1_, &A2_, &B2_}) release_grad(*t);
+  }
+
+  void commit(InnerRule&) override {
+    A1p_ = A1_.clone();
+    B1p_ = B1_.clone();
+    A2p_ = A2_.clone();
+    B2p_ = B2_.clone();
+  }
+
+  void write_back(InnerRule&) override {
+    torch::NoGradGuard guard;
+    // W1'⊙W2' − W1⊙W2 = ΔW1⊙W2' + W1⊙ΔW2, with ΔW = A'·B' − A·B = [A' − A, A]·[B'; B' − B]
+    // (one rank-2r product): no cancellation between two large products.
+    auto delta = [](const torch::Tensor& A0, const torch::Tensor& B0, const torch::Tensor& A1,
+                    const torch::Tensor& B1) {
+      return torch::mm(torch::cat({A1 - A0, A0}, 1), torch::cat({B1, B1 - B0}, 0));
+    };
+    torch::Tensor D = delta(A1p_, B1p_, A1_, B1_).mul_(torch::mm(A2_, B2_));
+    D.addcmul_(torch::mm(A1p_, B1p_), delta(A2p_, B2p_, A2_, B2_));
+    torch::Tensor P2 = param2d();
+    add_into(weight_.target(P2), D, s_);
+    weight_.publish(P2);
+    A1p_ = B1p_ = A2p_ = B2p_ = torch::Tensor();
+    discard();
+    ++steps_;
+  }
+
+  std::pair<torch::Tensor, torch::Tensor> factors() const override {
+    throw std::invalid_argument(fmt::format(
+        "parameter '{}' uses method 'hadamard', which keeps four factors (A1, B1, A2, B2): read them with "
+        "state_tensors()",
+        ctx_.name));
+  }
+
+  std::vector<std::pair<std::string, torch::Tensor>> tensors() const override {
+    std::vector<std::pair<std::string, torch::Tensor>> v{{"A1", A1_}, {"B1", B1_}, {"A2", A2_}, {"B2", B2_}};
+    weight_.append(v);
+    return v;
+  }
+
+  int64_t trainable() const override { return A1_.numel() + B1_.numel() + A2_.numel() + B2_.numel(); }
+
+  std::string note() const override {
+    const int64_t r = ctx_.target.rank;
+    return fmt::format("s={:g}, init {}, rank(dP) <= {}, needs {}x{} temporaries during the step{}", s_,
+                       to_string(ctx_.target.init), std::min({r * r, n_, m_}), n_, m_,
+                       weight_.has_master() ? ", fp32 master copy" : "");
+  }
+
+ private:
+  double s_ = 1.0;
+  WeightTarget weight_;
+  torch::Tensor A1_, B1_, A2_, B2_, A1p_, B1p_, A2p_, B2p_;
+};
+
+}  // namespace
+
+MethodInfo hadamard() {
+  MethodInfo m;
+  m.name = "hadamard";
+  m.make = [](ProjectorContext ctx) { return std::make_unique<HadamardProjector>(std::move(ctx)); };
+  return m;
+}
+
+}  // namespace gradlora::methods

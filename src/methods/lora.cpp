@@ -1,0 +1,127 @@
+// lora: P = P0 + s·A·B with A n×r, B r×m; merge-and-restart every `merge_every` steps.
+#include "methods.h"
+
+#include <fmt/format.h>
+#include <torch/torch.h>
+
+namespace gradlora::methods {
+
+namespace {
+
+class LoraProjector final : public FactorProjector {
+ public:
+  explicit LoraProjector(ProjectorContext ctx) : FactorProjector(std::move(ctx)) {
+    const Target& t = ctx_.target;
+    merge_every_ = option_int(t, "merge_every");
+    torch::NoGradGuard guard;
+    A_ = torch::empty({n_, t.rank}, factor_options(ctx_.param));
+    B_ = torch::empty({t.rank, m_}, factor_options(ctx_.param));
+    init_factors(0);
+  }
+
+  void project(const torch::Tensor& G) override {
+    auto [gA, gB] = lora_factor_grads(G.reshape({n_, m_}), A_, B_, s_);
+    set_grads(std::move(gA), std::move(gB));
+  }
+
+  void commit(InnerRule&) override {
+    if (!exact_) remember_factors();
+  }
+
+  void write_back(InnerRule& inner) override {
+    torch::Tensor P2 = param2d();
+    if (exact_) {
+      // P = P0 + s·(A·B − A0·B0), rounded once into P's dtype; no n×m temporary.
+      const torch::Tensor P0 = P0_.view({n_, m_});
+      if (A0_.defined()) {
+        lora_write_back(P2, A0_, B0_, A_, B_, s_, P0);  // exactly P0 while A = A0, B = B0
+      } else {
+        add_product(P2, A_, B_, s_, P0);
+      }
+    } else {
+      lora_write_back(P2, A_prev_, B_prev_, A_, B_, s_);
+      forget_factors();
+    }
+    discard();
+    ++steps_;
+    if (merge_every_ > 0 && steps_ % merge_every_ == 0) {
+      // Merge-and-restart: P already holds s·(A·B − A0·B0); start new factors.
+      init_factors(steps_ / merge_every_);
+      inner.reset_state();
+    }
+  }
+
+  std::pair<torch::Tensor, torch::Tensor> initial_factors() const override {
+    if (A0_.defined()) return {A0_, B0_};
+    return draw_initial(merge_every_ > 0 ? steps_ / merge_every_ : 0);
+  }
+
+  std::vector<std::pair<std::string, torch::Tensor>> tensors() const override {
+    std::vector<std::pair<std::string, torch::Tensor>> v{{"A", A_}, {"B", B_}};
+    if (exact_) v.emplace_back("P0", P0_);
+    if (A0_.defined()) {
+      v.emplace_back("A0", A0_);
+      v.emplace_back("B0", B0_);
+    }
+    return v;
+  }
+
+  std::string note() const override {
+    std::string n = fmt::format("s={:g}, init {}, writeback {}", s_, to_string(ctx_.target.init),
+                                exact_ ? "exact" : "incremental");
+    if (merge_every_ > 0) n += fmt::format(", merge every {}", merge_every_);
+    return n;
+  }
+
+  std::string settings() const override {
+    // init_std matters only for the symmetric init; the rest as the base class says.
+    const Target& t = ctx_.target;
+    const std::string init_std = t.init == Init::symmetric && t.init_std ? fmt::format("{:.17g}", *t.init_std)
+                                 : t.init == Init::symmetric             ? "auto"
+                                                                         : "-";
+    return fmt::format("scale {:.17g}, init {}, init_std {}, merge_every {}", s_, to_string(t.init),
+                       init_std, merge_every_);
+  }
+
+ private:
+  // The factors a (re)start draws; deterministic in (seed, name, restart).
+  std::pair<torch::Tensor, torch::Tensor> draw_initial(int64_t restart) const {
+    torch::NoGradGuard guard;
+    const Target& t = ctx_.target;
+    const auto opts = factor_options(ctx_.param);
+    const uint64_t sa = derive_seed(ctx_.seed, ctx_.name, 2 * static_cast<uint64_t>(restart));
+    const uint64_t sb = derive_seed(ctx_.seed, ctx_.name, 2 * static_cast<uint64_t>(restart) + 1);
+    if (t.init == Init::zero) return {torch::zeros({n_, t.rank}, opts), seeded_kaiming_uniform({t.rank, m_}, sb, opts)};
+    const double sd = t.init_std.value_or(unbiased_random_std(s_, t.rank));
+    return {seeded_normal({n_, t.rank}, sd, sa, opts), seeded_normal({t.rank, m_}, sd, sb, opts)};
+  }
+
+  void init_factors(int64_t restart) {
+    torch::NoGradGuard guard;
+    auto [A0, B0] = draw_initial(restart);
+    A_.copy_(A0);
+    B_.copy_(B0);
+    if (exact_) {
+      P0_ = ctx_.param.detach().clone();
+      if (ctx_.target.init == Init::symmetric) {
+        A0_ = A_.clone();
+        B0_ = B_.clone();
+      }
+    }
+  }
+
+  int64_t merge_every_ = 0;
+  torch::Tensor P0_, A0_, B0_;
+};
+
+}  // namespace
+
+MethodInfo lora() {
+  MethodInfo m;
+  m.name = "lora";
+  m.options = {{"merge_every", int64_t{0}, "steps between merge-and-restart (0 = never)", {}, 0.0}};
+  m.make = [](ProjectorContext ctx) { return std::make_unique<LoraProjector>(std::move(ctx)); };
+  return m;
+}
+
+}  // namespace gradlora::methods

@@ -1,0 +1,82 @@
+#pragma once
+// Private to the method files: the registry's entries, and what several methods share.
+#include <gradlora/maths.h>
+#include <gradlora/method.h>
+#include <gradlora/projector.h>
+
+#include <torch/types.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace gradlora::methods {
+
+/// One per file of src/methods/, listed in registry.cpp.
+MethodInfo full();
+MethodInfo lora();
+MethodInfo random();
+MethodInfo additive();
+MethodInfo galore();
+MethodInfo hadamard();
+
+/// Factors' dtype (fp32, or fp64 for double weights) on the parameter's device.
+inline torch::TensorOptions factor_options(const torch::Tensor& P) {
+  return torch::TensorOptions().dtype(factor_dtype(P.scalar_type())).device(P.device());
+}
+
+/// `writeback: auto` means exact for bf16/fp16 weights, incremental otherwise.
+bool use_exact(const ProjectorContext& ctx);
+
+/// Drops a tensor's .grad (the inner rule then skips it).
+inline void release_grad(torch::Tensor& t) {
+  if (t.grad().defined()) t.mutable_grad() = torch::Tensor();
+}
+
+/// The weight as the methods update it. Incremental: increments go straight into
+/// P. With a master copy (`writeback: exact` for methods whose change is not a
+/// function of their current factors: random, galore, hadamard) they go into an
+/// n×m copy of P in the factors' dtype, and P is its rounding: no update is lost
+/// to P's bf16/fp16 rounding.
+class WeightTarget {
+ public:
+  WeightTarget() = default;
+  WeightTarget(const torch::Tensor& P2d, bool master);
+  /// Where increments go: the master copy, or P itself.
+  torch::Tensor& target(torch::Tensor& P2d) { return master_.defined() ? master_ : P2d; }
+  /// After the increments: P = round(master) (nothing without a master copy).
+  void publish(torch::Tensor& P2d) const;
+  bool has_master() const { return master_.defined(); }
+  const torch::Tensor& master() const { return master_; }
+  /// Restores the master copy from a checkpoint.
+  void restore(const torch::Tensor& saved) { master_.copy_(saved); }
+  /// For a checkpoint's "master" tensor.
+  void append(std::vector<std::pair<std::string, torch::Tensor>>& out) const;
+
+ private:
+  torch::Tensor master_;
+};
+
+/// Base of the methods that train two factors A (n×r) and B (r×m) with scale s
+/// (lora, random, additive): the factors, their gradients, and the factors
+/// before the inner step, from which an incremental write-back takes the change.
+class FactorProjector : public Projector {
+ public:
+  explicit FactorProjector(ProjectorContext ctx);
+  std::vector<torch::Tensor> inner_params() const override { return {A_, B_}; }
+  void discard() override;
+  std::pair<torch::Tensor, torch::Tensor> factors() const override { return {A_, B_}; }
+  int64_t trainable() const override { return A_.numel() + B_.numel(); }
+
+ protected:
+  void set_grads(torch::Tensor gA, torch::Tensor gB);
+  /// Copies A, B before the inner step: the write-back adds s·f(A, B) − s·f(A_prev, B_prev).
+  void remember_factors();
+  void forget_factors();
+
+  double s_ = 1.0;
+  bool exact_ = false;
+  torch::Tensor A_, B_, A_prev_, B_prev_;
+};
+
+}  // namespace gradlora::methods

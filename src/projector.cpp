@@ -1,0 +1,71 @@
+// The Projector base: what every method's projector shares (checkpoint I/O of
+// its tensors, the settings a checkpoint is checked against).
+#include <gradlora/method.h>
+#include <gradlora/projector.h>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <torch/torch.h>
+
+namespace gradlora {
+
+Projector::Projector(ProjectorContext ctx) : ctx_(std::move(ctx)) {
+  const auto& P = ctx_.param;
+  n_ = P.dim() == 0 ? 1 : P.size(0);
+  m_ = P.dim() == 0 ? 1 : (n_ == 0 ? 0 : P.numel() / n_);
+}
+
+torch::Tensor Projector::param2d() const { return ctx_.param.view({n_, m_}); }
+
+std::pair<torch::Tensor, torch::Tensor> Projector::factors() const {
+  throw std::invalid_argument(fmt::format("parameter '{}' uses method '{}', which keeps no factors", ctx_.name,
+                                          to_string(ctx_.target.method)));
+}
+
+std::pair<torch::Tensor, torch::Tensor> Projector::initial_factors() const {
+  throw std::invalid_argument(fmt::format("parameter '{}' uses method '{}', which keeps no initial factors",
+                                          ctx_.name, to_string(ctx_.target.method)));
+}
+
+int64_t Projector::persistent_bytes() const {
+  int64_t b = 0;
+  for (const auto& kv : tensors()) b += kv.second.numel() * static_cast<int64_t>(kv.second.element_size());
+  return b;
+}
+
+std::string Projector::settings() const {
+  const Target& t = ctx_.target;
+  const MethodInfo& info = method_info(t.method);
+  std::string s = fmt::format("scale {:.17g}, init {}, init_std {}, writeback {}, on_resample {}", t.scale(),
+                              to_string(t.init),
+                              t.init_std ? fmt::format("{:.17g}", *t.init_std) : "auto", to_string(t.writeback),
+                              to_string(on_resample_of(t)));
+  for (const auto& o : info.options) s += fmt::format(", {} {}", o.key, option_text_of(option(t, o.key)));
+  return s;
+}
+
+void Projector::save(TensorMap& out) const {
+  out["steps"] = torch::tensor(steps_, torch::kLong);
+  for (const auto& kv : tensors()) out[kv.first] = kv.second;
+}
+
+void Projector::check(const TensorMap& in, std::vector<std::string>& problems) const {
+  if (!in.count("steps")) problems.push_back("counter 'steps' is missing");
+  for (const auto& kv : tensors()) {
+    auto it = in.find(kv.first);
+    if (it == in.end()) {
+      problems.push_back(fmt::format("tensor '{}' is missing", kv.first));
+    } else if (it->second.sizes() != kv.second.sizes()) {
+      problems.push_back(fmt::format("tensor '{}' has shape [{}], expected [{}]", kv.first,
+                                     fmt::join(it->second.sizes(), ", "), fmt::join(kv.second.sizes(), ", ")));
+    }
+  }
+}
+
+void Projector::load(const TensorMap& in) {
+  steps_ = in.at("steps").item<int64_t>();
+  torch::NoGradGuard guard;
+  for (auto& kv : tensors()) kv.second.copy_(in.at(kv.first));
+}
+
+}  // namespace gradlora
