@@ -20,7 +20,8 @@ std::vector<fs::path> expand(const CorpusSettings& c, const std::string& base_di
     fs::path p(c.files[i]);
     if (p.is_relative()) p = fs::path(base_dir) / p;
     std::error_code ec;
-    if (!fs::exists(p, ec)) throw SettingsError(fmt::format("config key '{}': path '{}' does not exist", key, p.string()));
+    if (!fs::exists(p, ec))
+      throw SettingsError(fmt::format("config key '{}': path '{}' does not exist", key, p.string()));
     if (fs::is_directory(p, ec)) {
       std::vector<fs::path> inside;
       for (const auto& e : fs::directory_iterator(p, ec)) {
@@ -74,8 +75,8 @@ Corpus load_corpus(const CorpusSettings& c, const std::string& base_dir, int64_t
     corpus.files.push_back({p.string(), n, h});
   }
   if (train.empty() && held.empty()) {
-    throw SettingsError(fmt::format("config key '{}.files': the corpus is empty (0 bytes in {} file(s))", c.key,
-                                    corpus.files.size()));
+    throw SettingsError(
+        fmt::format("config key '{}.files': the corpus is empty (0 bytes in {} file(s))", c.key, corpus.files.size()));
   }
   const int64_t window = context + 1;
   if (static_cast<int64_t>(train.size()) < window || static_cast<int64_t>(held.size()) < window) {

@@ -6,11 +6,11 @@
 #include <gradlora/distributed.h>
 #include <gradlora/method.h>
 
-#include <CLI/CLI.hpp>
 #include <c10/util/Exception.h>
 #include <fmt/format.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
+#include <CLI/CLI.hpp>
 
 #include <cmath>
 #include <cstdio>
@@ -80,7 +80,8 @@ int run_train(const Settings& s, const std::string& method, const std::string& o
   if (!report) return 0;
   std::printf("%s: %lld steps, held-out loss %.4f -> %.4f", o.method.c_str(), static_cast<long long>(r.steps_done),
               r.eval_before, r.eval_after);
-  if (std::isfinite(r.base_before)) std::printf(", pre-training held-out loss %.4f -> %.4f", r.base_before, r.base_after);
+  if (std::isfinite(r.base_before))
+    std::printf(", pre-training held-out loss %.4f -> %.4f", r.base_before, r.base_after);
   std::printf("; %.1f ms/step; outputs in %s\n", r.step_ms, out.c_str());
   return 0;
 }
@@ -96,8 +97,9 @@ int main(int argc, char** argv) {
   logger->set_pattern("[%H:%M:%S %^%l%$] %v");
   spdlog::set_default_logger(logger);
 
-  CLI::App app{"gradlora: low-rank training from the optimizer side. Trains a byte-level Transformer language model "
-               "with gradlora::LowRankOptimizer."};
+  CLI::App app{
+      "gradlora: low-rank training from the optimizer side. Trains a byte-level Transformer language model "
+      "with gradlora::LowRankOptimizer."};
   app.require_subcommand(1);
   std::string config, out, method;
   std::vector<std::string> sets;
@@ -120,9 +122,10 @@ int main(int argc, char** argv) {
     sub->add_flag("--quick", quick, "apply the config's compare.quick overrides (a short version of the run)");
   }
   train->add_flag("--resume", resume, "continue from <out>/checkpoint.pt");
-  train->add_option("--nproc", nproc,
-                    "data-parallel training in N processes on this machine (Gloo on loopback); each trains "
-                    "training.batch/N windows of every batch")
+  train
+      ->add_option("--nproc", nproc,
+                   "data-parallel training in N processes on this machine (Gloo on loopback); each trains "
+                   "training.batch/N windows of every batch")
       ->check(CLI::PositiveNumber);
   train->add_option("--method,-m", method, "train this entry of compare.methods instead of the top-level optimizer");
   inspect->add_option("--method,-m", method, "show only this entry of compare.methods");
@@ -163,7 +166,8 @@ int main(int argc, char** argv) {
     install_interrupt_handler();
     if (*train && nproc > 1) {
       if (gradlora::launched_distributed()) {
-        return fail("--nproc: this process is already one rank of a job (RANK and WORLD_SIZE are set); drop --nproc", 2);
+        return fail("--nproc: this process is already one rank of a job (RANK and WORLD_SIZE are set); drop --nproc",
+                    2);
       }
       // Checked here so that an error is printed once, not by every rank.
       const YAML::Node tree = method.empty() ? s.root : method_tree(s, find_method(s, method), s.seed);
@@ -172,8 +176,9 @@ int main(int argc, char** argv) {
       const std::string refusal = gradlora::data_parallel_refusal(cfg);
       if (!refusal.empty()) throw SettingsError(fmt::format("{} (--nproc {})", refusal, nproc));
       if (batch % nproc != 0) {
-        throw SettingsError(fmt::format(
-            "training.batch: {} windows cannot be split evenly over --nproc {}; use a multiple of {}", batch, nproc, nproc));
+        throw SettingsError(
+            fmt::format("training.batch: {} windows cannot be split evenly over --nproc {}; use a multiple of {}",
+                        batch, nproc, nproc));
       }
       // Forked before any torch work: each rank re-enters main's train path
       // with RANK/WORLD_SIZE set (rendezvous through a FileStore).
@@ -185,9 +190,10 @@ int main(int argc, char** argv) {
     }
     if (*train) return run_train(s, method, out, resume, true);
     if (gradlora::launched_distributed()) {
-      return fail("compare runs in a single process (RANK and WORLD_SIZE are set); train one method data-parallel "
-                  "with `gradlora train --method NAME` instead",
-                  2);
+      return fail(
+          "compare runs in a single process (RANK and WORLD_SIZE are set); train one method data-parallel "
+          "with `gradlora train --method NAME` instead",
+          2);
     }
     return run_compare(s, out, fresh);
   });

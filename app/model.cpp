@@ -51,8 +51,7 @@ CharTransformerImpl::CharTransformerImpl(const ModelSettings& s) : settings_(s) 
 
 torch::Tensor CharTransformerImpl::forward(const torch::Tensor& tokens) {
   const int64_t T = tokens.size(1);
-  TORCH_CHECK(T <= settings_.context, "sequence of ", T, " tokens is longer than model.context = ",
-              settings_.context);
+  TORCH_CHECK(T <= settings_.context, "sequence of ", T, " tokens is longer than model.context = ", settings_.context);
   torch::Tensor x = embed->forward(tokens) + pos_embed.slice(0, 0, T);
   for (const auto& b : *blocks) x = b->as<Block>()->forward(x);
   return head->forward(norm->forward(x));

@@ -1,6 +1,8 @@
 // The trainer's YAML sections: parsing, validation, --set overrides.
 #include "settings.h"
 
+#include "yaml_text.h"
+
 #include <fmt/format.h>
 
 #include <cctype>
@@ -14,18 +16,8 @@ namespace gradlora::app {
 
 namespace {
 
-std::string where(const YAML::Node& n) {
-  const YAML::Mark m = n.Mark();
-  if (m.line < 0) return "";
-  return fmt::format(" (line {}, column {})", m.line + 1, m.column + 1);
-}
-
-std::string show(const YAML::Node& n) {
-  if (!n.IsDefined() || n.IsNull()) return "nothing";
-  if (n.IsScalar()) return "'" + n.Scalar() + "'";
-  if (n.IsSequence()) return "a list";
-  return "a mapping";
-}
+using yaml_text::show;
+using yaml_text::where;
 
 [[noreturn]] void fail(const std::string& key, const std::string& what) {
   throw SettingsError(fmt::format("config key '{}': {}", key, what));
@@ -43,8 +35,7 @@ int64_t as_int(const YAML::Node& n, const std::string& key) {
 
 uint64_t as_uint(const YAML::Node& n, const std::string& key) {
   unsigned long long v = 0;
-  if (!n.IsScalar() || n.Scalar().empty() || n.Scalar()[0] == '-' ||
-      !YAML::convert<unsigned long long>::decode(n, v)) {
+  if (!n.IsScalar() || n.Scalar().empty() || n.Scalar()[0] == '-' || !YAML::convert<unsigned long long>::decode(n, v)) {
     type_error(key, "a non-negative integer", n);
   }
   return static_cast<uint64_t>(v);
@@ -145,8 +136,8 @@ TrainingSettings parse_training(const YAML::Node& n) {
   if (n["device"]) t.device = as_string(n["device"], p + ".device");
   {
     const std::string& d = t.device;
-    const bool cuda_index = d.rfind("cuda:", 0) == 0 && d.size() > 5 &&
-                            d.find_first_not_of("0123456789", 5) == std::string::npos;
+    const bool cuda_index =
+        d.rfind("cuda:", 0) == 0 && d.size() > 5 && d.find_first_not_of("0123456789", 5) == std::string::npos;
     if (d != "cpu" && d != "cuda" && !cuda_index) {
       fail(p + ".device", fmt::format("must be cpu, cuda or cuda:N, got '{}'", d));
     }
@@ -189,7 +180,7 @@ bool safe_name(const std::string& s) {
   return true;
 }
 
-const std::set<std::string> kMethodKeys = {"name",   "set",      "optimizer",          "targets",
+const std::set<std::string> kMethodKeys = {"name",    "set",          "optimizer",          "targets",
                                            "default", "on_nonfinite", "fuse_into_backward", "allow_unmatched_targets"};
 
 CompareSettings parse_compare(const YAML::Node& n) {

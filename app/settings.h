@@ -56,9 +56,9 @@ struct PretrainSettings {
 struct TrainingSettings {
   int64_t steps = 300;
   int64_t batch = 16;
-  int64_t threads = 1;     ///< at::set_num_threads
-  std::string device = "cpu";  ///< cpu, cuda or cuda:N: where the model and its batches live
-  int64_t warmup = 20;     ///< linear warm-up steps
+  int64_t threads = 1;              ///< at::set_num_threads
+  std::string device = "cpu";       ///< cpu, cuda or cuda:N: where the model and its batches live
+  int64_t warmup = 20;              ///< linear warm-up steps
   std::string schedule = "cosine";  ///< cosine | constant (after warm-up)
   double min_lr_ratio = 0.1;        ///< cosine floor, as a fraction of the base lr
   double grad_clip = 1.0;           ///< global gradient-norm clip (0 = off)
@@ -98,9 +98,9 @@ struct Settings {
   bool has_compare = false;
   CompareSettings compare;
   uint64_t seed = 0;
-  YAML::Node root;        ///< the whole tree after overrides
-  std::string base_dir;   ///< relative data paths are resolved against this
-  std::string source;     ///< the config file, for messages
+  YAML::Node root;       ///< the whole tree after overrides
+  std::string base_dir;  ///< relative data paths are resolved against this
+  std::string source;    ///< the config file, for messages
 };
 
 /// Thrown for a bad trainer setting; the message names the key and the value.

@@ -18,11 +18,20 @@ std::string esc(const std::string& s) {
   std::string o;
   for (char c : s) {
     switch (c) {
-      case '&': o += "&amp;"; break;
-      case '<': o += "&lt;"; break;
-      case '>': o += "&gt;"; break;
-      case '"': o += "&quot;"; break;
-      default: o += c;
+      case '&':
+        o += "&amp;";
+        break;
+      case '<':
+        o += "&lt;";
+        break;
+      case '>':
+        o += "&gt;";
+        break;
+      case '"':
+        o += "&quot;";
+        break;
+      default:
+        o += c;
     }
   }
   return o;
@@ -101,9 +110,9 @@ std::string svg_chart(const std::vector<Panel>& panels, const std::string& title
                        x1 - x0, y0 - y1);
     out += fmt::format("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n", (x0 + x1) / 2, y0 + 34,
                        esc(p.xlabel));
-    out += fmt::format(
-        "<text x=\"{0}\" y=\"{1}\" text-anchor=\"middle\" transform=\"rotate(-90 {0} {1})\">{2}</text>\n", ox + 16,
-        (y0 + y1) / 2, esc(p.ylabel));
+    out +=
+        fmt::format("<text x=\"{0}\" y=\"{1}\" text-anchor=\"middle\" transform=\"rotate(-90 {0} {1})\">{2}</text>\n",
+                    ox + 16, (y0 + y1) / 2, esc(p.ylabel));
     for (size_t si = 0; si < p.series.size(); ++si) {
       const Series& s = p.series[si];
       const char* color = kPalette[(s.color >= 0 ? s.color : static_cast<int>(si)) % kColors];

@@ -10,9 +10,9 @@
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
-#include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
+#include <nlohmann/json.hpp>
 
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -141,9 +141,10 @@ torch::Device model_device(CharTransformer& model) { return model->parameters().
 torch::Device training_device(const TrainingSettings& t) {
   const torch::Device device(t.device);
   if (device.is_cuda() && !torch::cuda::is_available()) {
-    throw SettingsError(fmt::format("training.device: '{}' asked for, but CUDA is not available here (LibTorch "
-                                    "built without CUDA, or no GPU); use cpu",
-                                    t.device));
+    throw SettingsError(
+        fmt::format("training.device: '{}' asked for, but CUDA is not available here (LibTorch "
+                    "built without CUDA, or no GPU); use cpu",
+                    t.device));
   }
   return device;
 }
@@ -240,8 +241,8 @@ LoopResult run_loop(CharTransformer& model, torch::optim::Optimizer& opt, BatchS
     }
     const double ss = seconds_since(t0);
     if (!std::isfinite(lv)) {
-      throw std::runtime_error(fmt::format("{}: the training loss is {} at step {} (lower the learning rate?)",
-                                           L.label, lv, step + 1));
+      throw std::runtime_error(
+          fmt::format("{}: the training loss is {} at step {} (lower the learning rate?)", L.label, lv, step + 1));
     }
     loss_sum += lv;
     ++loss_n;
@@ -285,8 +286,8 @@ LoopResult run_loop(CharTransformer& model, torch::optim::Optimizer& opt, BatchS
 std::string metrics_csv(const std::vector<MetricRow>& rows) {
   std::string out = "step,lr,train_loss,eval_loss,base_eval_loss,tokens,elapsed_s\n";
   for (const auto& r : rows) {
-    out += fmt::format("{},{},{},{},{},{},{:.3f}\n", r.step, fmt_num(r.lr), fmt_num(r.train_loss),
-                       fmt_num(r.eval_loss), fmt_num(r.base_eval_loss), r.tokens, r.elapsed_s);
+    out += fmt::format("{},{},{},{},{},{},{:.3f}\n", r.step, fmt_num(r.lr), fmt_num(r.train_loss), fmt_num(r.eval_loss),
+                       fmt_num(r.base_eval_loss), r.tokens, r.elapsed_s);
   }
   return out;
 }
@@ -479,8 +480,8 @@ std::string selection_table(const LowRankOptimizer& opt) {
                        human_bytes(p.adamw_state_bytes));
   }
   const double pct = rep.total_params ? 100.0 * static_cast<double>(rep.total_trainable) / rep.total_params : 0.0;
-  out += fmt::format("total: {} parameters, {} trainable ({:.2f}%); optimizer state {} vs {} for full AdamW", rep.total_params,
-                     rep.total_trainable, pct, human_bytes(rep.total_state_bytes),
+  out += fmt::format("total: {} parameters, {} trainable ({:.2f}%); optimizer state {} vs {} for full AdamW",
+                     rep.total_params, rep.total_trainable, pct, human_bytes(rep.total_state_bytes),
                      human_bytes(rep.total_adamw_state_bytes));
   if (rep.total_state_bytes > 0) {
     out += fmt::format(" ({:.1f}x smaller)",
@@ -548,9 +549,10 @@ Ranks join_ranks(const TrainingSettings& t) {
   d.rank = d.pg->getRank();
   d.world = d.pg->getSize();
   if (t.batch % d.world != 0) {
-    throw SettingsError(fmt::format("training.batch: {} windows cannot be split evenly over {} ranks (--nproc); use "
-                                    "a multiple of {}",
-                                    t.batch, d.world, d.world));
+    throw SettingsError(
+        fmt::format("training.batch: {} windows cannot be split evenly over {} ranks (--nproc); use "
+                    "a multiple of {}",
+                    t.batch, d.world, d.world));
   }
   return d;
 }
@@ -710,13 +712,13 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
     dpo.timeout = kRankWait;
     dp = make_data_parallel(opt, d.pg, dpo);
     if (d.main()) {
-      spdlog::info("data-parallel: {} ranks, {} windows each per step; {} all-reduced per step instead of {}",
-                   d.world, t.batch / d.world, human_bytes(dp->expected_step_bytes()),
-                   human_bytes(full_gradient_bytes(opt)));
+      spdlog::info("data-parallel: {} ranks, {} windows each per step; {} all-reduced per step instead of {}", d.world,
+                   t.batch / d.world, human_bytes(dp->expected_step_bytes()), human_bytes(full_gradient_bytes(opt)));
       if (t.grad_clip > 0) {
-        spdlog::warn("training.grad_clip {}: each rank clips the gradient of its own shard before the ranks "
-                     "average, so the run differs from a single-process one (training.grad_clip=0 makes them equal)",
-                     t.grad_clip);
+        spdlog::warn(
+            "training.grad_clip {}: each rank clips the gradient of its own shard before the ranks "
+            "average, so the run differs from a single-process one (training.grad_clip=0 makes them equal)",
+            t.grad_clip);
       }
     }
   }
@@ -792,8 +794,8 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
   }
   if (!d.main()) return sum;  // rank 0 writes the results
   if (r.interrupted) {
-    spdlog::warn("{} seed {}: stopped at step {}; checkpoint {} (continue with --resume)", o.method, seed,
-                 r.steps_done, ckpt_path);
+    spdlog::warn("{} seed {}: stopped at step {}; checkpoint {} (continue with --resume)", o.method, seed, r.steps_done,
+                 ckpt_path);
     return sum;
   }
   save_model(model, (fs::path(o.out_dir) / "model.pt").string());
@@ -854,7 +856,7 @@ int run_compare(const Settings& s, const std::string& out_dir, bool fresh) {
       const std::string hash = result_hash(tt);
       auto done = read_summary(o.out_dir);
       o.resume = !fresh && ((done && done->hash == hash && !done->interrupted) ||
-                             fs::exists(fs::path(o.out_dir) / "checkpoint.pt"));
+                            fs::exists(fs::path(o.out_dir) / "checkpoint.pt"));
       RunSummary r;
       try {
         r = train_run(rs2, tt, o);
@@ -948,8 +950,9 @@ int run_compare(const Settings& s, const std::string& out_dir, bool fresh) {
   std::fflush(stdout);
   write_file_atomic((fs::path(out_dir) / "results.md").string(), md + "\n" + note + "\n");
   write_file_atomic((fs::path(out_dir) / "results.csv").string(), csv);
-  write_file_atomic((fs::path(out_dir) / "compare.svg").string(),
-                    svg_chart(panels, fmt::format("continual fine-tuning, mean ± sd over {} seed(s)", s.compare.seeds.size())));
+  write_file_atomic(
+      (fs::path(out_dir) / "compare.svg").string(),
+      svg_chart(panels, fmt::format("continual fine-tuning, mean ± sd over {} seed(s)", s.compare.seeds.size())));
   spdlog::info("wrote {}/results.md, results.csv, compare.svg", out_dir);
   return 0;
 }

@@ -17,8 +17,8 @@ namespace gradlora::app {
 struct MetricRow {
   int64_t step = 0;
   double lr = 0;
-  double train_loss = std::numeric_limits<double>::quiet_NaN();  ///< mean since the previous row
-  double eval_loss = std::numeric_limits<double>::quiet_NaN();   ///< held-out fine-tuning corpus
+  double train_loss = std::numeric_limits<double>::quiet_NaN();      ///< mean since the previous row
+  double eval_loss = std::numeric_limits<double>::quiet_NaN();       ///< held-out fine-tuning corpus
   double base_eval_loss = std::numeric_limits<double>::quiet_NaN();  ///< held-out pre-training corpus
   int64_t tokens = 0;
   double elapsed_s = 0;

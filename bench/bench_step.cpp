@@ -36,7 +36,9 @@ torch::Tensor make_param(const Shape& s) {
   return p;
 }
 
-int64_t bytes_of(const torch::Tensor& t) { return t.defined() ? t.numel() * static_cast<int64_t>(t.element_size()) : 0; }
+int64_t bytes_of(const torch::Tensor& t) {
+  return t.defined() ? t.numel() * static_cast<int64_t>(t.element_size()) : 0;
+}
 
 void set_counters(benchmark::State& st, const Shape& s, int64_t r, int64_t state_bytes, int64_t moment_bytes,
                   int64_t measured_bytes) {

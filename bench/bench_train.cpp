@@ -13,6 +13,8 @@
 //   gradlora_bench_train --threads=2 [--layers=8] [--dim=2048] [--batch=256] [--rank=8]
 //                        [--steps=10] [--warmup=2] [--modes=full,module_lora,lora,fused] [--json=out.json]
 
+#include "bench_args.h"
+
 #include <gradlora/gradlora.h>
 
 #include <torch/torch.h>
@@ -55,25 +57,9 @@ std::vector<std::string> split(const std::string& s, char sep) {
 
 Options parse(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    const auto eq = a.find('=');
-    const std::string key = a.substr(0, eq), val = eq == std::string::npos ? "" : a.substr(eq + 1);
-    if (key == "--threads") o.threads = std::stoi(val);
-    else if (key == "--layers") o.layers = std::stoll(val);
-    else if (key == "--dim") o.dim = std::stoll(val);
-    else if (key == "--batch") o.batch = std::stoll(val);
-    else if (key == "--rank") o.rank = std::stoll(val);
-    else if (key == "--steps") o.steps = std::stoi(val);
-    else if (key == "--warmup") o.warmup = std::stoi(val);
-    else if (key == "--mode") o.mode = val;
-    else if (key == "--modes") o.modes = val;
-    else if (key == "--json") o.json = val;
-    else {
-      std::cerr << "gradlora_bench_train: unknown argument '" << a << "'\n";
-      std::exit(2);
-    }
-  }
+  gradlora::bench::Args args("gradlora_bench_train");
+  gradlora::bench::add_stack_options(args, o).add("--mode", o.mode).add("--modes", o.modes).add("--json", o.json);
+  args.parse(argc, argv);
   return o;
 }
 
@@ -188,9 +174,9 @@ int run_child(const Options& o) {
       "\"first_loss\": %.6g, \"last_loss\": %.6g}\n",
       mode.c_str(), static_cast<long long>(L), static_cast<long long>(d), static_cast<long long>(o.batch),
       static_cast<long long>(r), at::get_num_threads(), o.steps, median(times),
-      *std::min_element(times.begin(), times.end()), static_cast<long long>(peak),
-      static_cast<long long>(start_rss), static_cast<long long>(setup_rss), grads_after_backward ? "true" : "false",
-      fused_active ? "true" : "false", first_loss, last_loss);
+      *std::min_element(times.begin(), times.end()), static_cast<long long>(peak), static_cast<long long>(start_rss),
+      static_cast<long long>(setup_rss), grads_after_backward ? "true" : "false", fused_active ? "true" : "false",
+      first_loss, last_loss);
   return 0;
 }
 

@@ -10,6 +10,8 @@
 //   gradlora_dist_bench [--nproc=2] [--threads=1] [--layers=8] [--dim=1024] [--batch=64] [--rank=8]
 //                       [--steps=10] [--warmup=2] [--modes=lowrank,fullgrad]
 
+#include "bench_args.h"
+
 #include <gradlora/distributed.h>
 #include <gradlora/gradlora.h>
 
@@ -37,24 +39,9 @@ struct Options {
 
 Options parse(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    const auto eq = a.find('=');
-    const std::string key = a.substr(0, eq), val = eq == std::string::npos ? "" : a.substr(eq + 1);
-    if (key == "--nproc") o.nproc = std::stoi(val);
-    else if (key == "--threads") o.threads = std::stoi(val);
-    else if (key == "--layers") o.layers = std::stoll(val);
-    else if (key == "--dim") o.dim = std::stoll(val);
-    else if (key == "--batch") o.batch = std::stoll(val);
-    else if (key == "--rank") o.rank = std::stoll(val);
-    else if (key == "--steps") o.steps = std::stoi(val);
-    else if (key == "--warmup") o.warmup = std::stoi(val);
-    else if (key == "--modes") o.modes = val;
-    else {
-      std::cerr << "gradlora_dist_bench: unknown argument '" << a << "'\n";
-      std::exit(2);
-    }
-  }
+  gradlora::bench::Args args("gradlora_dist_bench");
+  gradlora::bench::add_stack_options(args, o).add("--nproc", o.nproc).add("--modes", o.modes);
+  args.parse(argc, argv);
   return o;
 }
 
@@ -139,8 +126,8 @@ int run_rank(const Options& o, const std::string& mode, int rank, const std::str
     std::ofstream f(out);
     f << "{\"mode\": \"" << mode << "\", \"nproc\": " << pg->getSize() << ", \"threads\": " << o.threads
       << ", \"layers\": " << L << ", \"dim\": " << d << ", \"batch\": " << o.batch << ", \"rank\": " << o.rank
-      << ", \"steps\": " << o.steps << ", \"bytes_per_step\": " << bytes
-      << ", \"step_ms_median\": " << median(step_ms) << ", \"allreduce_ms_median\": " << median(comm_ms) << "}\n";
+      << ", \"steps\": " << o.steps << ", \"bytes_per_step\": " << bytes << ", \"step_ms_median\": " << median(step_ms)
+      << ", \"allreduce_ms_median\": " << median(comm_ms) << "}\n";
   }
   return 0;
 }

@@ -59,7 +59,6 @@ int main(int argc, char** argv) {
   }
   auto [A, B] = opt.factors("fc2.weight");
   std::printf("fc2.weight factors: A %lldx%lld, B %lldx%lld\n", static_cast<long long>(A.size(0)),
-              static_cast<long long>(A.size(1)), static_cast<long long>(B.size(0)),
-              static_cast<long long>(B.size(1)));
+              static_cast<long long>(A.size(1)), static_cast<long long>(B.size(0)), static_cast<long long>(B.size(1)));
   return 0;
 }

@@ -15,7 +15,9 @@
 namespace {
 
 struct NetImpl : torch::nn::Module {
-  NetImpl() : fc1(register_module("fc1", torch::nn::Linear(64, 256))), fc2(register_module("fc2", torch::nn::Linear(256, 16))) {}
+  NetImpl()
+      : fc1(register_module("fc1", torch::nn::Linear(64, 256))),
+        fc2(register_module("fc2", torch::nn::Linear(256, 16))) {}
   torch::Tensor forward(const torch::Tensor& x) { return fc2->forward(torch::gelu(fc1->forward(x))); }
   torch::nn::Linear fc1, fc2;
 };

@@ -138,8 +138,8 @@ int main(int argc, char** argv) {
     model.train();
     const torch::Tensor idx = torch::randint(x_train.size(0), {batch}, torch::kLong);
     opt.zero_grad();
-    torch::Tensor loss = torch::mse_loss(model.forward({x_train.index_select(0, idx)}).toTensor(),
-                                         y_train.index_select(0, idx));
+    torch::Tensor loss =
+        torch::mse_loss(model.forward({x_train.index_select(0, idx)}).toTensor(), y_train.index_select(0, idx));
     loss.backward();
     opt.step();
     if (step % 100 == 0) {

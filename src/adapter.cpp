@@ -5,9 +5,9 @@
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
-#include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -35,9 +35,9 @@ struct DtypeName {
   torch::ScalarType type;
 };
 
-const DtypeName kDtypes[] = {{"F64", torch::kFloat64}, {"F32", torch::kFloat32}, {"F16", torch::kFloat16},
-                             {"BF16", torch::kBFloat16}, {"I64", torch::kInt64},  {"I32", torch::kInt32},
-                             {"I16", torch::kInt16},     {"I8", torch::kInt8},    {"U8", torch::kUInt8},
+const DtypeName kDtypes[] = {{"F64", torch::kFloat64},   {"F32", torch::kFloat32}, {"F16", torch::kFloat16},
+                             {"BF16", torch::kBFloat16}, {"I64", torch::kInt64},   {"I32", torch::kInt32},
+                             {"I16", torch::kInt16},     {"I8", torch::kInt8},     {"U8", torch::kUInt8},
                              {"BOOL", torch::kBool}};
 
 const char* dtype_name(torch::ScalarType t) {
@@ -289,9 +289,8 @@ AdapterExport export_adapter(const LowRankOptimizer& opt, const std::string& fol
   json cfg;
   cfg["peft_type"] = "LORA";
   cfg["task_type"] = nullptr;
-  cfg["base_model_name_or_path"] = options.base_model_name_or_path.empty()
-                                       ? json(nullptr)
-                                       : json(options.base_model_name_or_path);
+  cfg["base_model_name_or_path"] =
+      options.base_model_name_or_path.empty() ? json(nullptr) : json(options.base_model_name_or_path);
   cfg["r"] = scales[0].r;
   cfg["lora_alpha"] = number(scales[0].alpha);
   json rank_pattern = json::object(), alpha_pattern = json::object();
@@ -369,9 +368,10 @@ std::vector<std::string> load_adapter(const torch::OrderedDict<std::string, torc
     } else if (ends_with(k, ".lora_B.weight")) {
       modules[k.substr(0, k.size() - std::strlen(".lora_B.weight"))].B = t;
     } else {
-      problems.push_back(fmt::format("key '{}' is not a LoRA factor (expected '<module>.lora_A.weight' or "
-                                     "'<module>.lora_B.weight')",
-                                     key));
+      problems.push_back(
+          fmt::format("key '{}' is not a LoRA factor (expected '<module>.lora_A.weight' or "
+                      "'<module>.lora_B.weight')",
+                      key));
     }
   }
   struct Update {

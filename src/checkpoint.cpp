@@ -140,8 +140,8 @@ torch::serialize::InputArchive read_archive(const std::string& path) {
   try {
     archive.load_from(path);
   } catch (const c10::Error& e) {
-    throw CheckpointError(fmt::format("checkpoint '{}': corrupt or truncated file ({})", path,
-                                      e.what_without_backtrace()));
+    throw CheckpointError(
+        fmt::format("checkpoint '{}': corrupt or truncated file ({})", path, e.what_without_backtrace()));
   }
   c10::IValue v;
   bool ok = false;

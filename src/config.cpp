@@ -11,8 +11,7 @@ namespace gradlora {
 namespace {
 
 template <typename E, size_t N>
-E parse_enum(const std::string& s, const std::string& key, const char* const (&names)[N],
-             const E (&values)[N]) {
+E parse_enum(const std::string& s, const std::string& key, const char* const (&names)[N], const E (&values)[N]) {
   for (size_t i = 0; i < N; ++i) {
     if (s == names[i]) return values[i];
   }
@@ -74,12 +73,8 @@ const char* to_string(InnerType t) { return name_of(t, kInnerTypes, kInnerTypeVa
 const char* to_string(OnResample o) { return name_of(o, kOnResample, kOnResampleValues); }
 const char* to_string(OnNonFinite o) { return name_of(o, kOnNonFinite, kOnNonFiniteValues); }
 
-Method parse_method(const std::string& s, const std::string& key) {
-  return Method(method_info(s, key).name);
-}
-Init parse_init(const std::string& s, const std::string& key) {
-  return parse_enum(s, key, kInits, kInitValues);
-}
+Method parse_method(const std::string& s, const std::string& key) { return Method(method_info(s, key).name); }
+Init parse_init(const std::string& s, const std::string& key) { return parse_enum(s, key, kInits, kInitValues); }
 WriteBack parse_writeback(const std::string& s, const std::string& key) {
   return parse_enum(s, key, kWriteBacks, kWriteBackValues);
 }

@@ -2,6 +2,8 @@
 #include <gradlora/config.h>
 #include <gradlora/method.h>
 
+#include "yaml_text.h"
+
 #include <fmt/format.h>
 #include <yaml-cpp/yaml.h>
 
@@ -13,18 +15,8 @@ namespace gradlora {
 
 namespace {
 
-std::string where(const YAML::Node& n) {
-  const YAML::Mark m = n.Mark();
-  if (m.line < 0) return "";
-  return fmt::format(" (line {}, column {})", m.line + 1, m.column + 1);
-}
-
-std::string show(const YAML::Node& n) {
-  if (n.IsScalar()) return "'" + n.Scalar() + "'";
-  if (n.IsSequence()) return "a list";
-  if (n.IsMap()) return "a mapping";
-  return "nothing";
-}
+using yaml_text::show;
+using yaml_text::where;
 
 [[noreturn]] void type_error(const std::string& key, const char* expected, const YAML::Node& n) {
   throw ConfigError(fmt::format("config key '{}': expected {}, got {}{}", key, expected, show(n), where(n)));
@@ -74,16 +66,15 @@ void check_keys(const YAML::Node& map, const std::string& prefix, const std::set
     if (allowed.count(k) || ignored.count(k)) continue;
     std::string list;
     for (const auto& a : allowed) list += (list.empty() ? "" : ", ") + a;
-    throw ConfigError(fmt::format("config key '{}{}': unknown key{} (known keys: {})", prefix.empty() ? "" : prefix + ".",
-                                  k, where(kv.first), list));
+    throw ConfigError(fmt::format("config key '{}{}': unknown key{} (known keys: {})",
+                                  prefix.empty() ? "" : prefix + ".", k, where(kv.first), list));
   }
 }
 
 InnerConfig parse_optimizer(const YAML::Node& n) {
   const std::string p = "optimizer";
   if (!n.IsMap()) type_error(p, "a mapping", n);
-  check_keys(n, p,
-             {"type", "lr", "betas", "eps", "weight_decay", "amsgrad", "momentum", "dampening", "nesterov"});
+  check_keys(n, p, {"type", "lr", "betas", "eps", "weight_decay", "amsgrad", "momentum", "dampening", "nesterov"});
   InnerConfig c;
   if (n["type"]) c.type = parse_inner_type(as_string(n["type"], p + ".type"), p + ".type");
   if (n["lr"]) c.lr = as_double(n["lr"], p + ".lr");
@@ -124,8 +115,8 @@ Target parse_target(const YAML::Node& n, size_t i) {
   t.match = as_string(n["match"], p + ".match");
   if (n["method"]) t.method = parse_method(as_string(n["method"], p + ".method"), p + ".method");
   // The keys every method shares, then the method's own options.
-  std::set<std::string> keys{"match",  "method",       "rank",      "alpha",      "init",
-                             "init_std", "lr",         "weight_decay", "writeback", "on_resample"};
+  std::set<std::string> keys{"match",    "method", "rank",         "alpha",     "init",
+                             "init_std", "lr",     "weight_decay", "writeback", "on_resample"};
   const MethodInfo& info = method_info(t.method);
   for (const auto& o : info.options) keys.insert(o.key);
   check_keys(n, p, keys);

@@ -54,8 +54,8 @@ void wait_work(const c10::intrusive_ptr<c10d::Work>& work, std::chrono::millisec
   try {
     work->wait(timeout);
   } catch (const std::exception& e) {
-    throw DistributedError(fmt::format("gradlora: rank {}: {} failed or did not complete within {:g} s: {}", rank,
-                                       what, seconds_of(timeout), e.what()));
+    throw DistributedError(fmt::format("gradlora: rank {}: {} failed or did not complete within {:g} s: {}", rank, what,
+                                       seconds_of(timeout), e.what()));
   }
 }
 
@@ -216,15 +216,13 @@ int env_int(const char* name, bool required, int fallback) {
   errno = 0;
   const long x = std::strtol(v, &end, 10);
   if (errno != 0 || *end != '\0' || x < 0 || x > 1000000) {
-    throw DistributedError(fmt::format("gradlora: environment variable {}='{}' is not a valid non-negative integer",
-                                       name, v));
+    throw DistributedError(
+        fmt::format("gradlora: environment variable {}='{}' is not a valid non-negative integer", name, v));
   }
   return static_cast<int>(x);
 }
 
-bool is_loopback(const std::string& addr) {
-  return addr == "localhost" || addr == "::1" || addr.rfind("127.", 0) == 0;
-}
+bool is_loopback(const std::string& addr) { return addr == "localhost" || addr == "::1" || addr.rfind("127.", 0) == 0; }
 
 }  // namespace
 
@@ -320,13 +318,15 @@ DataParallel::DataParallel(LowRankOptimizer& optimizer, c10::intrusive_ptr<c10d:
     throw ConfigError(fmt::format("DataParallelOptions::bucket_bytes must be positive, got {}", options_.bucket_bytes));
   }
   if (options_.timeout.count() <= 0) {
-    throw ConfigError(fmt::format("DataParallelOptions::timeout must be positive, got {} ms", options_.timeout.count()));
+    throw ConfigError(
+        fmt::format("DataParallelOptions::timeout must be positive, got {} ms", options_.timeout.count()));
   }
   const int rank = pg_->getRank();
   const int world = pg_->getSize();
 
   // 1. Every rank must run the same config on the same parameters.
-  const std::vector<std::string> texts = allgather_strings(*pg_, distributed_fingerprint(opt_), options_.timeout, control_device(*pg_, opt_));
+  const std::vector<std::string> texts =
+      allgather_strings(*pg_, distributed_fingerprint(opt_), options_.timeout, control_device(*pg_, opt_));
   const std::vector<std::string> diffs = fingerprint_differences(texts);
   if (!diffs.empty()) {
     const size_t shown = std::min<size_t>(diffs.size(), 10);
@@ -344,7 +344,8 @@ DataParallel::DataParallel(LowRankOptimizer& optimizer, c10::intrusive_ptr<c10d:
     if (!info.data_parallel_refusal) continue;
     const std::string why = info.data_parallel_refusal(opt_.projector(name).context().target);
     if (!why.empty()) {
-      throw ConfigError(fmt::format("gradlora: DataParallel: parameter '{}' uses method '{}': {}", name, info.name, why));
+      throw ConfigError(
+          fmt::format("gradlora: DataParallel: parameter '{}' uses method '{}': {}", name, info.name, why));
     }
   }
 
@@ -432,10 +433,9 @@ c10::intrusive_ptr<c10d::Store> make_store(int rank, int world_size, const std::
 
 }  // namespace
 
-c10::intrusive_ptr<c10d::ProcessGroup> make_gloo_process_group(int rank, int world_size,
-                                                              const std::string& store_path,
-                                                              const std::string& master_addr, int master_port,
-                                                              std::chrono::milliseconds timeout) {
+c10::intrusive_ptr<c10d::ProcessGroup> make_gloo_process_group(int rank, int world_size, const std::string& store_path,
+                                                               const std::string& master_addr, int master_port,
+                                                               std::chrono::milliseconds timeout) {
   auto store = make_store(rank, world_size, store_path, master_addr, master_port, timeout);
   auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
   const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
@@ -464,26 +464,25 @@ bool nccl_available() {
 #endif
 }
 
-c10::intrusive_ptr<c10d::ProcessGroup> make_nccl_process_group(int rank, int world_size,
-                                                              const std::string& store_path,
-                                                              const std::string& master_addr, int master_port,
-                                                              std::chrono::milliseconds timeout) {
+c10::intrusive_ptr<c10d::ProcessGroup> make_nccl_process_group(int rank, int world_size, const std::string& store_path,
+                                                               const std::string& master_addr, int master_port,
+                                                               std::chrono::milliseconds timeout) {
 #ifdef GRADLORA_HAVE_NCCL
   auto store = make_store(rank, world_size, store_path, master_addr, master_port, timeout);
   auto opts = c10d::ProcessGroupNCCL::Options::create();
   opts->timeout = timeout;
   try {
-    return compat::as_process_group(c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world_size, opts),
-                                    store, rank, world_size, "nccl");
+    return compat::as_process_group(c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world_size, opts), store,
+                                    rank, world_size, "nccl");
   } catch (const std::exception& e) {
-    throw DistributedError(fmt::format("gradlora: rank {} of {}: NCCL process group failed: {}", rank, world_size,
-                                       e.what()));
+    throw DistributedError(
+        fmt::format("gradlora: rank {} of {}: NCCL process group failed: {}", rank, world_size, e.what()));
   }
 #else
   (void)store_path, (void)master_addr, (void)master_port, (void)timeout;
-  throw DistributedError(fmt::format(
-      "gradlora: rank {} of {}: this build has no NCCL backend (LibTorch without CUDA/NCCL); use Gloo", rank,
-      world_size));
+  throw DistributedError(
+      fmt::format("gradlora: rank {} of {}: this build has no NCCL backend (LibTorch without CUDA/NCCL); use Gloo",
+                  rank, world_size));
 #endif
 }
 

@@ -22,24 +22,24 @@ InnerRule::InnerRule(std::vector<torch::Tensor> params, const InnerConfig& cfg, 
   switch (type_) {
     case InnerType::sgd:
       opt_ = std::make_unique<torch::optim::SGD>(params_, torch::optim::SGDOptions(lr)
-                                                               .momentum(cfg.momentum)
-                                                               .dampening(cfg.dampening)
-                                                               .weight_decay(weight_decay)
-                                                               .nesterov(cfg.nesterov));
+                                                              .momentum(cfg.momentum)
+                                                              .dampening(cfg.dampening)
+                                                              .weight_decay(weight_decay)
+                                                              .nesterov(cfg.nesterov));
       break;
     case InnerType::adam:
       opt_ = std::make_unique<torch::optim::Adam>(params_, torch::optim::AdamOptions(lr)
+                                                               .betas({cfg.betas[0], cfg.betas[1]})
+                                                               .eps(cfg.eps)
+                                                               .weight_decay(weight_decay)
+                                                               .amsgrad(cfg.amsgrad));
+      break;
+    case InnerType::adamw:
+      opt_ = std::make_unique<torch::optim::AdamW>(params_, torch::optim::AdamWOptions(lr)
                                                                 .betas({cfg.betas[0], cfg.betas[1]})
                                                                 .eps(cfg.eps)
                                                                 .weight_decay(weight_decay)
                                                                 .amsgrad(cfg.amsgrad));
-      break;
-    case InnerType::adamw:
-      opt_ = std::make_unique<torch::optim::AdamW>(params_, torch::optim::AdamWOptions(lr)
-                                                                 .betas({cfg.betas[0], cfg.betas[1]})
-                                                                 .eps(cfg.eps)
-                                                                 .weight_decay(weight_decay)
-                                                                 .amsgrad(cfg.amsgrad));
       break;
   }
 }

@@ -25,7 +25,9 @@ void LowRankOptions::serialize(torch::serialize::InputArchive& archive) {
   archive.read("lr", v);
   lr_ = v.toDouble();
 }
-void LowRankOptions::serialize(torch::serialize::OutputArchive& archive) const { archive.write("lr", c10::IValue(lr_)); }
+void LowRankOptions::serialize(torch::serialize::OutputArchive& archive) const {
+  archive.write("lr", c10::IValue(lr_));
+}
 
 // -------------------------------------------------------------- entry
 
@@ -128,10 +130,10 @@ LowRankOptimizer::LowRankOptimizer(const torch::OrderedDict<std::string, torch::
   }
   for (size_t i = 0; i < T; ++i) {
     if (matches[i] > 0) continue;
-    const std::string msg =
-        fmt::format("config key 'targets[{}].match': pattern '{}' matches no parameter (set "
-                    "allow_unmatched_targets: true to make this a warning)",
-                    i, config_.targets[i].match);
+    const std::string msg = fmt::format(
+        "config key 'targets[{}].match': pattern '{}' matches no parameter (set "
+        "allow_unmatched_targets: true to make this a warning)",
+        i, config_.targets[i].match);
     if (!config_.allow_unmatched_targets) throw ConfigError(msg);
     spdlog::warn("gradlora: {}", msg);
   }

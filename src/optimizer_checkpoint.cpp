@@ -59,8 +59,8 @@ void LowRankOptimizer::load(torch::serialize::InputArchive& archive) {
       throw std::runtime_error("not a gradlora optimizer checkpoint (no 'gradlora_format' key)");
     }
     if (v.toInt() != kFormatVersion) {
-      throw std::runtime_error(fmt::format("checkpoint format {} is not supported (expected {})", v.toInt(),
-                                           kFormatVersion));
+      throw std::runtime_error(
+          fmt::format("checkpoint format {} is not supported (expected {})", v.toInt(), kFormatVersion));
     }
     archive.read("step_count", v);
     step_count = v.toInt();
@@ -72,8 +72,8 @@ void LowRankOptimizer::load(torch::serialize::InputArchive& archive) {
     archive.read("group_lrs", v);
     for (const auto& d : v.toListRef()) lrs.push_back(d.toDouble());
     if (lrs.size() != param_groups_.size()) {
-      problems.push_back(fmt::format("checkpoint has {} parameter groups, the optimizer {}", lrs.size(),
-                                     param_groups_.size()));
+      problems.push_back(
+          fmt::format("checkpoint has {} parameter groups, the optimizer {}", lrs.size(), param_groups_.size()));
     }
     std::map<std::string, size_t> pos;
     for (size_t i = 0; i < names.size(); ++i) pos[names[i]] = i;
@@ -93,8 +93,8 @@ void LowRankOptimizer::load(torch::serialize::InputArchive& archive) {
       sub.read("method", v);
       const std::string method = v.toStringRef();
       if (method != to_string(e.method)) {
-        problems.push_back(who + fmt::format("method is '{}' in the checkpoint, '{}' here", method,
-                                             to_string(e.method)));
+        problems.push_back(who +
+                           fmt::format("method is '{}' in the checkpoint, '{}' here", method, to_string(e.method)));
         continue;
       }
       sub.read("shape", v);
@@ -119,8 +119,8 @@ void LowRankOptimizer::load(torch::serialize::InputArchive& archive) {
       }
       const std::string settings = e.projector->settings();
       if (sub.try_read("settings", v) && v.isString() && v.toStringRef() != settings) {
-        problems.push_back(who + fmt::format("settings are '{}' in the checkpoint, '{}' here", v.toStringRef(),
-                                             settings));
+        problems.push_back(who +
+                           fmt::format("settings are '{}' in the checkpoint, '{}' here", v.toStringRef(), settings));
         continue;
       }
       sub.read("tensor_keys", v);

@@ -39,8 +39,8 @@ struct LowRankOptimizer::Entry {
   // fused mode
   std::shared_ptr<torch::autograd::Node> accumulator;  // held, or the hook is lost with it
   std::shared_ptr<FusedLink> link;
-  torch::Tensor placeholder;          // what the hook leaves in param.grad
-  int64_t placeholder_version = -1;   // its version counter when the hook left it
+  torch::Tensor placeholder;         // what the hook leaves in param.grad
+  int64_t placeholder_version = -1;  // its version counter when the hook left it
 
   /// True while the projected gradients accumulated since the last step() are
   /// still wanted: the placeholder is in .grad and nobody zeroed it.

@@ -50,8 +50,8 @@ void LowRankOptimizer::build_report() {
 std::string SelectionReport::to_string() const {
   size_t w = 9;
   for (const auto& p : params) w = std::max(w, p.name.size());
-  std::string out = fmt::format("{:<{}}  {:<14} {:<9} {:>4} {:>12} {:>12} {:>11} {:>11}  {}\n", "parameter", w,
-                                "shape", "method", "rank", "numel", "trainable", "state", "adamw", "note");
+  std::string out = fmt::format("{:<{}}  {:<14} {:<9} {:>4} {:>12} {:>12} {:>11} {:>11}  {}\n", "parameter", w, "shape",
+                                "method", "rank", "numel", "trainable", "state", "adamw", "note");
   for (const auto& p : params) {
     out += fmt::format("{:<{}}  {:<14} {:<9} {:>4} {:>12} {:>12} {:>11} {:>11}  {}\n", p.name, w,
                        fmt::format("{}", fmt::join(p.shape, "x")), gradlora::to_string(p.method),

@@ -18,13 +18,13 @@ Projector::Projector(ProjectorContext ctx) : ctx_(std::move(ctx)) {
 torch::Tensor Projector::param2d() const { return ctx_.param.view({n_, m_}); }
 
 std::pair<torch::Tensor, torch::Tensor> Projector::factors() const {
-  throw std::invalid_argument(fmt::format("parameter '{}' uses method '{}', which keeps no factors", ctx_.name,
-                                          to_string(ctx_.target.method)));
+  throw std::invalid_argument(
+      fmt::format("parameter '{}' uses method '{}', which keeps no factors", ctx_.name, to_string(ctx_.target.method)));
 }
 
 std::pair<torch::Tensor, torch::Tensor> Projector::initial_factors() const {
-  throw std::invalid_argument(fmt::format("parameter '{}' uses method '{}', which keeps no initial factors",
-                                          ctx_.name, to_string(ctx_.target.method)));
+  throw std::invalid_argument(fmt::format("parameter '{}' uses method '{}', which keeps no initial factors", ctx_.name,
+                                          to_string(ctx_.target.method)));
 }
 
 int64_t Projector::persistent_bytes() const {
@@ -37,9 +37,8 @@ std::string Projector::settings() const {
   const Target& t = ctx_.target;
   const MethodInfo& info = method_info(t.method);
   std::string s = fmt::format("scale {:.17g}, init {}, init_std {}, writeback {}, on_resample {}", t.scale(),
-                              to_string(t.init),
-                              t.init_std ? fmt::format("{:.17g}", *t.init_std) : "auto", to_string(t.writeback),
-                              to_string(on_resample_of(t)));
+                              to_string(t.init), t.init_std ? fmt::format("{:.17g}", *t.init_std) : "auto",
+                              to_string(t.writeback), to_string(on_resample_of(t)));
   for (const auto& o : info.options) s += fmt::format(", {} {}", o.key, option_text_of(option(t, o.key)));
   return s;
 }

@@ -23,8 +23,7 @@
 namespace gradlora::compat {
 
 /// The key type of torch::optim::Optimizer::state(), whatever the release.
-using OptimizerStateKey =
-    typename std::decay_t<decltype(std::declval<torch::optim::Optimizer&>().state())>::key_type;
+using OptimizerStateKey = typename std::decay_t<decltype(std::declval<torch::optim::Optimizer&>().state())>::key_type;
 
 /// The key of tensor `t` in torch::optim::Optimizer::state() (a template, so that only the
 /// branch of this release is instantiated).

@@ -104,8 +104,7 @@ TEST(ConfigErrors, UnknownEnumValues) {
                       {"targets[0].method", "'lorax'", "lora | random"});
   expect_config_error([] { Config::from_yaml_string("targets: [{match: a, init: gaussian}]"); },
                       {"targets[0].init", "'gaussian'"});
-  expect_config_error([] { Config::from_yaml_string("optimizer: {type: rmsprop}"); },
-                      {"optimizer.type", "'rmsprop'"});
+  expect_config_error([] { Config::from_yaml_string("optimizer: {type: rmsprop}"); }, {"optimizer.type", "'rmsprop'"});
   expect_config_error([] { Config::from_yaml_string("targets: [{match: a, method: random, on_resample: swap}]"); },
                       {"targets[0].on_resample", "'swap'", "keep | reset | transfer"});
   expect_config_error([] { Config::from_yaml_string("default: lora"); }, {"'default'", "lora"});
@@ -127,8 +126,7 @@ TEST(ConfigErrors, WrongTypes) {
 }
 
 TEST(ConfigErrors, OutOfRange) {
-  expect_config_error([] { Config::from_yaml_string("targets: [{match: a, rank: 0}]"); },
-                      {"targets[0].rank", "got 0"});
+  expect_config_error([] { Config::from_yaml_string("targets: [{match: a, rank: 0}]"); }, {"targets[0].rank", "got 0"});
   expect_config_error([] { Config::from_yaml_string("targets: [{match: a, rank: -4}]"); },
                       {"targets[0].rank", "got -4"});
   expect_config_error([] { Config::from_yaml_string("optimizer: {lr: -0.1}"); }, {"optimizer.lr", "-0.1"});
@@ -186,8 +184,8 @@ TEST(SelectionErrors, TargetMatchingNothing) {
       [&] { LowRankOptimizer(m->named_parameters(), quiet("targets: [{match: 'encoder.*', rank: 2}]")); },
       {"targets[0].match", "encoder.*", "matches no parameter", "allow_unmatched_targets"});
   // Opt-out: a warning only.
-  EXPECT_NO_THROW(LowRankOptimizer(
-      m->named_parameters(), quiet("allow_unmatched_targets: true\ntargets: [{match: 'encoder.*', rank: 2}]")));
+  EXPECT_NO_THROW(LowRankOptimizer(m->named_parameters(),
+                                   quiet("allow_unmatched_targets: true\ntargets: [{match: 'encoder.*', rank: 2}]")));
 }
 
 TEST(SelectionErrors, NonFloatingParameter) {

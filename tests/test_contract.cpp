@@ -8,11 +8,7 @@
 #include <sstream>
 
 using namespace gradlora;
-using gradlora::testing::batch;
-using gradlora::testing::make_mlp;
-using gradlora::testing::max_abs_diff;
-using gradlora::testing::Mlp2;
-using gradlora::testing::quiet;
+using namespace gradlora::testing;  // the shared test helpers (test_util.h)
 
 namespace {
 

@@ -7,14 +7,7 @@
 #include <tuple>
 
 using namespace gradlora;
-using gradlora::testing::batch;
-using gradlora::testing::CaseAndDeviceName;
-using gradlora::testing::DeviceName;
-using gradlora::testing::make_mlp;
-using gradlora::testing::max_abs_diff;
-using gradlora::testing::Mlp2;
-using gradlora::testing::quiet;
-using gradlora::testing::test_devices;
+using namespace gradlora::testing;  // the shared test helpers (test_util.h)
 
 namespace {
 
@@ -109,8 +102,8 @@ std::pair<double, double> run_equivalence(InnerType t, Init init, torch::ScalarT
     wgap = std::max({wgap, max_abs_diff(model->fc1->weight, W1), max_abs_diff(model->fc2->weight, W2)});
     auto [a1, b1] = opt.factors("fc1.weight");
     auto [a2, b2] = opt.factors("fc2.weight");
-    fgap = std::max({fgap, max_abs_diff(a1, ref.A1), max_abs_diff(b1, ref.B1), max_abs_diff(a2, ref.A2),
-                     max_abs_diff(b2, ref.B2)});
+    fgap = std::max(
+        {fgap, max_abs_diff(a1, ref.A1), max_abs_diff(b1, ref.B1), max_abs_diff(a2, ref.A2), max_abs_diff(b2, ref.B2)});
   }
   return {wgap, fgap};
 }
@@ -247,9 +240,8 @@ TEST(Core, ModelUnchangedAtStepZeroForBothInits) {
 TEST(Core, SchedulerReachesTheFactorUpdates) {
   // Inner SGD without momentum: ΔA = −lr·gA, so the factor step tracks the group lr exactly.
   Mlp2 m = make_mlp(torch::kDouble);
-  LowRankOptimizer opt(m->named_parameters(),
-                       quiet("optimizer: {type: sgd, lr: 0.2}\n"
-                             "targets: [{match: fc1.weight, rank: 2, init: symmetric}]"));
+  LowRankOptimizer opt(m->named_parameters(), quiet("optimizer: {type: sgd, lr: 0.2}\n"
+                                                    "targets: [{match: fc1.weight, rank: 2, init: symmetric}]"));
   torch::optim::StepLR sched(opt, /*step_size=*/1, /*gamma=*/0.25);
   std::set<double> lrs;
   for (int i = 0; i < 4; ++i) {
@@ -331,7 +323,7 @@ TEST(Memory, LoraStateHoldsNoFullSizeTensor) {
       EXPECT_LT(kv.second.numel(), nm) << name << " " << kv.first;
       if (kv.first.rfind("inner.", 0) == 0) moments += kv.second.numel();
     }
-    const torch::Tensor P = m->named_parameters()[name];  // a copy: named_parameters() is a temporary
+    const torch::Tensor P = m->named_parameters()[name];          // a copy: named_parameters() is a temporary
     EXPECT_EQ(moments, 2 * 2 * (P.size(0) + P.size(1))) << name;  // adamw: 2·r·(n+m)
   }
 }
@@ -341,8 +333,8 @@ TEST(Memory, ReportAt4096SquaredRank8) {
   params.insert("w", torch::zeros({4096, 4096}));
   LowRankOptimizer opt(params, quiet("targets: [{match: w, rank: 8}]"));
   const ParamReport& p = opt.report().params.at(0);
-  EXPECT_EQ(p.moment_bytes, 2 * 8 * (4096 + 4096) * 4);      // 512 KiB of moments
-  EXPECT_EQ(p.persistent_bytes, 8 * (4096 + 4096) * 4);      // the factors
+  EXPECT_EQ(p.moment_bytes, 2 * 8 * (4096 + 4096) * 4);          // 512 KiB of moments
+  EXPECT_EQ(p.persistent_bytes, 8 * (4096 + 4096) * 4);          // the factors
   EXPECT_EQ(p.adamw_state_bytes, int64_t{2} * 4096 * 4096 * 4);  // 128 MiB for AdamW
   EXPECT_EQ(p.allreduce_bytes, 4 * 8 * (4096 + 4096));
   EXPECT_EQ(p.adamw_state_bytes / p.moment_bytes, 256);

@@ -3,13 +3,7 @@
 #include "test_util.h"
 
 using namespace gradlora;
-using gradlora::testing::batch;
-using gradlora::testing::DeviceName;
-using gradlora::testing::make_mlp;
-using gradlora::testing::max_abs_diff;
-using gradlora::testing::Mlp2;
-using gradlora::testing::quiet;
-using gradlora::testing::test_devices;
+using namespace gradlora::testing;  // the shared test helpers (test_util.h)
 
 namespace {
 
@@ -106,7 +100,8 @@ enum class Zero { optimizer_base, module, none };
 
 std::vector<torch::Tensor> zeroed_between_backwards(bool fused, Zero zero) {
   Mlp2 m = make_mlp(torch::kDouble);
-  LowRankOptimizer opt(m->named_parameters(), quiet(std::string(kTargets) + (fused ? "fuse_into_backward: true\n" : "")));
+  LowRankOptimizer opt(m->named_parameters(),
+                       quiet(std::string(kTargets) + (fused ? "fuse_into_backward: true\n" : "")));
   torch::optim::Optimizer& base = opt;  // what a generic training loop holds
   for (int i = 0; i < 4; ++i) {
     auto [x1, y1] = batch(100 + i, torch::kDouble);
@@ -134,8 +129,8 @@ TEST(Fused, ZeroGradThroughTheBaseClassDropsEarlierBackwards) {
   for (Zero z : {Zero::optimizer_base, Zero::module}) {
     const auto fused = zeroed_between_backwards(true, z);
     for (size_t i = 0; i < reference.size(); ++i) {
-      EXPECT_LE(max_abs_diff(fused[i], reference[i]), 1e-12) << "tensor " << i << ", zero_grad of the "
-                                                              << (z == Zero::module ? "module" : "optimizer");
+      EXPECT_LE(max_abs_diff(fused[i], reference[i]), 1e-12)
+          << "tensor " << i << ", zero_grad of the " << (z == Zero::module ? "module" : "optimizer");
     }
   }
   // Control: without a zero_grad between the two backward passes, fused mode accumulates both.

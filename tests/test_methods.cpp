@@ -5,14 +5,7 @@
 #include <cmath>
 
 using namespace gradlora;
-using gradlora::testing::batch;
-using gradlora::testing::DeviceName;
-using gradlora::testing::make_mlp;
-using gradlora::testing::max_abs_diff;
-using gradlora::testing::Mlp2;
-using gradlora::testing::numerical_rank;
-using gradlora::testing::quiet;
-using gradlora::testing::test_devices;
+using namespace gradlora::testing;  // the shared test helpers (test_util.h)
 
 namespace {
 
@@ -154,8 +147,9 @@ bool same(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>&
 
 TEST(Random, SelectionOfOtherParametersDoesNotChangeTheDraws) {
   const std::string alone = "seed: 5\ntargets: [{match: fc1.weight, method: random, rank: 2}]";
-  const std::string both = "seed: 5\ntargets: [{match: fc1.weight, method: random, rank: 2}, "
-                           "{match: fc2.weight, method: random, rank: 2}]";
+  const std::string both =
+      "seed: 5\ntargets: [{match: fc1.weight, method: random, rank: 2}, "
+      "{match: fc2.weight, method: random, rank: 2}]";
   // fc2 trained or not changes fc1's gradients after step 1, so compare one step.
   EXPECT_TRUE(torch::equal(train_weights(alone, 1)[0], train_weights(both, 1)[0]));
   EXPECT_FALSE(torch::equal(train_weights(alone, 1)[0], train_weights("seed: 6\n" + alone.substr(8), 1)[0]));
@@ -204,7 +198,8 @@ TEST(Additive, RankOneIsRowAndColumnSums) {
 }
 
 TEST(Additive, BlockSumsFollowTheModFormula) {
-  for (auto [n, m, r] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{6, 9, 3}, {7, 10, 3}, {5, 4, 4}, {9, 2, 2}}) {
+  for (auto [n, m, r] :
+       std::vector<std::tuple<int64_t, int64_t, int64_t>>{{6, 9, 3}, {7, 10, 3}, {5, 4, 4}, {9, 2, 2}}) {
     const torch::Tensor G = torch::randint(-8, 8, {n, m}).to(torch::kFloat);
     auto [gA, gB] = additive_factor_grads(G, r);
     torch::Tensor eA = torch::zeros({n, r}), eB = torch::zeros({r, m});
@@ -230,7 +225,8 @@ TEST_P(Additive, SgdStepIsTheClosedForm) {
   const torch::Tensor G = torch::randn({6, 5}, torch::kDouble).to(device);
   torch::OrderedDict<std::string, torch::Tensor> params;
   params.insert("w", P);
-  LowRankOptimizer opt(params, quiet("optimizer: {type: sgd, lr: 0.1}\ntargets: [{match: w, method: additive, rank: 1}]"));
+  LowRankOptimizer opt(params,
+                       quiet("optimizer: {type: sgd, lr: 0.1}\ntargets: [{match: w, method: additive, rank: 1}]"));
   P.mutable_grad() = G.clone();
   opt.step();
   const torch::Tensor expected = -0.1 * (G.sum(1, true) + G.sum(0, true));
@@ -256,10 +252,11 @@ TEST_P(Additive, MatchesAutogradThroughTheExplicitParameterisation) {
     for (auto dtype : {torch::kFloat, torch::kDouble}) {
       const auto o = torch::TensorOptions().dtype(dtype).device(device);
       Mlp2 m = make_mlp(dtype, device);
-      LowRankOptimizer opt(m->named_parameters(),
-                           quiet(fmt::format("optimizer: {{type: adamw, lr: 0.01, weight_decay: 0.1}}\n"
-                                             "targets: [{{match: 'fc*.weight', method: additive, rank: {}, alpha: {}}}]",
-                                             r, 2 * r)));
+      LowRankOptimizer opt(
+          m->named_parameters(),
+          quiet(fmt::format("optimizer: {{type: adamw, lr: 0.01, weight_decay: 0.1}}\n"
+                            "targets: [{{match: 'fc*.weight', method: additive, rank: {}, alpha: {}}}]",
+                            r, 2 * r)));
       // Module side: W = W0 + s·(A·J + J'·B) with A, B trained by torch::optim::AdamW.
       const double s = 2.0;
       torch::Tensor W1 = m->fc1->weight.detach().clone(), W2 = m->fc2->weight.detach().clone();

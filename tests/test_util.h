@@ -1,8 +1,8 @@
 #pragma once
 // Shared helpers of the core tests: a small MLP, a fixed data set, quiet
 // configs, and the devices the equivalence tests run on.
-#include <gradlora/gradlora.h>
 #include <fmt/format.h>
+#include <gradlora/gradlora.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -45,11 +45,11 @@ struct CaseAndDeviceName {
 }  // namespace gradlora::testing
 
 /// Skips the current test (GTEST_SKIP) when `device` is CUDA and no GPU is available.
-#define GRADLORA_SKIP_IF_UNAVAILABLE(device)                 \
-  do {                                                       \
-    if (!::gradlora::testing::device_available(device)) {    \
-      GTEST_SKIP() << "CUDA not available";                  \
-    }                                                        \
+#define GRADLORA_SKIP_IF_UNAVAILABLE(device)              \
+  do {                                                    \
+    if (!::gradlora::testing::device_available(device)) { \
+      GTEST_SKIP() << "CUDA not available";               \
+    }                                                     \
   } while (0)
 
 namespace gradlora::testing {
@@ -65,8 +65,8 @@ TORCH_MODULE(Mlp2);
 
 /// A deterministic MLP (seeded) in the given dtype, initialised on the CPU and then
 /// moved to `device` (so every device starts from the same weights).
-inline Mlp2 make_mlp(torch::ScalarType dtype = torch::kFloat, int64_t in = 12, int64_t hidden = 16,
-                     int64_t out = 6, uint64_t seed = 1, torch::Device device = torch::kCPU) {
+inline Mlp2 make_mlp(torch::ScalarType dtype = torch::kFloat, int64_t in = 12, int64_t hidden = 16, int64_t out = 6,
+                     uint64_t seed = 1, torch::Device device = torch::kCPU) {
   torch::manual_seed(seed);
   Mlp2 m(in, hidden, out);
   m->to(dtype);

@@ -4,10 +4,10 @@
 /// YAML (config_yaml.cpp); the optimizer itself knows nothing of YAML.
 
 #include <array>
-#include <map>
-#include <ostream>
 #include <cstdint>
+#include <map>
 #include <optional>
+#include <ostream>
 #include <stdexcept>
 #include <string>
 #include <utility>

@@ -17,8 +17,8 @@
 
 #include <gradlora/optimizer.h>
 
-#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/types.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include <chrono>
 #include <cstdint>
@@ -100,8 +100,7 @@ class DataParallel {
 };
 
 /// Builds a DataParallel (see there) on the heap.
-std::unique_ptr<DataParallel> make_data_parallel(LowRankOptimizer& optimizer,
-                                                 c10::intrusive_ptr<c10d::ProcessGroup> pg,
+std::unique_ptr<DataParallel> make_data_parallel(LowRankOptimizer& optimizer, c10::intrusive_ptr<c10d::ProcessGroup> pg,
                                                  DataParallelOptions options = {});
 
 /// All-reduces `tensors` in place and divides them by the world size: packs
@@ -129,11 +128,9 @@ std::string distributed_fingerprint(const LowRankOptimizer& optimizer);
 /// to 127.0.0.1 when `master_addr` is a loopback address or a FileStore is
 /// used, and to this host's address otherwise. `timeout` bounds the
 /// rendezvous and every collective.
-c10::intrusive_ptr<c10d::ProcessGroup> make_gloo_process_group(int rank, int world_size,
-                                                              const std::string& store_path,
-                                                              const std::string& master_addr = "127.0.0.1",
-                                                              int master_port = 29500,
-                                                              std::chrono::milliseconds timeout = std::chrono::seconds(60));
+c10::intrusive_ptr<c10d::ProcessGroup> make_gloo_process_group(
+    int rank, int world_size, const std::string& store_path, const std::string& master_addr = "127.0.0.1",
+    int master_port = 29500, std::chrono::milliseconds timeout = std::chrono::seconds(60));
 
 /// True when this build of gradlora has the NCCL backend: LibTorch was built with
 /// CUDA and NCCL (detected when gradlora is configured; Debian's CPU build has not).
@@ -142,11 +139,9 @@ bool nccl_available();
 /// The same rendezvous as make_gloo_process_group, with c10d's NCCL backend (one
 /// CUDA device per rank: LOCAL_RANK's, else rank modulo the device count). Throws
 /// DistributedError when nccl_available() is false.
-c10::intrusive_ptr<c10d::ProcessGroup> make_nccl_process_group(int rank, int world_size,
-                                                              const std::string& store_path,
-                                                              const std::string& master_addr = "127.0.0.1",
-                                                              int master_port = 29500,
-                                                              std::chrono::milliseconds timeout = std::chrono::seconds(60));
+c10::intrusive_ptr<c10d::ProcessGroup> make_nccl_process_group(
+    int rank, int world_size, const std::string& store_path, const std::string& master_addr = "127.0.0.1",
+    int master_port = 29500, std::chrono::milliseconds timeout = std::chrono::seconds(60));
 
 /// Creates a process group from the environment, as torchrun sets it:
 /// RANK, WORLD_SIZE, and MASTER_ADDR + MASTER_PORT (TCPStore), or

@@ -23,8 +23,7 @@ using TensorMap = std::map<std::string, torch::Tensor>;
 class InnerRule {
  public:
   /// `lr` and `weight_decay` are the effective values (target overrides applied).
-  InnerRule(std::vector<torch::Tensor> params, const InnerConfig& cfg, double lr,
-            double weight_decay);
+  InnerRule(std::vector<torch::Tensor> params, const InnerConfig& cfg, double lr, double weight_decay);
 
   void set_lr(double lr);
   double lr() const;

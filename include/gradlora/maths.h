@@ -14,8 +14,7 @@
 namespace gradlora {
 
 /// Factor gradients of P = P0 + s·A·B: gA = s·G·Bᵀ (n×r), gB = s·Aᵀ·G (r×m).
-std::pair<torch::Tensor, torch::Tensor> lora_factor_grads(const torch::Tensor& G,
-                                                          const torch::Tensor& A,
+std::pair<torch::Tensor, torch::Tensor> lora_factor_grads(const torch::Tensor& G, const torch::Tensor& A,
                                                           const torch::Tensor& B, double s);
 
 /// Calls fn(row0, panel) over consecutive row panels of the n×m matrix G, each
@@ -24,8 +23,7 @@ std::pair<torch::Tensor, torch::Tensor> lora_factor_grads(const torch::Tensor& G
 /// multiple of `row_multiple` rows and at most about 256 KiB, so converting G
 /// never allocates an n×m temporary.
 void for_each_row_panel(const torch::Tensor& G, torch::ScalarType dtype, int64_t row_multiple,
-                        const std::function<void(int64_t, const torch::Tensor&)>& fn,
-                        bool always_copy = false);
+                        const std::function<void(int64_t, const torch::Tensor&)>& fn, bool always_copy = false);
 
 /// P2d ← base + s·L·R (or P2d + s·L·R when `base` is undefined), computed in
 /// L's dtype and rounded once into P2d's dtype, without an n×m temporary:
@@ -36,17 +34,15 @@ void add_product(torch::Tensor& P2d, const torch::Tensor& L, const torch::Tensor
 /// P ← P + s·(A1·B1 − A0·B0) = P + s·(ΔA·B1 + A0·ΔB), as one rank-2r `addmm_`
 /// into the n×m view of P (no n×m temporary when dtypes agree).
 /// With `base` defined: P ← base + s·(A1·B1 − A0·B0), rounded once.
-void lora_write_back(torch::Tensor& P2d, const torch::Tensor& A0, const torch::Tensor& B0,
-                     const torch::Tensor& A1, const torch::Tensor& B1, double s,
-                     const torch::Tensor& base = {});
+void lora_write_back(torch::Tensor& P2d, const torch::Tensor& A0, const torch::Tensor& B0, const torch::Tensor& A1,
+                     const torch::Tensor& B1, double s, const torch::Tensor& base = {});
 
 /// Block sums of the additive form, r need not divide n or m:
 /// gA[i,k] = Σ_{j ≡ k (mod r)} G[i,j] (n×r), gB[k,j] = Σ_{i ≡ k (mod r)} G[i,j] (r×m).
 std::pair<torch::Tensor, torch::Tensor> additive_factor_grads(const torch::Tensor& G, int64_t r);
 
 /// P += s·(ΔA·J + J'·ΔB) by broadcasts: P[i,j] += s·(ΔA[i, j mod r] + ΔB[i mod r, j]).
-void additive_write_back(torch::Tensor& P2d, const torch::Tensor& dA, const torch::Tensor& dB,
-                         double s);
+void additive_write_back(torch::Tensor& P2d, const torch::Tensor& dA, const torch::Tensor& dB, double s);
 
 /// The dense n×m matrix A·J + J'·B (for tests and exports; the optimizer never forms it).
 torch::Tensor additive_expand(const torch::Tensor& A, const torch::Tensor& B, int64_t n, int64_t m);
@@ -76,13 +72,11 @@ uint64_t derive_seed(uint64_t seed, const std::string& name, uint64_t counter);
 /// in portable arithmetic, bit-identical on every CPU whatever its vector unit
 /// (LibTorch's CPU kernels are not); on an accelerator by that device's
 /// generator, seeded with `seed`.
-torch::Tensor seeded_normal(at::IntArrayRef shape, double std, uint64_t seed,
-                            const torch::TensorOptions& options);
+torch::Tensor seeded_normal(at::IntArrayRef shape, double std, uint64_t seed, const torch::TensorOptions& options);
 
 /// Kaiming-uniform with a = √5 (PEFT's init of `lora_A`): U(−1/√fan_in, 1/√fan_in)
 /// with fan_in = shape[1], drawn like seeded_normal.
-torch::Tensor seeded_kaiming_uniform(at::IntArrayRef shape, uint64_t seed,
-                                     const torch::TensorOptions& options);
+torch::Tensor seeded_kaiming_uniform(at::IntArrayRef shape, uint64_t seed, const torch::TensorOptions& options);
 
 /// The dtype factors are kept in: float64 for double weights, float32 otherwise.
 torch::ScalarType factor_dtype(torch::ScalarType param_dtype);

@@ -40,11 +40,11 @@ std::string human_bytes(int64_t bytes);
 struct ParamReport {
   std::string name;
   std::vector<int64_t> shape;
-  Method method;            ///< frozen unless selected
-  int64_t rank = 0;         ///< 0 for methods without one (full, frozen)
-  int64_t numel = 0;        ///< elements of the parameter
-  int64_t trainable = 0;    ///< values the inner rule updates
-  int64_t state_bytes = 0;  ///< optimizer state: persistent_bytes + moment_bytes
+  Method method;                  ///< frozen unless selected
+  int64_t rank = 0;               ///< 0 for methods without one (full, frozen)
+  int64_t numel = 0;              ///< elements of the parameter
+  int64_t trainable = 0;          ///< values the inner rule updates
+  int64_t state_bytes = 0;        ///< optimizer state: persistent_bytes + moment_bytes
   int64_t persistent_bytes = 0;   ///< factors, P0, … kept by the projector
   int64_t moment_bytes = 0;       ///< the inner rule's moments
   int64_t adamw_state_bytes = 0;  ///< what torch::optim::AdamW would hold (2·numel)
@@ -79,8 +79,7 @@ class LowRankOptimizer : public torch::optim::Optimizer {
  public:
   /// Validates the config and the selection; throws ConfigError naming the
   /// key, parameter and value on any problem, before anything is changed.
-  LowRankOptimizer(const torch::OrderedDict<std::string, torch::Tensor>& named_parameters,
-                   Config config);
+  LowRankOptimizer(const torch::OrderedDict<std::string, torch::Tensor>& named_parameters, Config config);
   ~LowRankOptimizer() override;
 
   /// One step for every selected parameter that has a gradient.
@@ -120,7 +119,7 @@ class LowRankOptimizer : public torch::optim::Optimizer {
   using GradientReducer = std::function<void(std::vector<torch::Tensor>& grads)>;
   void set_gradient_reducer(GradientReducer reducer) { reducer_ = std::move(reducer); }
 
- /// Implementation detail (one per parameter); public only for the fused-mode hook.
+  /// Implementation detail (one per parameter); public only for the fused-mode hook.
   struct Entry;
 
  private:

@@ -19,10 +19,10 @@ namespace gradlora {
 
 /// Everything a projector needs to know about its parameter.
 struct ProjectorContext {
-  std::string name;      ///< dotted parameter name
-  torch::Tensor param;   ///< the model's parameter (updated in place)
-  Target target;         ///< the target that selected it (or the default)
-  uint64_t seed = 0;     ///< config seed
+  std::string name;     ///< dotted parameter name
+  torch::Tensor param;  ///< the model's parameter (updated in place)
+  Target target;        ///< the target that selected it (or the default)
+  uint64_t seed = 0;    ///< config seed
 };
 
 /// Maps G to inner-rule gradients and writes back (one subclass per method, each

@@ -16,6 +16,19 @@ bool use_exact(const ProjectorContext& ctx) {
   }
 }
 
+void move_moments(OnResample policy, InnerRule& inner, const std::function<void()>& transfer) {
+  switch (policy) {
+    case OnResample::keep:
+      return;
+    case OnResample::reset:
+      inner.reset_state();
+      return;
+    case OnResample::transfer:
+      transfer();
+      return;
+  }
+}
+
 WeightTarget::WeightTarget(const torch::Tensor& P2d, bool master) {
   if (master) master_ = P2d.detach().to(factor_dtype(P2d.scalar_type())).clone();
 }

@@ -161,28 +161,20 @@ class GaloreProjector final : public Projector {
   // for the part of M that lies in span(Q_new); second moments v → (C∘C)·v, the variance of
   // the rotated coordinates when the old ones are uncorrelated.
   void move_moments(InnerRule& inner, const torch::Tensor& Q_new) {
-    switch (on_resample_of(ctx_.target)) {
-      case OnResample::keep:
-        return;
-      case OnResample::reset:
-        inner.reset_state();
-        return;
-      case OnResample::transfer: {
-        const torch::Tensor C = torch::mm(Q_new.t(), Q_);
-        const torch::Tensor C2 = C.square();
-        auto rotate = [&](torch::Tensor& x, const torch::Tensor& c) {
-          x.copy_(left_ ? torch::mm(c, x) : torch::mm(x, c.t()));
-        };
-        for (auto& kv : inner.state(0)) {
-          if (kv.first == "exp_avg" || kv.first == "momentum_buffer") {
-            rotate(kv.second, C);
-          } else {
-            rotate(kv.second, C2);
-          }
+    methods::move_moments(on_resample_of(ctx_.target), inner, [&] {
+      const torch::Tensor C = torch::mm(Q_new.t(), Q_);
+      const torch::Tensor C2 = C.square();
+      auto rotate = [&](torch::Tensor& x, const torch::Tensor& c) {
+        x.copy_(left_ ? torch::mm(c, x) : torch::mm(x, c.t()));
+      };
+      for (auto& kv : inner.state(0)) {
+        if (kv.first == "exp_avg" || kv.first == "momentum_buffer") {
+          rotate(kv.second, C);
+        } else {
+          rotate(kv.second, C2);
         }
-        return;
       }
-    }
+    });
   }
 
   int64_t r_ = 1, gap_ = 1;
@@ -200,7 +192,9 @@ MethodInfo galore() {
   m.options = {
       {"update_proj_gap", int64_t{200}, "steps between SVDs of the gradient", {}, 0.0, true},
       {"scale", 0.25, "GaLore's scale of the projected update", {}, 0.0, true},
-      {"proj_side", std::string("auto"), "side of G the projector multiplies (auto: the smaller)",
+      {"proj_side",
+       std::string("auto"),
+       "side of G the projector multiplies (auto: the smaller)",
        {"auto", "left", "right"}},
   };
   m.default_on_resample = OnResample::keep;  // GaLore's own behaviour

@@ -84,10 +84,10 @@ class HadamardProjector final : public Projector {
   }
 
   std::pair<torch::Tensor, torch::Tensor> factors() const override {
-    throw std::invalid_argument(fmt::format(
-        "parameter '{}' uses method 'hadamard', which keeps four factors (A1, B1, A2, B2): read them with "
-        "state_tensors()",
-        ctx_.name));
+    throw std::invalid_argument(
+        fmt::format("parameter '{}' uses method 'hadamard', which keeps four factors (A1, B1, A2, B2): read them with "
+                    "state_tensors()",
+                    ctx_.name));
   }
 
   std::vector<std::pair<std::string, torch::Tensor>> tensors() const override {

@@ -67,8 +67,8 @@ class LoraProjector final : public FactorProjector {
   }
 
   std::string note() const override {
-    std::string n = fmt::format("s={:g}, init {}, writeback {}", s_, to_string(ctx_.target.init),
-                                exact_ ? "exact" : "incremental");
+    std::string n =
+        fmt::format("s={:g}, init {}, writeback {}", s_, to_string(ctx_.target.init), exact_ ? "exact" : "incremental");
     if (merge_every_ > 0) n += fmt::format(", merge every {}", merge_every_);
     return n;
   }
@@ -79,8 +79,8 @@ class LoraProjector final : public FactorProjector {
     const std::string init_std = t.init == Init::symmetric && t.init_std ? fmt::format("{:.17g}", *t.init_std)
                                  : t.init == Init::symmetric             ? "auto"
                                                                          : "-";
-    return fmt::format("scale {:.17g}, init {}, init_std {}, merge_every {}", s_, to_string(t.init),
-                       init_std, merge_every_);
+    return fmt::format("scale {:.17g}, init {}, init_std {}, merge_every {}", s_, to_string(t.init), init_std,
+                       merge_every_);
   }
 
  private:

@@ -6,6 +6,7 @@
 
 #include <torch/types.h>
 
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -32,6 +33,11 @@ bool use_exact(const ProjectorContext& ctx);
 inline void release_grad(torch::Tensor& t) {
   if (t.grad().defined()) t.mutable_grad() = torch::Tensor();
 }
+
+/// What on_resample does to the inner rule's moments when a method changes its
+/// projection: `keep` leaves them, `reset` forgets them, `transfer` calls the
+/// method's own re-expression of them in the new projection.
+void move_moments(OnResample policy, InnerRule& inner, const std::function<void()>& transfer);
 
 /// The weight as the methods update it. Incremental: increments go straight into
 /// P. With a master copy (`writeback: exact` for methods whose change is not a

@@ -131,8 +131,7 @@ class RandomProjector final : public FactorProjector {
   std::string settings() const override {
     const Target& t = ctx_.target;
     return fmt::format("scale {:.17g}, init_std {}, resample_every {}, on_resample {}", s_,
-                       t.init_std ? fmt::format("{:.17g}", *t.init_std) : "auto", k_,
-                       to_string(on_resample_of(t)));
+                       t.init_std ? fmt::format("{:.17g}", *t.init_std) : "auto", k_, to_string(on_resample_of(t)));
   }
 
  private:
@@ -149,31 +148,23 @@ class RandomProjector final : public FactorProjector {
 
   // Moments at a resample (docs/methods.md, "Moments at a resample").
   void move_moments(InnerRule& inner, int64_t idx) {
-    switch (on_resample_of(ctx_.target)) {
-      case OnResample::keep:
-        return;
-      case OnResample::reset:
-        inner.reset_state();
-        return;
-      case OnResample::transfer: {
-        // The A-moment estimates s·G·B_oldᵀ. The least-squares gradient consistent with it
-        // is s·Ĝ = m_A·(B_old·B_oldᵀ)⁻¹·B_old, and its moment under the new projection is
-        // s·Ĝ·B_newᵀ = m_A·X with X = (B_old·B_oldᵀ)⁻¹·B_old·B_newᵀ (r×r); likewise
-        // m_B ← A_newᵀ·A_old·(A_oldᵀ·A_old)⁻¹·m_B. Second moments are kept.
-        torch::Tensor A_old = A_, B_old = B_;
-        if (k_ == 1) std::tie(A_old, B_old) = draw(idx - 1);
-        torch::Tensor mA = inner.first_moment(0), mB = inner.first_moment(1);
-        if (mA.defined()) {
-          const torch::Tensor X = torch::linalg_solve(torch::mm(B_old, B_old.t()), torch::mm(B_old, V_.t()));
-          mA.copy_(torch::mm(mA, X));
-        }
-        if (mB.defined()) {
-          const torch::Tensor Y = torch::linalg_solve(torch::mm(A_old.t(), A_old), mB);
-          mB.copy_(torch::mm(torch::mm(U_.t(), A_old), Y));
-        }
-        return;
+    methods::move_moments(on_resample_of(ctx_.target), inner, [&] {
+      // The A-moment estimates s·G·B_oldᵀ. The least-squares gradient consistent with it
+      // is s·Ĝ = m_A·(B_old·B_oldᵀ)⁻¹·B_old, and its moment under the new projection is
+      // s·Ĝ·B_newᵀ = m_A·X with X = (B_old·B_oldᵀ)⁻¹·B_old·B_newᵀ (r×r); likewise
+      // m_B ← A_newᵀ·A_old·(A_oldᵀ·A_old)⁻¹·m_B. Second moments are kept.
+      torch::Tensor A_old = A_, B_old = B_;
+      if (k_ == 1) std::tie(A_old, B_old) = draw(idx - 1);
+      torch::Tensor mA = inner.first_moment(0), mB = inner.first_moment(1);
+      if (mA.defined()) {
+        const torch::Tensor X = torch::linalg_solve(torch::mm(B_old, B_old.t()), torch::mm(B_old, V_.t()));
+        mA.copy_(torch::mm(mA, X));
       }
-    }
+      if (mB.defined()) {
+        const torch::Tensor Y = torch::linalg_solve(torch::mm(A_old.t(), A_old), mB);
+        mB.copy_(torch::mm(torch::mm(U_.t(), A_old), Y));
+      }
+    });
   }
 
   double sd_ = 1.0;

@@ -101,9 +101,7 @@ const std::string& option_text(const Target& t, const std::string& key) {
   return std::get<std::string>(option(t, key));
 }
 
-OnResample on_resample_of(const Target& t) {
-  return t.on_resample.value_or(method_info(t.method).default_on_resample);
-}
+OnResample on_resample_of(const Target& t) { return t.on_resample.value_or(method_info(t.method).default_on_resample); }
 
 void check_options(const Target& t, const std::string& key_prefix) {
   const MethodInfo& m = method_info(t.method.name(), key_prefix + ".method");
@@ -113,8 +111,8 @@ void check_options(const Target& t, const std::string& key_prefix) {
     if (!spec) {
       std::vector<std::string> known;
       for (const auto& o : m.options) known.push_back(o.key);
-      throw ConfigError(fmt::format("config key '{}': method '{}' has no option '{}' (its options: {})", k, m.name,
-                                    key, known.empty() ? std::string("none") : fmt::format("{}", fmt::join(known, ", "))));
+      throw ConfigError(fmt::format("config key '{}': method '{}' has no option '{}' (its options: {})", k, m.name, key,
+                                    known.empty() ? std::string("none") : fmt::format("{}", fmt::join(known, ", "))));
     }
     const bool int_as_number = spec->default_value.index() == 2 && value.index() == 1;
     if (value.index() != spec->default_value.index() && !int_as_number) {
@@ -124,8 +122,8 @@ void check_options(const Target& t, const std::string& key_prefix) {
     if (!spec->choices.empty()) {
       const std::string& v = std::get<std::string>(value);
       if (std::find(spec->choices.begin(), spec->choices.end(), v) == spec->choices.end()) {
-        throw ConfigError(fmt::format("config key '{}': unknown value '{}' (expected {})", k, v,
-                                      fmt::join(spec->choices, " | ")));
+        throw ConfigError(
+            fmt::format("config key '{}': unknown value '{}' (expected {})", k, v, fmt::join(spec->choices, " | ")));
       }
     }
     if (spec->min && (value.index() == 1 || value.index() == 2)) {

@@ -22,7 +22,6 @@ using json = nlohmann::json;
 
 const fs::path kData = fs::path(GRADLORA_SOURCE_DIR) / "tests" / "data";
 
-
 template <typename Fn>
 std::string adapter_error(Fn&& fn) {
   try {
@@ -125,8 +124,7 @@ TEST(Safetensors, MalformedFilesThrowNamingTheProblem) {
        R"( "u": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}})",
        eight, "claimed twice"},
       {R"({"t": {"dtype": "F32", "shape": [2]}})", eight, "data_offsets"},
-      {R"({"t": {"dtype": "U8", "shape": [4294967296, 4294967296, 16], "data_offsets": [0, 8]}})", eight,
-       "too large"},
+      {R"({"t": {"dtype": "U8", "shape": [4294967296, 4294967296, 16], "data_offsets": [0, 8]}})", eight, "too large"},
       {R"({"__metadata__": {"k": 3}})", "", "__metadata__.k"},
   };
   for (const auto& c : cases) {
@@ -141,8 +139,7 @@ TEST(Safetensors, MalformedFilesThrowNamingTheProblem) {
   EXPECT_NE(adapter_error([&] { read_safetensors(dir + "/big.safetensors"); }).find("header length"),
             std::string::npos);
   write_bytes(dir + "/short.safetensors", "abc");
-  EXPECT_NE(adapter_error([&] { read_safetensors(dir + "/short.safetensors"); }).find("too short"),
-            std::string::npos);
+  EXPECT_NE(adapter_error([&] { read_safetensors(dir + "/short.safetensors"); }).find("too short"), std::string::npos);
   fs::remove_all(dir);
 }
 
@@ -252,8 +249,7 @@ TEST(Adapter, LoadsAFixtureFromAnIndependentWriter) {
   EXPECT_EQ(changed, (std::vector<std::string>{"layers.0.proj.weight", "layers.1.proj.weight"}));
   const SafetensorsFile expected =
       read_safetensors((kData / "safetensors" / "adapter_fixture_expected.safetensors").string());
-  EXPECT_LE((params["layers.0.proj.weight"].to(torch::kDouble) - 1.0 -
-             expected.tensors.at("layers.0.proj.weight"))
+  EXPECT_LE((params["layers.0.proj.weight"].to(torch::kDouble) - 1.0 - expected.tensors.at("layers.0.proj.weight"))
                 .abs()
                 .max()
                 .item<double>(),

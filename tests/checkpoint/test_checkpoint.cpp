@@ -72,7 +72,6 @@ std::string yaml_of(const std::string& method, const std::string& inner) {
       ic->optimizer, mc->target);
 }
 
-
 // Runs this test binary again with `args`; returns the raw wait status.
 int run_self(const std::vector<std::string>& args) {
   std::vector<std::string> all{"/proc/self/exe"};
@@ -170,7 +169,8 @@ std::vector<ResumeCase> all_cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(AllMethodsAndRules, Resume,
-                         ::testing::Combine(::testing::ValuesIn(all_cases()), ::testing::ValuesIn(::gradlora::testing::test_devices())),
+                         ::testing::Combine(::testing::ValuesIn(all_cases()),
+                                            ::testing::ValuesIn(::gradlora::testing::test_devices())),
                          [](const auto& info) {
                            const ResumeCase& c = std::get<0>(info.param);
                            return std::string(std::get<0>(c)) + "_" + std::get<1>(c) + "_" +
@@ -337,8 +337,8 @@ class BadFiles : public ::testing::Test {
 
 TEST_F(BadFiles, TruncatedFilesAreRejectedAndChangeNothing) {
   const std::string bytes = read_bytes(good_);
-  for (size_t len : {size_t{0}, size_t{7}, size_t{100}, bytes.size() / 3, bytes.size() / 2, bytes.size() - 30,
-                     bytes.size() - 1}) {
+  for (size_t len :
+       {size_t{0}, size_t{7}, size_t{100}, bytes.size() / 3, bytes.size() / 2, bytes.size() - 30, bytes.size() - 1}) {
     SCOPED_TRACE(len);
     const std::string p = dir_ + "/cut.ckpt";
     write_bytes(p, bytes.substr(0, len));
@@ -375,7 +375,8 @@ TEST_F(BadFiles, FileFromAnotherConfigListsEveryMismatch) {
       {yaml_of("additive", "adamw"), {"fc1.weight", "method is 'lora' in the checkpoint, 'additive' here"}},
       // Same shapes, other meaning: init zero and alpha 6 (scale 2) instead of symmetric with scale 1.
       {yaml_of("lora_zero", "adamw"),
-       {"fc1.weight", "fc2.weight", "settings are 'scale 1, init symmetric, init_std auto, merge_every 0' in the "
+       {"fc1.weight", "fc2.weight",
+        "settings are 'scale 1, init symmetric, init_std auto, merge_every 0' in the "
         "checkpoint, 'scale 2, init zero, init_std -, merge_every 0' here"}},
   };
   for (const auto& o : others) {

@@ -225,10 +225,10 @@ Bf16Run run_small_steps(torch::ScalarType dtype, const std::string& writeback) {
   const torch::Tensor init = seeded_randn({64, 48}, 11).mul_(0.5).to(torch::kBFloat16);
   torch::Tensor W = init.to(dtype);
   auto params = one_param("w", W);
-  const Config cfg = quiet(fmt::format(
-      "optimizer:\n  type: sgd\n  lr: 1.0e-3\ntargets:\n  - match: w\n    method: lora\n    rank: 4\n"
-      "    writeback: {}\n",
-      writeback));
+  const Config cfg =
+      quiet(fmt::format("optimizer:\n  type: sgd\n  lr: 1.0e-3\ntargets:\n  - match: w\n    method: lora\n    rank: 4\n"
+                        "    writeback: {}\n",
+                        writeback));
   LowRankOptimizer opt(params, cfg);
   const torch::Tensor G0 = seeded_randn({64, 48}, 12).mul_(0.1);
   Bf16Run run{W.detach().to(torch::kFloat).clone(), {}};

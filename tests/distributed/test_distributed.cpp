@@ -134,8 +134,8 @@ std::vector<torch::Tensor> train(Mlp3& model, LowRankOptimizer& opt, int64_t beg
 }
 
 /// What one rank of the equivalence test does; exit status 0 when it ran.
-int equivalence_rank(int rank, int world, const std::string& method, const std::string& inner,
-                     torch::ScalarType dtype, int64_t bucket_bytes, const std::string& out_dir) {
+int equivalence_rank(int rank, int world, const std::string& method, const std::string& inner, torch::ScalarType dtype,
+                     int64_t bucket_bytes, const std::string& out_dir) {
   auto pg = process_group_from_env(std::chrono::seconds(30));
   Mlp3 model = make_model(100 + static_cast<uint64_t>(rank), dtype);
   LowRankOptimizer opt(model->named_parameters(), config_for(method, 2, inner));
@@ -224,7 +224,8 @@ TEST(Distributed, BytesPerStepAreTheLowRankPayload) {
         auto [x, y] = full_batch(0, torch::kFloat);
         const int64_t per = kBatch / world;
         opt.zero_grad();
-        torch::mse_loss(model->forward(x.slice(0, rank * per, (rank + 1) * per)), y.slice(0, rank * per, (rank + 1) * per))
+        torch::mse_loss(model->forward(x.slice(0, rank * per, (rank + 1) * per)),
+                        y.slice(0, rank * per, (rank + 1) * per))
             .backward();
         opt.step();
         write_text(dir.file("bytes" + std::to_string(rank) + ".txt"),
@@ -380,8 +381,8 @@ TEST(Launcher, FailingRankStopsTheOthersAndIsReported) {
 
 TEST(Launcher, ExceptionInARankGivesStatusOneAndAllRanksSeeTheirEnvironment) {
   TempDir dir;
-  EXPECT_EQ(launch_local(2, [](int rank, int) -> int { throw std::runtime_error("boom " + std::to_string(rank)); },
-                         bounded()),
+  EXPECT_EQ(launch_local(
+                2, [](int rank, int) -> int { throw std::runtime_error("boom " + std::to_string(rank)); }, bounded()),
             1);
   ASSERT_EQ(launch_local(
                 3,
@@ -434,7 +435,10 @@ TEST(Distributed, MissingEnvironmentIsNamed) {
     EXPECT_NE(std::string(e.what()).find("WORLD_SIZE='two'"), std::string::npos) << e.what();
   }
   unsetenv("RANK");
-  if (keep) setenv("WORLD_SIZE", saved.c_str(), 1); else unsetenv("WORLD_SIZE");
+  if (keep)
+    setenv("WORLD_SIZE", saved.c_str(), 1);
+  else
+    unsetenv("WORLD_SIZE");
 }
 
 }  // namespace

@@ -18,8 +18,8 @@
 namespace {
 
 using gradlora::Config;
-using gradlora::InnerType;
 using gradlora::Init;
+using gradlora::InnerType;
 using gradlora::LowRankOptimizer;
 using gradlora::Method;
 using gradlora::Target;

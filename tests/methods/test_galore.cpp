@@ -14,11 +14,7 @@
 namespace gradlora {
 namespace {
 
-using method_testing::config;
-using method_testing::grad;
-using method_testing::max_abs_diff;
-using method_testing::named;
-using method_testing::weight;
+using namespace method_testing;  // the shared helpers (method_util.h)
 using ::gradlora::testing::CaseAndDeviceName;
 using ::gradlora::testing::test_devices;
 
@@ -195,8 +191,7 @@ TEST_P(GaloreVsReference, AdamWOver30Steps) {
   const double lr = 2e-2, wd = 0.1, scale = 0.25;
   torch::Tensor W = weight(n, m).to(device);
   torch::Tensor P = W.clone();
-  LowRankOptimizer opt(named(W),
-                       galore_config(InnerType::adamw, lr, wd, r, gap, scale, "auto", on_resample));
+  LowRankOptimizer opt(named(W), galore_config(InnerType::adamw, lr, wd, r, gap, scale, "auto", on_resample));
   GaloreReference ref{r, gap, lr, wd, scale};
   ref.left = n < m;
   ref.on_resample = on_resample;

@@ -13,16 +13,11 @@
 namespace gradlora {
 namespace {
 
-using method_testing::config;
-using method_testing::loss;
-using method_testing::max_abs_diff;
-using method_testing::named;
-using method_testing::weight;
+using namespace method_testing;  // the shared helpers (method_util.h)
 using ::gradlora::testing::CaseAndDeviceName;
 using ::gradlora::testing::test_devices;
 
-Config hadamard_config(double lr, double wd, int64_t rank, double alpha, Init init,
-                       InnerType type = InnerType::adamw) {
+Config hadamard_config(double lr, double wd, int64_t rank, double alpha, Init init, InnerType type = InnerType::adamw) {
   Config c = config(Method::hadamard, type, lr, wd, rank);
   c.optimizer.momentum = type == InnerType::sgd ? 0.9 : 0.0;
   c.targets[0].alpha = alpha;

@@ -6,8 +6,8 @@
 
 #include <gradlora/gradlora.h>
 #include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
 #include <torch/torch.h>
+#include <nlohmann/json.hpp>
 
 #include <signal.h>
 #include <sys/wait.h>
@@ -225,9 +225,10 @@ TEST(TrainerDataParallel, TwoRanksOnHalfBatchesEqualOneProcessOnTheFullBatch) {
   // each rank applies to its own shard) the weights equal a single-process run.
   // The two-rank run is stopped after 7 steps and resumed, also on two ranks.
   const fs::path d = scratch("nproc");
-  const std::string common = "train --config " + kTiny + " --method lora --set training.steps=12 " +
-                             "--set training.grad_clip=0 --set training.eval_every=4 --set training.pretrain.steps=10 " +
-                             "--set training.cache_dir=" + (d / "cache").string();
+  const std::string common =
+      "train --config " + kTiny + " --method lora --set training.steps=12 " +
+      "--set training.grad_clip=0 --set training.eval_every=4 --set training.pretrain.steps=10 " +
+      "--set training.cache_dir=" + (d / "cache").string();
   // The cache is empty: rank 0 pre-trains while rank 1 waits for it.
   const Result part = run(common + " --nproc 2 --set training.halt_after=7 --out " + (d / "dp").string(), d / "l0");
   ASSERT_EQ(part.code, 130) << part.err;
@@ -286,11 +287,13 @@ TEST(TrainerDataParallel, BadBatchOrConfigIsOneClearErrorBeforeTheRanksStart) {
   expect_clean_error(r, {"training.batch", "8", "--nproc 3"});
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << "one error, not one per rank: " << r.err;
   // A bad optimizer config is also reported once, before the ranks start.
-  const Result c = run("train --config " + kTiny + " --nproc 2 --set targets[0].rank=-3 --out " + (d / "o").string(), d);
+  const Result c =
+      run("train --config " + kTiny + " --nproc 2 --set targets[0].rank=-3 --out " + (d / "o").string(), d);
   expect_clean_error(c, {"targets[0].rank", "-3"});
   EXPECT_EQ(std::count(c.err.begin(), c.err.end(), '\n'), 1) << "one error, not one per rank: " << c.err;
   // galore's projector is local to a rank: refused before any pre-training.
-  const Result g = run("train --config " + kTiny + " --nproc 2 --set targets[0].method=galore --out " + (d / "o").string(), d);
+  const Result g =
+      run("train --config " + kTiny + " --nproc 2 --set targets[0].method=galore --out " + (d / "o").string(), d);
   expect_clean_error(g, {"targets[0].method", "galore", "--nproc 2"});
   EXPECT_EQ(std::count(g.err.begin(), g.err.end(), '\n'), 1) << g.err;
   EXPECT_FALSE(fs::exists(d / "o" / "cache"));
@@ -301,8 +304,9 @@ TEST(TrainerResume, ResumingWithoutTheOptimizerStateWouldBeCaught) {
   // Negative control for the test above: a checkpoint whose optimizer state is
   // replaced by a fresh one resumes to different weights.
   const fs::path d = scratch("resume_control");
-  const std::string common = "train --config " + kTiny + " --method lora --set training.steps=24 --set training.cache_dir=" +
-                             (d / "cache").string();
+  const std::string common =
+      "train --config " + kTiny +
+      " --method lora --set training.steps=24 --set training.cache_dir=" + (d / "cache").string();
   ASSERT_EQ(run(common + " --out " + (d / "full").string(), d / "l0").code, 0);
   ASSERT_EQ(run(common + " --set training.halt_after=13 --out " + (d / "part").string(), d / "l1").code, 130);
   {
