@@ -146,6 +146,22 @@ namespace {
 class FullParity : public ::testing::TestWithParam<torch::Device> {};
 }  // namespace
 
+namespace {
+
+// One step on batch i through model a with `opt` and model b with `ref`.
+void step_both(Mlp2& a, torch::optim::Optimizer& opt, Mlp2& b, torch::optim::Optimizer& ref, int64_t i,
+               torch::Device device) {
+  auto [x, y] = batch(i, torch::kFloat, device);
+  opt.zero_grad();
+  ref.zero_grad();
+  torch::mse_loss(a->forward(x), y).backward();
+  torch::mse_loss(b->forward(x), y).backward();
+  opt.step();
+  ref.step();
+}
+
+}  // namespace
+
 TEST_P(FullParity, AdamWBitForBit) {
   const torch::Device device = GetParam();
   GRADLORA_SKIP_IF_UNAVAILABLE(device);
@@ -154,13 +170,7 @@ TEST_P(FullParity, AdamWBitForBit) {
                        quiet("optimizer: {type: adamw, lr: 0.02, weight_decay: 0.05, amsgrad: true}\ndefault: full"));
   torch::optim::AdamW ref(b->parameters(), torch::optim::AdamWOptions(0.02).weight_decay(0.05).amsgrad(true));
   for (int i = 0; i < 15; ++i) {
-    auto [x, y] = batch(i, torch::kFloat, device);
-    opt.zero_grad();
-    ref.zero_grad();
-    torch::mse_loss(a->forward(x), y).backward();
-    torch::mse_loss(b->forward(x), y).backward();
-    opt.step();
-    ref.step();
+    step_both(a, opt, b, ref, i, device);
   }
   auto pa = a->parameters(), pb = b->parameters();
   for (size_t i = 0; i < pa.size(); ++i) EXPECT_TRUE(torch::equal(pa[i], pb[i])) << i;
@@ -176,13 +186,7 @@ TEST_P(FullParity, SgdNesterovBitForBit) {
   torch::optim::SGD ref(b->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9).nesterov(true).weight_decay(0.01));
   torch::optim::StepLR s1(opt, 4, 0.3), s2(ref, 4, 0.3);
   for (int i = 0; i < 15; ++i) {
-    auto [x, y] = batch(i, torch::kFloat, device);
-    opt.zero_grad();
-    ref.zero_grad();
-    torch::mse_loss(a->forward(x), y).backward();
-    torch::mse_loss(b->forward(x), y).backward();
-    opt.step();
-    ref.step();
+    step_both(a, opt, b, ref, i, device);
     s1.step();
     s2.step();
   }
