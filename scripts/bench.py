@@ -151,7 +151,7 @@ def linear_fit(xs, ys):
 
 
 def targets(step):
-    """The figures issue 5 sets targets for, measured in this run."""
+    """The figures the performance targets are stated in, measured in this run."""
     out = []
     n = m = 4096
 
