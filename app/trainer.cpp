@@ -5,6 +5,7 @@
 #include "model.h"
 #include "svg.h"
 
+#include <gradlora/checkpoint.h>
 #include <gradlora/distributed.h>
 #include <gradlora/gradlora.h>
 
@@ -48,35 +49,9 @@ const double kNaN = std::numeric_limits<double>::quiet_NaN();
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
-std::string human_bytes(int64_t b) {
-  const double d = static_cast<double>(b);
-  if (b >= (int64_t{1} << 20)) return fmt::format("{:.2f} MiB", d / (1 << 20));
-  if (b >= (int64_t{1} << 10)) return fmt::format("{:.1f} KiB", d / (1 << 10));
-  return fmt::format("{} B", b);
-}
-
 std::string fmt_num(double v) { return std::isfinite(v) ? fmt::format("{:.6g}", v) : ""; }
 
 double parse_num(const std::string& s) { return s.empty() ? kNaN : std::stod(s); }
-
-void fsync_path(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY);
-  if (fd >= 0) {
-    ::fsync(fd);
-    ::close(fd);
-  }
-}
-
-/// Temporary file in the same folder, flushed to disk, renamed over `path`.
-template <typename Writer>
-void atomic_write(const std::string& path, Writer&& write) {
-  const std::string tmp = path + ".tmp";
-  write(tmp);
-  fsync_path(tmp);
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) throw std::runtime_error(fmt::format("cannot rename '{}' to '{}': {}", tmp, path, ec.message()));
-}
 
 // --------------------------------------------------------------- progress
 
@@ -405,11 +380,11 @@ std::string result_hash(const YAML::Node& tree) {
 // ----------------------------------------------------------- pre-training
 
 void save_model(CharTransformer& model, const std::string& path) {
-  atomic_write(path, [&](const std::string& tmp) {
-    torch::serialize::OutputArchive a;
-    model->save(a);
-    a.save_to(tmp);
-  });
+  torch::serialize::OutputArchive a;
+  model->save(a);
+  std::ostringstream bytes;
+  a.save_to(bytes);
+  write_file_atomic(path, bytes.str());
 }
 
 void load_model(CharTransformer& model, const std::string& path) {
@@ -466,29 +441,6 @@ std::string ensure_pretrained(const Settings& s, const Corpus& corpus, const std
 }
 
 // --------------------------------------------------------- the selection
-
-std::string selection_table(const LowRankOptimizer& opt) {
-  const SelectionReport& rep = opt.report();
-  size_t w = 9;
-  for (const auto& p : rep.params) w = std::max(w, p.name.size());
-  std::string out = fmt::format("{:<{}}  {:<10} {:<9} {:>4} {:>10} {:>10} {:>11} {:>11}\n", "parameter", w, "shape",
-                                "method", "rank", "numel", "trainable", "opt. state", "AdamW state");
-  for (const auto& p : rep.params) {
-    out += fmt::format("{:<{}}  {:<10} {:<9} {:>4} {:>10} {:>10} {:>11} {:>11}\n", p.name, w,
-                       fmt::format("{}", fmt::join(p.shape, "x")), to_string(p.method),
-                       p.rank ? std::to_string(p.rank) : "-", p.numel, p.trainable, human_bytes(p.state_bytes),
-                       human_bytes(p.adamw_state_bytes));
-  }
-  const double pct = rep.total_params ? 100.0 * static_cast<double>(rep.total_trainable) / rep.total_params : 0.0;
-  out += fmt::format("total: {} parameters, {} trainable ({:.2f}%); optimizer state {} vs {} for full AdamW",
-                     rep.total_params, rep.total_trainable, pct, human_bytes(rep.total_state_bytes),
-                     human_bytes(rep.total_adamw_state_bytes));
-  if (rep.total_state_bytes > 0) {
-    out += fmt::format(" ({:.1f}x smaller)",
-                       static_cast<double>(rep.total_adamw_state_bytes) / static_cast<double>(rep.total_state_bytes));
-  }
-  return out + "\n";
-}
 
 Config optimizer_config(const YAML::Node& tree) {
   Config cfg = Config::from_yaml_string(to_yaml(tree));
@@ -575,11 +527,8 @@ void install_interrupt_handler() { std::signal(SIGINT, on_sigint); }
 bool stop_requested() { return g_stop.load(); }
 
 void write_file_atomic(const std::string& path, const std::string& text) {
-  atomic_write(path, [&](const std::string& tmp) {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out << text;
-    out.flush();
-    if (!out) throw std::runtime_error(fmt::format("cannot write '{}'", tmp));
+  write_file_atomically(path, [&](const std::function<void(const void*, size_t)>& sink) {
+    sink(text.data(), text.size());
   });
 }
 
@@ -590,7 +539,7 @@ std::string inspect_text(const Settings& s, const YAML::Node& tree) {
   const ModelSettings& m = s.model;
   return fmt::format("model: {}, {} layers, d_model {}, {} heads, context {}, mlp_ratio {}\n", m.type, m.layers,
                      m.d_model, m.heads, m.context, m.mlp_ratio) +
-         selection_table(opt);
+         opt.report().to_string() + "\n";
 }
 
 std::string data_text(const Settings& s) {
@@ -674,31 +623,32 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
     if (!fs::exists(ckpt_path)) {
       throw SettingsError(fmt::format("--resume: no checkpoint '{}' to resume from", ckpt_path));
     }
-    torch::serialize::InputArchive a;
-    a.load_from(ckpt_path, model_device(model));
-    c10::IValue v;
-    a.read("format", v);
-    if (v.toInt() != kCheckpointFormat) throw std::runtime_error(fmt::format("'{}': unknown format", ckpt_path));
-    a.read("hash", v);
-    if (v.toStringRef() != sum.hash) {
+    // The library's checkpoint, with the trainer's own values as extras: checked
+    // before anything is restored.
+    const CheckpointExtras x = read_checkpoint_extras(ckpt_path);
+    auto extra = [&](const char* key) -> const c10::IValue& {
+      auto it = x.find(key);
+      if (it == x.end()) {
+        throw SettingsError(fmt::format("--resume: checkpoint '{}' has no '{}': not written by this trainer",
+                                        ckpt_path, key));
+      }
+      return it->second;
+    };
+    if (extra("trainer_format").toInt() != kCheckpointFormat) {
+      throw SettingsError(fmt::format("--resume: checkpoint '{}': trainer format {} is not supported (expected {})",
+                                      ckpt_path, extra("trainer_format").toInt(), kCheckpointFormat));
+    }
+    if (extra("hash").toStringRef() != sum.hash) {
       throw SettingsError(fmt::format(
           "--resume: checkpoint '{}' was written with different settings (hash {} here {}); use another --out or "
           "start afresh without --resume",
-          ckpt_path, v.toStringRef(), sum.hash));
+          ckpt_path, extra("hash").toStringRef(), sum.hash));
     }
-    a.read("step", v);
-    start = v.toInt();
-    a.read("metrics", v);
-    sum.rows = parse_metrics_csv(v.toStringRef());
-    a.read("loss_sum", v);
-    loss_sum = v.toDouble();
-    a.read("loss_n", v);
-    loss_n = v.toInt();
-    torch::serialize::InputArchive ma, oa;
-    a.read("model", ma);
-    model->load(ma);
-    a.read("optimizer", oa);
-    opt.load(oa);
+    start = extra("step").toInt();
+    sum.rows = parse_metrics_csv(extra("metrics").toStringRef());
+    loss_sum = extra("loss_sum").toDouble();
+    loss_n = extra("loss_n").toInt();
+    load_checkpoint(opt, *model, ckpt_path);
     if (!sum.rows.empty()) elapsed0 = sum.rows.back().elapsed_s;
     spdlog::info("{} seed {}: resuming from step {} ({})", o.method, seed, start, ckpt_path);
   }
@@ -744,20 +694,13 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
   };
   auto on_checkpoint = [&](int64_t step, double running_sum, int64_t running_n) {
     if (!d.main()) return;  // every rank holds the same weights and state
-    atomic_write(ckpt_path, [&](const std::string& tmp) {
-      torch::serialize::OutputArchive a, ma, oa;
-      a.write("format", c10::IValue(kCheckpointFormat));
-      a.write("hash", c10::IValue(sum.hash));
-      a.write("step", c10::IValue(step));
-      a.write("metrics", c10::IValue(metrics_csv(sum.rows)));
-      a.write("loss_sum", c10::IValue(running_sum));
-      a.write("loss_n", c10::IValue(running_n));
-      model->save(ma);
-      a.write("model", ma);
-      opt.save(oa);
-      a.write("optimizer", oa);
-      a.save_to(tmp);
-    });
+    save_checkpoint(opt, *model, ckpt_path,
+                    {{"trainer_format", c10::IValue(kCheckpointFormat)},
+                     {"hash", c10::IValue(sum.hash)},
+                     {"step", c10::IValue(step)},
+                     {"metrics", c10::IValue(metrics_csv(sum.rows))},
+                     {"loss_sum", c10::IValue(running_sum)},
+                     {"loss_n", c10::IValue(running_n)}});
   };
 
   LoopSpec L;

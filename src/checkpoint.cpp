@@ -163,7 +163,8 @@ torch::serialize::InputArchive read_archive(const std::string& path) {
   return archive;
 }
 
-void save_impl(const LowRankOptimizer& opt, const torch::nn::Module* model, const std::string& path) {
+void save_impl(const LowRankOptimizer& opt, const torch::nn::Module* model, const std::string& path,
+               const CheckpointExtras& extras = {}) {
   torch::serialize::OutputArchive archive;
   archive.write("gradlora_checkpoint", c10::IValue(kCheckpointVersion));
   archive.write("has_model", c10::IValue(model != nullptr));
@@ -175,6 +176,16 @@ void save_impl(const LowRankOptimizer& opt, const torch::nn::Module* model, cons
   torch::serialize::OutputArchive o(archive.compilation_unit());
   opt.save(o);
   archive.write("optimizer", o);
+  if (!extras.empty()) {
+    torch::serialize::OutputArchive e(archive.compilation_unit());
+    c10::List<std::string> keys;
+    for (const auto& [key, value] : extras) {
+      keys.push_back(key);
+      e.write(key, value);
+    }
+    e.write("keys", c10::IValue(keys));
+    archive.write("extras", e);
+  }
   write_file_atomically(path, [&](const std::function<void(const void*, size_t)>& sink) {
     // LibTorch's zip writer must never see a failing sink (it would throw from a
     // destructor): remember the first error, swallow the rest, rethrow afterwards.
@@ -253,6 +264,31 @@ void save_checkpoint(const LowRankOptimizer& opt, const torch::nn::Module& model
 }
 
 void save_checkpoint(const LowRankOptimizer& opt, const std::string& path) { save_impl(opt, nullptr, path); }
+
+void save_checkpoint(const LowRankOptimizer& opt, const torch::nn::Module& model, const std::string& path,
+                     const CheckpointExtras& extras) {
+  save_impl(opt, &model, path, extras);
+}
+
+CheckpointExtras read_checkpoint_extras(const std::string& path) {
+  torch::serialize::InputArchive archive = read_archive(path);
+  CheckpointExtras out;
+  try {
+    torch::serialize::InputArchive e;
+    if (!archive.try_read("extras", e)) return out;
+    c10::IValue keys;
+    e.read("keys", keys);
+    for (const auto& k : keys.toListRef()) {
+      c10::IValue v;
+      e.read(k.toStringRef(), v);
+      out[k.toStringRef()] = v;
+    }
+  } catch (const c10::Error& err) {
+    throw CheckpointError(
+        fmt::format("checkpoint '{}': corrupt or incomplete extras ({})", path, err.what_without_backtrace()));
+  }
+  return out;
+}
 
 void load_checkpoint(LowRankOptimizer& opt, torch::nn::Module& model, const std::string& path) {
   load_impl(opt, &model, path);

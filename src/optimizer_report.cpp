@@ -53,10 +53,12 @@ std::string SelectionReport::to_string() const {
   std::string out = fmt::format("{:<{}}  {:<14} {:<9} {:>4} {:>12} {:>12} {:>11} {:>11}  {}\n", "parameter", w, "shape",
                                 "method", "rank", "numel", "trainable", "state", "adamw", "note");
   for (const auto& p : params) {
-    out += fmt::format("{:<{}}  {:<14} {:<9} {:>4} {:>12} {:>12} {:>11} {:>11}  {}\n", p.name, w,
-                       fmt::format("{}", fmt::join(p.shape, "x")), gradlora::to_string(p.method),
-                       p.rank ? std::to_string(p.rank) : "-", p.numel, p.trainable, human_bytes(p.state_bytes),
-                       human_bytes(p.adamw_state_bytes), p.note);
+    std::string row = fmt::format("{:<{}}  {:<14} {:<9} {:>4} {:>12} {:>12} {:>11} {:>11}  {}", p.name, w,
+                                  fmt::format("{}", fmt::join(p.shape, "x")), gradlora::to_string(p.method),
+                                  p.rank ? std::to_string(p.rank) : "-", p.numel, p.trainable,
+                                  human_bytes(p.state_bytes), human_bytes(p.adamw_state_bytes), p.note);
+    row.erase(row.find_last_not_of(' ') + 1);  // no trailing blanks when there is no note
+    out += row + "\n";
   }
   const double pct = total_params ? 100.0 * static_cast<double>(total_trainable) / total_params : 0.0;
   const double ratio = total_state_bytes ? static_cast<double>(total_adamw_state_bytes) / total_state_bytes : 0.0;

@@ -11,10 +11,12 @@
 
 #include <gradlora/optimizer.h>
 
+#include <ATen/core/ivalue.h>
 #include <torch/nn/module.h>
 
 #include <cstddef>
 #include <functional>
+#include <map>
 #include <stdexcept>
 #include <string>
 
@@ -36,6 +38,22 @@ class CheckpointError : public std::runtime_error {
 /// CheckpointError is thrown. A process killed mid-way may leave the temporary
 /// file behind, never a broken `path`.
 void save_checkpoint(const LowRankOptimizer& opt, const torch::nn::Module& model, const std::string& path);
+
+/// Values a caller keeps in the same checkpoint beside the model and the optimizer (a
+/// trainer's data position, running sums, the hash of its settings): ints, doubles,
+/// bools and strings, by name.
+using CheckpointExtras = std::map<std::string, c10::IValue>;
+
+/// save_checkpoint(opt, model, path) with `extras` in the same file, written in the
+/// same atomic step.
+void save_checkpoint(const LowRankOptimizer& opt, const torch::nn::Module& model, const std::string& path,
+                     const CheckpointExtras& extras);
+
+/// The extras of a checkpoint (empty when it has none), read without changing
+/// anything; throws CheckpointError naming the file when it is not a readable
+/// gradlora checkpoint. Read them first to check that a checkpoint belongs to a run
+/// before load_checkpoint() restores it.
+CheckpointExtras read_checkpoint_extras(const std::string& path);
 
 /// Restores what save_checkpoint() wrote. First reads the whole file and checks
 /// that every parameter and buffer of `model` is present with the same shape
