@@ -1,0 +1,152 @@
+// The files of a run.
+#include "run_files.h"
+
+#include "run_loop.h"
+#include "svg.h"
+
+#include <gradlora/checkpoint.h>
+
+#include <fmt/format.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+namespace gradlora::app {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+double parse_num(const std::string& s) { return s.empty() ? kNaN : std::stod(s); }
+
+}  // namespace
+
+// ------------------------------------------------------- files of a run
+
+std::string metrics_csv(const std::vector<MetricRow>& rows) {
+  std::string out = "step,lr,train_loss,eval_loss,base_eval_loss,tokens,elapsed_s\n";
+  for (const auto& r : rows) {
+    out += fmt::format("{},{},{},{},{},{},{:.3f}\n", r.step, fmt_num(r.lr), fmt_num(r.train_loss), fmt_num(r.eval_loss),
+                       fmt_num(r.base_eval_loss), r.tokens, r.elapsed_s);
+  }
+  return out;
+}
+
+std::vector<MetricRow> parse_metrics_csv(const std::string& text) {
+  std::vector<MetricRow> rows;
+  std::stringstream ss(text);
+  std::string line;
+  std::getline(ss, line);  // header
+  while (std::getline(ss, line)) {
+    if (line.empty()) continue;
+    std::vector<std::string> f;
+    std::stringstream ls(line);
+    std::string cell;
+    while (std::getline(ls, cell, ',')) f.push_back(cell);
+    while (f.size() < 7) f.emplace_back();
+    MetricRow r;
+    r.step = std::stoll(f[0]);
+    r.lr = parse_num(f[1]);
+    r.train_loss = parse_num(f[2]);
+    r.eval_loss = parse_num(f[3]);
+    r.base_eval_loss = parse_num(f[4]);
+    r.tokens = f[5].empty() ? 0 : std::stoll(f[5]);
+    r.elapsed_s = parse_num(f[6]);
+    rows.push_back(r);
+  }
+  return rows;
+}
+
+std::string loss_svg(const std::vector<MetricRow>& rows, const std::string& title, bool has_base) {
+  Series train, held, base;
+  train.label = "train loss (fine-tuning corpus)";
+  held.label = "held-out loss (fine-tuning corpus)";
+  base.label = "held-out loss (pre-training corpus)";
+  base.dashed = true;
+  for (const auto& r : rows) {
+    if (std::isfinite(r.train_loss)) {
+      train.x.push_back(static_cast<double>(r.step));
+      train.y.push_back(r.train_loss);
+    }
+    held.x.push_back(static_cast<double>(r.step));
+    held.y.push_back(r.eval_loss);
+    base.x.push_back(static_cast<double>(r.step));
+    base.y.push_back(r.base_eval_loss);
+  }
+  Panel p{"loss", "step", "cross-entropy (nats per byte)", {train, held}};
+  if (has_base) p.series.push_back(base);
+  return svg_chart({p}, title);
+}
+
+nlohmann::json summary_json(const RunSummary& s) {
+  nlohmann::json j;
+  j["method"] = s.method;
+  j["seed"] = s.seed;
+  j["hash"] = s.hash;
+  j["steps_done"] = s.steps_done;
+  j["interrupted"] = s.interrupted;
+  auto num = [](double v) { return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(nullptr); };
+  j["eval_before"] = num(s.eval_before);
+  j["eval_after"] = num(s.eval_after);
+  j["base_before"] = num(s.base_before);
+  j["base_after"] = num(s.base_after);
+  j["forgetting"] = num(s.forgetting());
+  j["total_params"] = s.total_params;
+  j["trainable"] = s.trainable;
+  j["state_bytes"] = s.state_bytes;
+  j["adamw_state_bytes"] = s.adamw_state_bytes;
+  j["step_ms"] = s.step_ms;
+  j["opt_ms"] = s.opt_ms;
+  return j;
+}
+
+std::optional<RunSummary> read_summary(const std::string& dir) {
+  std::ifstream in(fs::path(dir) / "summary.json");
+  if (!in) return std::nullopt;
+  try {
+    nlohmann::json j = nlohmann::json::parse(in);
+    RunSummary s;
+    auto num = [&](const char* k) { return j[k].is_number() ? j[k].get<double>() : kNaN; };
+    s.method = j["method"].get<std::string>();
+    s.seed = j["seed"].get<uint64_t>();
+    s.hash = j["hash"].get<std::string>();
+    s.steps_done = j["steps_done"].get<int64_t>();
+    s.interrupted = j["interrupted"].get<bool>();
+    s.eval_before = num("eval_before");
+    s.eval_after = num("eval_after");
+    s.base_before = num("base_before");
+    s.base_after = num("base_after");
+    s.total_params = j["total_params"].get<int64_t>();
+    s.trainable = j["trainable"].get<int64_t>();
+    s.state_bytes = j["state_bytes"].get<int64_t>();
+    s.adamw_state_bytes = j["adamw_state_bytes"].get<int64_t>();
+    s.step_ms = num("step_ms");
+    s.opt_ms = num("opt_ms");
+    std::ifstream m(fs::path(dir) / "metrics.csv");
+    std::stringstream ss;
+    ss << m.rdbuf();
+    s.rows = parse_metrics_csv(ss.str());
+    return s;
+  } catch (const std::exception&) {
+    return std::nullopt;  // unreadable: the run is simply done again
+  }
+}
+
+/// The settings that decide a run's result (logging and stopping knobs removed).
+std::string result_hash(const YAML::Node& tree) {
+  YAML::Node t = YAML::Clone(tree);
+  t.remove("compare");
+  if (t["training"] && t["training"].IsMap()) {
+    for (const char* k : {"halt_after", "log_every", "checkpoint_every", "cache_dir"}) t["training"].remove(k);
+  }
+  return stable_hash(to_yaml(t));
+}
+
+void write_file_atomic(const std::string& path, const std::string& text) {
+  write_file_atomically(path, [&](const std::function<void(const void*, size_t)>& sink) {
+    sink(text.data(), text.size());
+  });
+}
+
+}  // namespace gradlora::app

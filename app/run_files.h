@@ -1,0 +1,25 @@
+#pragma once
+// The files of a run: metrics.csv, loss.svg, summary.json, and the hash of the
+// settings that decide a run's result.
+#include "settings.h"
+#include "trainer.h"
+
+#include <nlohmann/json.hpp>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace gradlora::app {
+
+std::string metrics_csv(const std::vector<MetricRow>& rows);
+std::vector<MetricRow> parse_metrics_csv(const std::string& text);
+/// The loss curves of a run (held-out B, and A when `has_base`), as SVG.
+std::string loss_svg(const std::vector<MetricRow>& rows, const std::string& title, bool has_base);
+nlohmann::json summary_json(const RunSummary& s);
+/// summary.json of a finished run in `dir`, if there is one.
+std::optional<RunSummary> read_summary(const std::string& dir);
+/// A hash of the settings that determine a run's result.
+std::string result_hash(const YAML::Node& tree);
+
+}  // namespace gradlora::app
