@@ -42,7 +42,7 @@ std::string ensure_pretrained(const Settings& s, const Corpus& corpus, const std
       m.type, m.layers, m.d_model, m.heads, m.context, m.mlp_ratio, fmt::join(s.data.pretrain.files, "|"),
       s.data.pretrain.holdout, t.pretrain.steps, t.pretrain.lr, t.pretrain.weight_decay, t.pretrain.warmup,
       t.pretrain.seed, t.batch, t.threads, t.grad_clip, t.min_lr_ratio);
-  const std::string path = (fs::path(cache_dir) / fmt::format("pretrained-{}.pt", stable_hash(key))).string();
+  std::string path = (fs::path(cache_dir) / fmt::format("pretrained-{}.pt", stable_hash(key))).string();
   if (fs::exists(path)) {
     spdlog::info("pre-trained model: cached {}", path);
     return path;

@@ -60,7 +60,7 @@ class Progress {
  private:
   static std::string eta(double s) {
     if (!std::isfinite(s) || s < 0) return "?";
-    const auto t = static_cast<int64_t>(s + 0.5);
+    const auto t = static_cast<int64_t>(std::llround(s));
     return fmt::format("{}:{:02d}", t / 60, t % 60);
   }
   std::string label_;

@@ -41,9 +41,9 @@ void add_product(torch::Tensor& P2d, const torch::Tensor& L, const torch::Tensor
   for_each_row_panel(
       b, L.scalar_type(), 1,
       [&](int64_t row0, const torch::Tensor& panel) {
-        torch::Tensor acc = panel;  // a copy: free to overwrite
-        acc.addmm_(L.narrow(0, row0, panel.size(0)), R, 1.0, s);
-        P2d.narrow(0, row0, panel.size(0)).copy_(acc);
+        // The panel is a copy of the base's rows: it is the accumulator.
+        panel.addmm_(L.narrow(0, row0, panel.size(0)), R, 1.0, s);
+        P2d.narrow(0, row0, panel.size(0)).copy_(panel);
       },
       /*always_copy=*/true);
 }
