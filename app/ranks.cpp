@@ -9,8 +9,6 @@ namespace gradlora::app {
 
 // ------------------------------------------------------------ data-parallel
 
-
-
 /// Joins the process group when this process is one rank of a job.
 Ranks join_ranks(const TrainingSettings& t) {
   Ranks d;

@@ -144,9 +144,8 @@ std::string result_hash(const YAML::Node& tree) {
 }
 
 void write_file_atomic(const std::string& path, const std::string& text) {
-  write_file_atomically(path, [&](const std::function<void(const void*, size_t)>& sink) {
-    sink(text.data(), text.size());
-  });
+  write_file_atomically(path,
+                        [&](const std::function<void(const void*, size_t)>& sink) { sink(text.data(), text.size()); });
 }
 
 }  // namespace gradlora::app

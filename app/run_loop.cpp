@@ -115,8 +115,6 @@ double evaluate(CharTransformer& model, const torch::Tensor& windows, int64_t ba
   return sum / static_cast<double>(windows.size(0));
 }
 
-
-
 LoopResult run_loop(CharTransformer& model, torch::optim::Optimizer& opt, BatchSampler& sampler, const LoopSpec& L,
                     const std::function<void(int64_t, double, double)>& on_eval,
                     const std::function<void(int64_t, double, int64_t)>& on_checkpoint) {
