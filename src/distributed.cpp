@@ -1,4 +1,4 @@
-// Data-parallel training on c10d (Gloo): see include/gradlora/distributed.h and README.md, "Data-parallel training".
+// Data-parallel training on c10d (Gloo, NCCL): see include/gradlora/distributed.h and docs/data-parallel.md.
 
 // Debian's LibTorch 1.13 is built with Gloo (the symbols are in libtorch_cpu) but its
 // headers hide ProcessGroupGloo behind this macro, which only the torch build defines.

@@ -135,14 +135,66 @@ torch::Tensor galore_project(const torch::Tensor& Q, const torch::Tensor& G, boo
   return out;
 }
 
+namespace {
+
+// Rows per panel so that an h×m panel in `dtype` holds at most about 256 KiB.
+int64_t panel_rows(int64_t m, torch::ScalarType dtype) {
+  constexpr int64_t kPanelBytes = 256 * 1024;
+  const int64_t esize = static_cast<int64_t>(c10::elementSize(dtype));
+  return std::max<int64_t>(1, kPanelBytes / std::max<int64_t>(m * esize, 1));
+}
+
+}  // namespace
+
 std::array<torch::Tensor, 4> hadamard_factor_grads(const torch::Tensor& G, const torch::Tensor& A1,
                                                    const torch::Tensor& B1, const torch::Tensor& A2,
                                                    const torch::Tensor& B2, double s) {
-  const torch::Tensor g = G.scalar_type() == A1.scalar_type() ? G : G.to(A1.scalar_type());
-  const torch::Tensor H1 = g * torch::mm(A2, B2);  // G ⊙ W2
-  const torch::Tensor H2 = g * torch::mm(A1, B1);  // G ⊙ W1
-  return {torch::mm(H1, B1.t()).mul_(s), torch::mm(A1.t(), H1).mul_(s), torch::mm(H2, B2.t()).mul_(s),
-          torch::mm(A2.t(), H2).mul_(s)};
+  // Row panels: G⊙W1 and G⊙W2 are formed h rows at a time, never n×m.
+  const int64_t n = G.size(0), m = G.size(1), r = A1.size(1);
+  const auto opts = A1.options();
+  torch::Tensor gA1 = torch::empty({n, r}, opts), gA2 = torch::empty({n, r}, opts);
+  torch::Tensor gB1 = torch::zeros({r, m}, opts), gB2 = torch::zeros({r, m}, opts);
+  const int64_t rows = panel_rows(m, A1.scalar_type());
+  for (int64_t i = 0; i < n; i += rows) {
+    const int64_t h = std::min(rows, n - i);
+    const torch::Tensor g = G.narrow(0, i, h).to(A1.scalar_type());
+    const torch::Tensor a1 = A1.narrow(0, i, h), a2 = A2.narrow(0, i, h);
+    const torch::Tensor H1 = g * torch::mm(a2, B2);  // rows of G ⊙ W2
+    torch::Tensor out1 = gA1.narrow(0, i, h);
+    at::mm_out(out1, H1, B1.t());
+    gB1.addmm_(a1.t(), H1);
+    const torch::Tensor H2 = g * torch::mm(a1, B1);  // rows of G ⊙ W1
+    torch::Tensor out2 = gA2.narrow(0, i, h);
+    at::mm_out(out2, H2, B2.t());
+    gB2.addmm_(a2.t(), H2);
+  }
+  if (s != 1.0) {
+    for (auto* t : {&gA1, &gB1, &gA2, &gB2}) t->mul_(s);
+  }
+  return {gA1, gB1, gA2, gB2};
+}
+
+void hadamard_write_back(torch::Tensor& P2d, const std::array<torch::Tensor, 4>& before,
+                         const std::array<torch::Tensor, 4>& after, double s) {
+  // W1'⊙W2' − W1⊙W2 = ΔW1⊙W2' + W1⊙ΔW2, with ΔW = A'·B' − A·B = [A' − A, A]·[B'; B' − B]
+  // (one rank-2r product): no cancellation between two large products. Row panels.
+  const auto& [A1, B1, A2, B2] = before;
+  const auto& [A1n, B1n, A2n, B2n] = after;
+  const torch::Tensor L1 = torch::cat({A1n - A1, A1}, 1), R1 = torch::cat({B1n, B1n - B1}, 0);
+  const torch::Tensor L2 = torch::cat({A2n - A2, A2}, 1), R2 = torch::cat({B2n, B2n - B2}, 0);
+  const int64_t n = P2d.size(0), m = P2d.size(1);
+  const int64_t rows = panel_rows(m, A1.scalar_type());
+  for (int64_t i = 0; i < n; i += rows) {
+    const int64_t h = std::min(rows, n - i);
+    torch::Tensor D = torch::mm(L1.narrow(0, i, h), R1).mul_(torch::mm(A2n.narrow(0, i, h), B2n));
+    D.addcmul_(torch::mm(A1.narrow(0, i, h), B1), torch::mm(L2.narrow(0, i, h), R2));
+    torch::Tensor target = P2d.narrow(0, i, h);
+    if (target.scalar_type() == D.scalar_type()) {
+      target.add_(D, s);
+    } else {
+      target.add_(D.mul_(s).to(target.scalar_type()));
+    }
+  }
 }
 
 double unbiased_random_std(double s, int64_t r) { return 1.0 / (s * std::sqrt(2.0 * static_cast<double>(r))); }

@@ -138,7 +138,7 @@ struct Config {
   /// (then it is a warning). YAML key `allow_unmatched_targets`.
   bool allow_unmatched_targets = false;
   OnNonFinite on_nonfinite = OnNonFinite::skip;
-  /// Project, step and write back inside backward() (see README, "Fused mode").
+  /// Project each gradient inside backward() (docs/methods.md, "Fused mode").
   bool fuse_into_backward = false;
   /// Log the selection report at info level when the optimizer is built.
   bool log_report = true;

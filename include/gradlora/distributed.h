@@ -8,7 +8,7 @@
 /// rank (same factors, same seeds), so averaging the projected gradients
 /// (gA, gB: r·(n+m) numbers for `lora`/`random`; row/column block sums for
 /// `additive`) gives exactly the factor gradients of the averaged G. Only
-/// `full` parameters still send their whole gradient. See README.md, "Data-parallel training".
+/// `full` parameters still send their whole gradient. See docs/data-parallel.md.
 ///
 ///     auto pg = gradlora::process_group_from_env();           // or launch_local(...)
 ///     gradlora::LowRankOptimizer opt(model->named_parameters(), cfg);

@@ -53,10 +53,17 @@ torch::Tensor galore_project(const torch::Tensor& Q, const torch::Tensor& G, boo
 
 /// Factor gradients of P = P0 + s·(A1·B1) ⊙ (A2·B2): with W1 = A1·B1, W2 = A2·B2,
 /// gA1 = s·(G⊙W2)·B1ᵀ, gB1 = s·A1ᵀ·(G⊙W2), gA2 = s·(G⊙W1)·B2ᵀ, gB2 = s·A2ᵀ·(G⊙W1)
-/// (the product rule), in the factors' dtype. Forms two n×m products.
+/// (the product rule), in the factors' dtype, by row panels of at most about 256 KiB
+/// (no n×m temporary).
 std::array<torch::Tensor, 4> hadamard_factor_grads(const torch::Tensor& G, const torch::Tensor& A1,
                                                    const torch::Tensor& B1, const torch::Tensor& A2,
                                                    const torch::Tensor& B2, double s);
+
+/// P ← P + s·((A1'·B1')⊙(A2'·B2') − (A1·B1)⊙(A2·B2)) for factors `before` = {A1, B1, A2, B2}
+/// and `after`, as ΔW1⊙W2' + W1⊙ΔW2 with each ΔW one rank-2r product, by row panels (no
+/// n×m temporary); computed in the factors' dtype and added into P's.
+void hadamard_write_back(torch::Tensor& P2d, const std::array<torch::Tensor, 4>& before,
+                         const std::array<torch::Tensor, 4>& after, double s);
 
 /// σ that makes the expected plain-SGD update of `random` equal −η·G:
 /// E[ΔP] = −η·s²·(E[VᵀV] + E[UUᵀ])·G = −2·η·s²·r·σ²·G, so σ = 1/(s·√(2r)).

@@ -11,15 +11,6 @@ namespace gradlora::methods {
 
 namespace {
 
-// P2d += alpha·D, where D may have a wider dtype than P2d.
-void add_into(torch::Tensor& P2d, const torch::Tensor& D, double alpha) {
-  if (P2d.scalar_type() == D.scalar_type()) {
-    P2d.add_(D, alpha);
-  } else {
-    P2d.add_(D.mul(alpha).to(P2d.scalar_type()));
-  }
-}
-
 /// FedPara (Hyeon-Woo et al. 2022, arXiv 2108.06098), known as LoHa:
 /// P = P0 + s·(A1·B1) ⊙ (A2·B2), rank(ΔP) ≤ r². With W1 = A1·B1, W2 = A2·B2 the
 /// product rule gives gA1 = s·(G⊙W2)·B1ᵀ, gB1 = s·A1ᵀ·(G⊙W2), and symmetrically
@@ -67,16 +58,8 @@ class HadamardProjector final : public Projector {
 
   void write_back(InnerRule&) override {
     torch::NoGradGuard guard;
-    // W1'⊙W2' − W1⊙W2 = ΔW1⊙W2' + W1⊙ΔW2, with ΔW = A'·B' − A·B = [A' − A, A]·[B'; B' − B]
-    // (one rank-2r product): no cancellation between two large products.
-    auto delta = [](const torch::Tensor& A0, const torch::Tensor& B0, const torch::Tensor& A1,
-                    const torch::Tensor& B1) {
-      return torch::mm(torch::cat({A1 - A0, A0}, 1), torch::cat({B1, B1 - B0}, 0));
-    };
-    torch::Tensor D = delta(A1p_, B1p_, A1_, B1_).mul_(torch::mm(A2_, B2_));
-    D.addcmul_(torch::mm(A1p_, B1p_), delta(A2p_, B2p_, A2_, B2_));
     torch::Tensor P2 = param2d();
-    add_into(weight_.target(P2), D, s_);
+    hadamard_write_back(weight_.target(P2), {A1p_, B1p_, A2p_, B2p_}, {A1_, B1_, A2_, B2_}, s_);
     weight_.publish(P2);
     A1p_ = B1p_ = A2p_ = B2p_ = torch::Tensor();
     discard();
@@ -100,7 +83,7 @@ class HadamardProjector final : public Projector {
 
   std::string note() const override {
     const int64_t r = ctx_.target.rank;
-    return fmt::format("s={:g}, init {}, rank(dP) <= {}, needs {}x{} temporaries during the step{}", s_,
+    return fmt::format("s={:g}, init {}, rank(dP) <= {}, row panels for the {}x{} products{}", s_,
                        to_string(ctx_.target.init), std::min({r * r, n_, m_}), n_, m_,
                        weight_.has_master() ? ", fp32 master copy" : "");
   }

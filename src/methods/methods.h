@@ -1,5 +1,5 @@
 #pragma once
-// Private to the method files: the registry's entries, and what several methods share.
+// Private to the method files: what several methods share.
 #include <gradlora/maths.h>
 #include <gradlora/method.h>
 #include <gradlora/projector.h>
@@ -12,14 +12,6 @@
 #include <vector>
 
 namespace gradlora::methods {
-
-/// One per file of src/methods/, listed in registry.cpp.
-MethodInfo full();
-MethodInfo lora();
-MethodInfo random();
-MethodInfo additive();
-MethodInfo galore();
-MethodInfo hadamard();
 
 /// Factors' dtype (fp32, or fp64 for double weights) on the parameter's device.
 inline torch::TensorOptions factor_options(const torch::Tensor& P) {

@@ -12,6 +12,16 @@
 
 namespace gradlora {
 
+// Each method's entry, defined in its file under src/methods/.
+namespace methods {
+MethodInfo full();
+MethodInfo lora();
+MethodInfo random();
+MethodInfo additive();
+MethodInfo galore();
+MethodInfo hadamard();
+}  // namespace methods
+
 namespace {
 
 MethodInfo frozen_method() {

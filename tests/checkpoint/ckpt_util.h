@@ -21,14 +21,8 @@
 
 namespace gradlora::ckpt_test {
 
-struct NetImpl : torch::nn::Module {
-  NetImpl(int64_t in, int64_t hidden, int64_t out)
-      : fc1(register_module("fc1", torch::nn::Linear(in, hidden))),
-        fc2(register_module("fc2", torch::nn::Linear(hidden, out))) {}
-  torch::Tensor forward(const torch::Tensor& x) { return fc2->forward(torch::tanh(fc1->forward(x))); }
-  torch::nn::Linear fc1, fc2;
-};
-TORCH_MODULE(Net);
+/// The shared two-layer MLP of the tests (test_util.h).
+using Net = ::gradlora::testing::Mlp2;
 
 /// A fresh folder under the system's temporary directory, unique per process and call.
 inline std::string temp_dir(const std::string& prefix) {

@@ -267,7 +267,7 @@ TEST(LowPrecision, Bf16WeightsFollowTheFp32ReferenceWithinBf16Resolution) {
 // Incremental vs exact write-back over 10,000 fp32 Adam steps on a 32×16 matrix
 // (noisy gradients of 0.5·‖W − T‖²): each is compared with P0 + s·A·B evaluated
 // in float64 from its own fp32 factors. The figures are printed
-// (the README's "Checkpoints" section quotes them).
+// (docs/checkpoints.md quotes them).
 TEST(Drift, IncrementalWriteBackStaysCloseToExactOver10000Steps) {
   torch::Tensor Wi = seeded_randn({32, 16}, 21, torch::kFloat), We = Wi.clone();
   const torch::Tensor P0 = Wi.to(torch::kDouble);
