@@ -139,7 +139,6 @@ TEST(Hadamard, CheckpointRoundTripContinuesIdentically) {
   EXPECT_TRUE(torch::equal(W1, W2)) << max_abs_diff(W1, W2);
 }
 
-
 // The row-panel maths against the formulas written out at full size, on a matrix wide
 // enough for several panels (4096 doubles a row: 8 rows a panel, 20 rows).
 TEST(Hadamard, RowPanelsEqualTheFullSizeFormulas) {
