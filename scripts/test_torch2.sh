@@ -54,12 +54,28 @@ $SUDO mount --bind /dev "$ROOT/dev" && mounted+=("$ROOT/dev")
 $SUDO mount -t tmpfs tmpfs "$ROOT/dev/shm" && mounted+=("$ROOT/dev/shm")
 $SUDO cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
 
-# A clean copy of the working tree, mtimes kept (so the kept build folder stays incremental).
-$SUDO rm -rf "$ROOT/src/gradlora"
-$SUDO mkdir -p "$ROOT/src/gradlora"
+# A clean copy of the working tree: staged whole, then synchronised by content into the
+# kept copy. A file whose bytes changed is written anew (so its time is now and the kept
+# build folder rebuilds what depends on it); an unchanged file keeps its old time; a file
+# that is gone from the tree is removed. (Copying times from the tree instead would let an
+# object built from another tree look newer than a changed source.)
+STAGE="$ROOT/src/.gradlora-stage"
+$SUDO rm -rf "$STAGE"
+$SUDO mkdir -p "$STAGE" "$ROOT/src/gradlora"
 (cd "$REPO" && git ls-files -z --cached --others --exclude-standard |
   while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
-  tar --null --no-recursion -T - -cf -) | $SUDO tar -xf - -C "$ROOT/src/gradlora"
+  tar --null --no-recursion -T - -cf -) | $SUDO tar -xf - -C "$STAGE"
+(cd "$STAGE" && find . -type f -print0) | while IFS= read -r -d '' f; do
+  dst="$ROOT/src/gradlora/$f"
+  if ! cmp -s "$STAGE/$f" "$dst"; then
+    $SUDO mkdir -p "$(dirname "$dst")"
+    $SUDO cp "$STAGE/$f" "$dst" && $SUDO touch "$dst"
+  fi
+done
+(cd "$ROOT/src/gradlora" && find . -type f -print0) | while IFS= read -r -d '' f; do
+  [ -e "$STAGE/$f" ] || $SUDO rm -f "$ROOT/src/gradlora/$f"
+done
+$SUDO rm -rf "$STAGE"
 
 say "running scripts/test.sh inside the ${SUITE} root"
 set +e
