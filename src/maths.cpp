@@ -7,6 +7,17 @@
 
 namespace gradlora {
 
+namespace {
+
+// Rows per panel so that an h×m panel in `dtype` holds at most about 256 KiB.
+int64_t panel_rows(int64_t m, torch::ScalarType dtype) {
+  constexpr int64_t kPanelBytes = 256 * 1024;
+  const int64_t esize = static_cast<int64_t>(c10::elementSize(dtype));
+  return std::max<int64_t>(1, kPanelBytes / std::max<int64_t>(m * esize, 1));
+}
+
+}  // namespace
+
 void for_each_row_panel(const torch::Tensor& G, torch::ScalarType dtype, int64_t row_multiple,
                         const std::function<void(int64_t, const torch::Tensor&)>& fn, bool always_copy) {
   const int64_t n = G.size(0), m = G.size(1);
@@ -14,10 +25,8 @@ void for_each_row_panel(const torch::Tensor& G, torch::ScalarType dtype, int64_t
     fn(0, G);
     return;
   }
-  constexpr int64_t kPanelBytes = 256 * 1024;
-  const int64_t esize = static_cast<int64_t>(c10::elementSize(dtype));
   const int64_t mult = std::max<int64_t>(row_multiple, 1);
-  const int64_t rows = std::max<int64_t>(mult, kPanelBytes / std::max<int64_t>(m * esize, 1) / mult * mult);
+  const int64_t rows = std::max<int64_t>(mult, panel_rows(m, dtype) / mult * mult);
   torch::Tensor buffer = torch::empty({std::min(rows, n), m}, G.options().dtype(dtype));
   for (int64_t i = 0; i < n; i += rows) {
     const int64_t h = std::min(rows, n - i);
@@ -134,17 +143,6 @@ torch::Tensor galore_project(const torch::Tensor& Q, const torch::Tensor& G, boo
   });
   return out;
 }
-
-namespace {
-
-// Rows per panel so that an h×m panel in `dtype` holds at most about 256 KiB.
-int64_t panel_rows(int64_t m, torch::ScalarType dtype) {
-  constexpr int64_t kPanelBytes = 256 * 1024;
-  const int64_t esize = static_cast<int64_t>(c10::elementSize(dtype));
-  return std::max<int64_t>(1, kPanelBytes / std::max<int64_t>(m * esize, 1));
-}
-
-}  // namespace
 
 std::array<torch::Tensor, 4> hadamard_factor_grads(const torch::Tensor& G, const torch::Tensor& A1,
                                                    const torch::Tensor& B1, const torch::Tensor& A2,

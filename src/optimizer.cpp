@@ -10,6 +10,7 @@
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <set>
 #include <unordered_map>
 
@@ -56,7 +57,7 @@ class FusedProjectHook final : public torch::autograd::FunctionPreHook {
         if (prev[i].defined()) params[i].mutable_grad().add_(prev[i]);
       }
     }
-    e->leave_placeholder();
+    if (!accumulate) e->leave_placeholder();  // an untouched placeholder stays: no allocation per micro-batch
     return {torch::Tensor()};  // AccumulateGrad skips an undefined gradient: the full gradient is never stored
   }
 
@@ -73,20 +74,27 @@ namespace {
 // read back together.
 std::vector<char> finite_flags(const std::vector<std::vector<torch::Tensor>>& grads_per_entry) {
   std::vector<char> finite(grads_per_entry.size(), 1);
-  std::map<std::string, std::pair<std::vector<size_t>, std::vector<torch::Tensor>>> by_device;
+  struct PerDevice {
+    torch::Device device;
+    std::vector<size_t> entries;
+    std::vector<torch::Tensor> flags;
+  };
+  std::vector<PerDevice> by_device;  // one or two devices: a list beats a map
   for (size_t i = 0; i < grads_per_entry.size(); ++i) {
     for (const auto& g : grads_per_entry[i]) {
       if (!g.defined() || g.numel() == 0) continue;
-      auto& slot = by_device[g.device().str()];
-      slot.first.push_back(i);
-      slot.second.push_back(torch::isfinite(g).all());
+      auto it =
+          std::find_if(by_device.begin(), by_device.end(), [&](const PerDevice& d) { return d.device == g.device(); });
+      if (it == by_device.end()) it = by_device.insert(by_device.end(), PerDevice{g.device(), {}, {}});
+      it->entries.push_back(i);
+      it->flags.push_back(torch::isfinite(g).all());
     }
   }
-  for (auto& kv : by_device) {
-    const torch::Tensor flags = torch::stack(kv.second.second).to(torch::kCPU);
+  for (const auto& d : by_device) {
+    const torch::Tensor flags = torch::stack(d.flags).to(torch::kCPU);
     const bool* f = flags.data_ptr<bool>();
-    for (size_t k = 0; k < kv.second.first.size(); ++k) {
-      if (!f[k]) finite[kv.second.first[k]] = 0;
+    for (size_t k = 0; k < d.entries.size(); ++k) {
+      if (!f[k]) finite[d.entries[k]] = 0;
     }
   }
   return finite;
