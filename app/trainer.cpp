@@ -79,6 +79,15 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
   const TrainingSettings& t = s.training;
   const uint64_t seed = tree["seed"] ? tree["seed"].as<uint64_t>() : 0;
   Config cfg = optimizer_config(tree);
+  // The optimizer clips (exact in fused mode too, where no full gradient reaches .grad):
+  // training.grad_clip sets its max_grad_norm unless the config sets that key itself.
+  if (cfg.max_grad_norm && tree["training"] && tree["training"]["grad_clip"]) {
+    throw ConfigError(fmt::format(
+        "config keys 'training.grad_clip' ({}) and 'max_grad_norm' ({}) both set the gradient clip of fine-tuning; "
+        "keep one",
+        t.grad_clip, *cfg.max_grad_norm));
+  }
+  if (!cfg.max_grad_norm && t.grad_clip > 0) cfg.max_grad_norm = t.grad_clip;
 
   RunSummary sum;
   sum.method = o.method;
@@ -183,11 +192,11 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
     if (d.main()) {
       spdlog::info("data-parallel: {} ranks, {} windows each per step; {} all-reduced per step instead of {}", d.world,
                    t.batch / d.world, human_bytes(dp->expected_step_bytes()), human_bytes(full_gradient_bytes(opt)));
-      if (t.grad_clip > 0) {
+      if (cfg.max_grad_norm) {
         spdlog::warn(
-            "training.grad_clip {}: each rank clips the gradient of its own shard before the ranks "
-            "average, so the run differs from a single-process one (training.grad_clip=0 makes them equal)",
-            t.grad_clip);
+            "gradient clip {}: each rank clips the gradient of its own shard before the ranks average, so the "
+            "run differs from a single-process one (training.grad_clip=0 makes them equal)",
+            *cfg.max_grad_norm);
       }
     }
   }
@@ -231,7 +240,7 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
   L.warmup = t.warmup;
   L.schedule = t.schedule;
   L.min_lr_ratio = t.min_lr_ratio;
-  L.grad_clip = t.grad_clip;
+  L.grad_clip = 0;  // the optimizer's max_grad_norm clips
   L.eval_every = t.eval_every;
   L.log_every = t.log_every;
   L.checkpoint_every = t.checkpoint_every;

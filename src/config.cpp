@@ -150,6 +150,10 @@ void Config::validate() const {
         "dampening {}",
         o.momentum, o.dampening));
   }
+  if (max_grad_norm) {
+    check(std::isfinite(*max_grad_norm) && *max_grad_norm > 0, "max_grad_norm", "expected a finite number > 0",
+          *max_grad_norm);
+  }
   if (default_method != Method::frozen && default_method != Method::full) {
     throw ConfigError(fmt::format("config key 'default': expected frozen | full, got '{}'", to_string(default_method)));
   }

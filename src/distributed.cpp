@@ -293,6 +293,7 @@ std::string distributed_fingerprint(const LowRankOptimizer& optimizer) {
   line("allow_unmatched_targets", c.allow_unmatched_targets ? "true" : "false");
   line("on_nonfinite", to_string(c.on_nonfinite));
   line("fuse_into_backward", c.fuse_into_backward ? "true" : "false");
+  line("max_grad_norm", fmt_opt(c.max_grad_norm));
   // The selection: what each parameter is, and what it sends.
   for (const auto& p : optimizer.report().params) {
     line(fmt::format("parameter '{}'", p.name),

@@ -17,8 +17,15 @@ const char* const kAdamFields[] = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
 
 }  // namespace
 
-InnerRule::InnerRule(std::vector<torch::Tensor> params, const InnerConfig& cfg, double lr, double weight_decay)
-    : type_(cfg.type), momentum_(cfg.momentum != 0), amsgrad_(cfg.amsgrad), params_(std::move(params)) {
+InnerRule::InnerRule(std::vector<torch::Tensor> params, const InnerConfig& cfg, double lr, double weight_decay,
+                     bool decay_params)
+    : type_(cfg.type),
+      momentum_(cfg.momentum != 0),
+      amsgrad_(cfg.amsgrad),
+      weight_decay_(weight_decay),
+      decay_params_(decay_params),
+      params_(std::move(params)) {
+  if (!decay_params) weight_decay = 0.0;
   switch (type_) {
     case InnerType::sgd:
       opt_ = std::make_unique<torch::optim::SGD>(params_, torch::optim::SGDOptions(lr)
@@ -46,13 +53,6 @@ InnerRule::InnerRule(std::vector<torch::Tensor> params, const InnerConfig& cfg, 
 
 void InnerRule::set_lr(double lr) { opt_->param_groups()[0].options().set_lr(lr); }
 double InnerRule::lr() const { return opt_->param_groups()[0].options().get_lr(); }
-double InnerRule::weight_decay() const {
-  auto& o = opt_->param_groups()[0].options();
-  if (auto* x = dynamic_cast<torch::optim::SGDOptions*>(&o)) return x->weight_decay();
-  if (auto* x = dynamic_cast<torch::optim::AdamWOptions*>(&o)) return x->weight_decay();
-  if (auto* x = dynamic_cast<torch::optim::AdamOptions*>(&o)) return x->weight_decay();
-  return 0.0;
-}
 void InnerRule::step() { opt_->step(); }
 void InnerRule::reset_state() { opt_->state().clear(); }
 

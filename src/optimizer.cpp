@@ -50,6 +50,8 @@ class FusedProjectHook final : public torch::autograd::FunctionPreHook {
     } else {
       e->projector->discard();  // whatever an earlier, since zeroed, backward prepared
     }
+    e->backwards = accumulate ? e->backwards + 1 : 1;
+    if (link_->norms) e->grad_norm = grads[0].norm(2);
     e->projector->project(grads[0]);
     if (accumulate) {
       auto params = e->projector->inner_params();
@@ -159,7 +161,8 @@ LowRankOptimizer::LowRankOptimizer(const torch::OrderedDict<std::string, torch::
     if (!e->projector) continue;  // frozen
     const double lr = t.lr.value_or(config_.optimizer.lr);
     const double wd = t.weight_decay.value_or(config_.optimizer.effective_weight_decay());
-    e->inner = std::make_unique<InnerRule>(e->projector->inner_params(), config_.optimizer, lr, wd);
+    e->inner = std::make_unique<InnerRule>(e->projector->inner_params(), config_.optimizer, lr, wd,
+                                           e->projector->inner_rule_decays());
   }
 
   // One parameter group per target that matched something, then `default`.
@@ -185,6 +188,7 @@ LowRankOptimizer::LowRankOptimizer(const torch::OrderedDict<std::string, torch::
       if (!e->projector || !e->projector->fusable() || !e->param.requires_grad()) continue;
       e->link = std::make_shared<FusedLink>();
       e->link->entry = e.get();
+      e->link->norms = config_.max_grad_norm.has_value();
       e->accumulator = torch::autograd::impl::grad_accumulator(e->param);
       e->accumulator->add_pre_hook(std::make_unique<FusedProjectHook>(e->link));
     }
@@ -210,9 +214,11 @@ torch::Tensor LowRankOptimizer::step(LossClosure closure) {
     loss = closure();
   }
   torch::NoGradGuard no_grad;
+  if (config_.max_grad_norm) refuse_unclippable_accumulation();
   ++step_count_;
   // Phase 1: project every gradient (no persistent state changes).
   std::vector<Entry*> active;
+  std::vector<torch::Tensor> norms;  // max_grad_norm: ‖G‖ of each active entry
   for (auto& e : entries_) {
     if (!e->projector) continue;
     if (e->link) {  // fused: projected during backward()
@@ -222,14 +228,19 @@ torch::Tensor LowRankOptimizer::step(LossClosure closure) {
         e->projector->discard();
         continue;
       }
+      if (config_.max_grad_norm) norms.push_back(e->grad_norm);
     } else {
       const torch::Tensor& g = e->param.grad();
       if (!g.defined()) continue;
+      if (config_.max_grad_norm) norms.push_back(g.norm(2));
       e->projector->project(g);
     }
     e->inner->set_lr(param_groups_[e->group].options().get_lr());
     active.push_back(e.get());
   }
+  // Phase 1b: gradient clipping. The projections are linear in G, so scaling them
+  // equals clipping G first (a `full` parameter's gradient is scaled itself).
+  if (config_.max_grad_norm && !active.empty()) clip_projected(active, norms, *config_.max_grad_norm);
   // Phase 2: data-parallel averaging of the projected gradients.
   if (reducer_ && !active.empty()) {
     std::vector<torch::Tensor> grads;
@@ -268,6 +279,32 @@ torch::Tensor LowRankOptimizer::step(LossClosure closure) {
     e.projector->write_back(*e.inner);
   }
   return loss;
+}
+
+void LowRankOptimizer::refuse_unclippable_accumulation() const {
+  for (const auto& e : entries_) {
+    if (!e->link || e->backwards < 2 || !e->accumulating()) continue;
+    throw std::runtime_error(fmt::format(
+        "gradlora: max_grad_norm in fused mode needs one backward() per step, but parameter '{}' received {} "
+        "gradients since the last step: the norm of their sum cannot be formed from their projections (set "
+        "fuse_into_backward: false to accumulate micro-batches, or call step() after each backward)",
+        e->name, e->backwards));
+  }
+}
+
+void LowRankOptimizer::clip_projected(const std::vector<Entry*>& active, std::vector<torch::Tensor>& norms,
+                                      double max_norm) {
+  // torch::nn::utils::clip_grad_norm_'s arithmetic: per-tensor norms, their norm, the
+  // coefficient max/(total + 1e-6) clamped to 1, one multiply per gradient; no host sync.
+  const torch::Device device = norms.front().device();
+  for (auto& n : norms) n = n.to(device);
+  const torch::Tensor total = norms.size() == 1 ? norms[0] : torch::stack(norms).norm(2);
+  const torch::Tensor coef = torch::clamp(max_norm / (total + 1e-6), c10::nullopt, 1.0);
+  for (Entry* e : active) {
+    for (const auto& t : e->projector->inner_params()) {
+      if (t.grad().defined()) torch::Tensor(t.grad()).mul_(coef.to(t.device()));
+    }
+  }
 }
 
 // ------------------------------------------------------------ queries

@@ -26,6 +26,7 @@ namespace gradlora {
 // holds no data, so gradient-norm utilities count it as zero.
 struct FusedLink {
   LowRankOptimizer::Entry* entry = nullptr;
+  bool norms = false;  // max_grad_norm is set: the hook takes each gradient's norm
 };
 
 struct LowRankOptimizer::Entry {
@@ -41,6 +42,8 @@ struct LowRankOptimizer::Entry {
   std::shared_ptr<FusedLink> link;
   torch::Tensor placeholder;         // what the hook leaves in param.grad
   int64_t placeholder_version = -1;  // its version counter when the hook left it
+  torch::Tensor grad_norm;           // max_grad_norm: ‖G‖ of the gradient the hook projected
+  int64_t backwards = 0;             // gradients the hook projected since the last step
 
   /// True while the projected gradients accumulated since the last step() are
   /// still wanted: the placeholder is in .grad and nobody zeroed it.

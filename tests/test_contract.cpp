@@ -5,6 +5,8 @@
 // settings is refused without changing anything.
 #include "test_util.h"
 
+#include <fstream>
+#include <map>
 #include <sstream>
 
 using namespace gradlora;
@@ -182,3 +184,22 @@ TEST_P(Contract, CheckpointWithOtherSettingsIsRefusedAndChangesNothing) {
 
 INSTANTIATE_TEST_SUITE_P(Registered, Contract, ::testing::ValuesIn(trained_methods()),
                          [](const ::testing::TestParamInfo<std::string>& info) { return info.param; });
+
+// The README's method table shows, per registered method, where weight decay acts:
+// the same text as the registry's MethodInfo::weight_decay_on.
+TEST(ContractDocs, ReadmeTableSaysWhereEachMethodDecays) {
+  std::ifstream in(std::string(GRADLORA_SOURCE_DIR) + "/README.md");
+  ASSERT_TRUE(in) << "README.md not found";
+  std::map<std::string, std::string> row;  // method → its table row
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("| `", 0) != 0) continue;
+    const size_t end = line.find('`', 3);
+    if (end != std::string::npos) row[line.substr(3, end - 3)] = line;
+  }
+  for (const auto& m : registered_methods()) {
+    ASSERT_FALSE(m.weight_decay_on.empty()) << m.name;
+    ASSERT_TRUE(row.count(m.name)) << "README.md has no table row for method " << m.name;
+    EXPECT_NE(row[m.name].find("| " + m.weight_decay_on + " |"), std::string::npos)
+        << m.name << ": README row does not say '" << m.weight_decay_on << "'";
+  }
+}

@@ -37,12 +37,21 @@ std::unique_ptr<torch::optim::Optimizer> make_torch_optim(InnerType t, std::vect
 
 /// Module-side LoRA written independently of the library: Y = X·W0ᵀ + s·(X·Bᵀ)·Aᵀ + b,
 /// with W0 and b frozen and A, B trained by torch::optim.
+// Each factor is offset + leaf, the leaf trained by LibTorch's optimizer (and decayed
+// toward 0 by it): init zero, offset 0 and the leaf starts at the factor (PEFT's decay of
+// A and B); init symmetric, the offset is the factor's start and the leaf starts at 0, so
+// the decay pulls the factor toward its start.
 struct ModuleLora {
-  torch::Tensor W1, b1, W2, b2, A1, B1, A2, B2;
+  torch::Tensor W1, b1, W2, b2, A1, B1, A2, B2;  // leaves
+  torch::Tensor oA1, oB1, oA2, oB2;              // offsets
   double s;
+  torch::Tensor a1() const { return oA1 + A1; }
+  torch::Tensor b1f() const { return oB1 + B1; }
+  torch::Tensor a2() const { return oA2 + A2; }
+  torch::Tensor b2f() const { return oB2 + B2; }
   torch::Tensor forward(const torch::Tensor& x) const {
-    torch::Tensor h = torch::tanh(torch::mm(x, W1.t()) + s * torch::mm(torch::mm(x, B1.t()), A1.t()) + b1);
-    return torch::mm(h, W2.t()) + s * torch::mm(torch::mm(h, B2.t()), A2.t()) + b2;
+    torch::Tensor h = torch::tanh(torch::mm(x, W1.t()) + s * torch::mm(torch::mm(x, b1f().t()), a1().t()) + b1);
+    return torch::mm(h, W2.t()) + s * torch::mm(torch::mm(h, b2f().t()), a2().t()) + b2;
   }
 };
 
@@ -76,10 +85,15 @@ std::pair<double, double> run_equivalence(InnerType t, Init init, torch::ScalarT
   ref.W2 = model->fc2->weight.detach() - module_scale * torch::mm(A2, B2).to(dtype);
   ref.b1 = model->fc1->bias.detach().clone();
   ref.b2 = model->fc2->bias.detach().clone();
-  ref.A1 = A1.clone().to(dtype).requires_grad_();
-  ref.B1 = B1.clone().to(dtype).requires_grad_();
-  ref.A2 = A2.clone().to(dtype).requires_grad_();
-  ref.B2 = B2.clone().to(dtype).requires_grad_();
+  auto split = [&](const torch::Tensor& f, torch::Tensor& leaf, torch::Tensor& offset) {
+    const torch::Tensor v = f.clone().to(dtype);
+    offset = init == Init::symmetric ? v : torch::zeros_like(v);
+    leaf = (init == Init::symmetric ? torch::zeros_like(v) : v).requires_grad_();
+  };
+  split(A1, ref.A1, ref.oA1);
+  split(B1, ref.B1, ref.oB1);
+  split(A2, ref.A2, ref.oA2);
+  split(B2, ref.B2, ref.oB2);
   auto ref_opt = make_torch_optim(t, {ref.A1, ref.B1, ref.A2, ref.B2});
   torch::optim::StepLR ref_sched(*ref_opt, 7, 0.5);
 
@@ -97,13 +111,13 @@ std::pair<double, double> run_equivalence(InnerType t, Init init, torch::ScalarT
     sched.step();
     ref_opt->step();
     ref_sched.step();
-    const torch::Tensor W1 = ref.W1 + module_scale * torch::mm(ref.A1, ref.B1);
-    const torch::Tensor W2 = ref.W2 + module_scale * torch::mm(ref.A2, ref.B2);
+    const torch::Tensor W1 = ref.W1 + module_scale * torch::mm(ref.a1(), ref.b1f());
+    const torch::Tensor W2 = ref.W2 + module_scale * torch::mm(ref.a2(), ref.b2f());
     wgap = std::max({wgap, max_abs_diff(model->fc1->weight, W1), max_abs_diff(model->fc2->weight, W2)});
     auto [a1, b1] = opt.factors("fc1.weight");
     auto [a2, b2] = opt.factors("fc2.weight");
-    fgap = std::max(
-        {fgap, max_abs_diff(a1, ref.A1), max_abs_diff(b1, ref.B1), max_abs_diff(a2, ref.A2), max_abs_diff(b2, ref.B2)});
+    fgap = std::max({fgap, max_abs_diff(a1, ref.a1()), max_abs_diff(b1, ref.b1f()), max_abs_diff(a2, ref.a2()),
+                     max_abs_diff(b2, ref.b2f())});
   }
   return {wgap, fgap};
 }

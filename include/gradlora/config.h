@@ -140,6 +140,10 @@ struct Config {
   OnNonFinite on_nonfinite = OnNonFinite::skip;
   /// Project each gradient inside backward() (docs/methods.md, "Fused mode").
   bool fuse_into_backward = false;
+  /// Clips the global norm of the full gradients of every parameter the optimizer
+  /// steps to this value, as torch::nn::utils::clip_grad_norm_ before an unfused
+  /// step would; unset: no clipping (docs/methods.md, "Gradient clipping").
+  std::optional<double> max_grad_norm;
   /// Log the selection report at info level when the optimizer is built.
   bool log_report = true;
 

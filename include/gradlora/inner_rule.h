@@ -23,12 +23,17 @@ using TensorMap = std::map<std::string, torch::Tensor>;
 class InnerRule {
  public:
   /// `lr` and `weight_decay` are the effective values (target overrides applied).
-  InnerRule(std::vector<torch::Tensor> params, const InnerConfig& cfg, double lr, double weight_decay);
+  /// With `decay_params` false the LibTorch optimizer gets no weight decay: the
+  /// projector applies `weight_decay` itself (to the weight, or toward an anchor).
+  InnerRule(std::vector<torch::Tensor> params, const InnerConfig& cfg, double lr, double weight_decay,
+            bool decay_params = true);
 
   void set_lr(double lr);
   double lr() const;
-  /// The weight decay the rule applies (the effective value given at construction).
-  double weight_decay() const;
+  /// The configured weight decay (the effective value given at construction).
+  double weight_decay() const { return weight_decay_; }
+  /// Whether the LibTorch optimizer applies weight_decay() to params() itself.
+  bool decays_params() const { return decay_params_; }
   /// One step of the LibTorch optimizer: tensors without a .grad are skipped.
   void step();
   /// Forgets all moments and step counts.
@@ -56,6 +61,8 @@ class InnerRule {
   InnerType type_;
   bool momentum_;
   bool amsgrad_;
+  double weight_decay_;
+  bool decay_params_;
   std::vector<torch::Tensor> params_;
   std::unique_ptr<torch::optim::Optimizer> opt_;
 };

@@ -34,6 +34,9 @@ struct MethodInfo {
   /// Takes a matrix (a >= 2-D contiguous parameter, viewed as n×m) and a rank <= min(n, m).
   bool low_rank = true;
   std::vector<OptionSpec> options;
+  /// Where weight decay acts, one phrase for the README's method table and the
+  /// selection report ("the factors A, B", "the weight P", ...).
+  std::string weight_decay_on;
   /// on_resample when the target does not set it.
   OnResample default_on_resample = OnResample::keep;
   /// Builds the projector; empty for `frozen` (nothing is trained).

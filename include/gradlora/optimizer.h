@@ -126,6 +126,10 @@ class LowRankOptimizer : public torch::optim::Optimizer {
   Entry& entry(const std::string& name);
   const Entry& entry(const std::string& name) const;
   void build_report();
+  // max_grad_norm: throws (changing nothing) when fused accumulation makes the norm unknowable.
+  void refuse_unclippable_accumulation() const;
+  // max_grad_norm: scales every projected gradient of `active` by the clip coefficient.
+  static void clip_projected(const std::vector<Entry*>& active, std::vector<torch::Tensor>& norms, double max_norm);
 
   Config config_;
   std::vector<std::unique_ptr<Entry>> entries_;

@@ -63,6 +63,10 @@ class Projector {
   virtual std::string note() const { return {}; }
   /// The rank shown in the report and checked in checkpoints (0: the method has none).
   virtual int64_t rank() const { return ctx_.target.rank; }
+  /// Whether the inner rule applies the weight decay to inner_params() (true), or
+  /// the projector applies it itself (to the weight, or toward the factors' start)
+  /// and the inner rule gets none. The method's MethodInfo::weight_decay_on says which.
+  virtual bool inner_rule_decays() const { return true; }
   /// Whether fused mode projects this parameter inside backward() (false when the
   /// inner rule needs the full gradient anyway, as for `full`).
   virtual bool fusable() const { return true; }

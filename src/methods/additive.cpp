@@ -95,6 +95,7 @@ class AdditiveProjector final : public FactorProjector {
 MethodInfo additive() {
   MethodInfo m;
   m.name = "additive";
+  m.weight_decay_on = "the factors A, B (both start at 0)";
   m.make = [](ProjectorContext ctx) { return std::make_unique<AdditiveProjector>(std::move(ctx)); };
   return m;
 }

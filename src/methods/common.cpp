@@ -29,6 +29,20 @@ void move_moments(OnResample policy, InnerRule& inner, const std::function<void(
   }
 }
 
+void decay_toward(const InnerRule& inner, const std::vector<std::pair<torch::Tensor, torch::Tensor>>& x_and_anchor) {
+  const double wd = inner.weight_decay();
+  if (wd == 0.0) return;
+  torch::NoGradGuard guard;
+  for (const auto& [x, x0] : x_and_anchor) {
+    const torch::Tensor departure = x - x0;
+    if (inner.type() == InnerType::adamw) {
+      torch::Tensor(x).sub_(departure, inner.lr() * wd);
+    } else if (x.grad().defined()) {
+      torch::Tensor(x).mutable_grad().add_(departure, wd);
+    }
+  }
+}
+
 WeightTarget::WeightTarget(const torch::Tensor& P2d, bool master) {
   if (master) master_ = P2d.detach().to(factor_dtype(P2d.scalar_type())).clone();
 }

@@ -23,6 +23,7 @@ class FullProjector final : public Projector {
 MethodInfo full() {
   MethodInfo m;
   m.name = "full";
+  m.weight_decay_on = "the parameter, by the inner rule (as torch::optim)";
   m.low_rank = false;
   m.make = [](ProjectorContext ctx) { return std::make_unique<FullProjector>(std::move(ctx)); };
   return m;

@@ -41,6 +41,7 @@ class GaloreProjector final : public Projector {
   }
 
   std::vector<torch::Tensor> inner_params() const override { return {N_}; }
+  bool inner_rule_decays() const override { return false; }  // N is held at 0: the decay acts on P
 
   void project(const torch::Tensor& G) override {
     const torch::Tensor g = G.reshape({n_, m_});
@@ -189,6 +190,7 @@ class GaloreProjector final : public Projector {
 MethodInfo galore() {
   MethodInfo m;
   m.name = "galore";
+  m.weight_decay_on = "the weight P (adamw decoupled, sgd/adam as wd·P projected), as galore_torch";
   m.options = {
       {"update_proj_gap", int64_t{200}, "steps between SVDs of the gradient", {}, 0.0, true},
       {"scale", 0.25, "GaLore's scale of the projected update", {}, 0.0, true},

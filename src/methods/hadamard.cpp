@@ -33,6 +33,10 @@ class HadamardProjector final : public Projector {
     A2_ = draw({n_, r}, 2);
     B2_ = draw({r, m_}, 3);
     weight_ = WeightTarget(param2d(), use_exact(ctx_));
+    if (t.init != Init::zero) {
+      // Every factor starts non-zero, so the product does: the decay's anchors (see commit()).
+      for (const auto* f : {&A1_, &B1_, &A2_, &B2_}) start_.push_back(f->clone());
+    }
   }
 
   std::vector<torch::Tensor> inner_params() const override { return {A1_, B1_, A2_, B2_}; }
@@ -49,12 +53,20 @@ class HadamardProjector final : public Projector {
     for (auto* t : {&A1_, &B1_, &A2_, &B2_}) release_grad(*t);
   }
 
-  void commit(InnerRule&) override {
+  void commit(InnerRule& inner) override {
     A1p_ = A1_.clone();
     B1p_ = B1_.clone();
     A2p_ = A2_.clone();
     B2p_ = B2_.clone();
+    // Non-zero init: decay pulls each factor toward its start, so the weight toward P0
+    // (toward 0 it would pull P toward P0 − s·(A1·B1)⊙(A2·B2) at the start).
+    if (!start_.empty()) {
+      decay_toward(inner, {{A1_, start_[0]}, {B1_, start_[1]}, {A2_, start_[2]}, {B2_, start_[3]}});
+    }
   }
+
+  // Zero init (A1 = 0): the inner rule decays the four factors toward 0, where ΔP = 0.
+  bool inner_rule_decays() const override { return start_.empty(); }
 
   void write_back(InnerRule&) override {
     torch::NoGradGuard guard;
@@ -75,6 +87,10 @@ class HadamardProjector final : public Projector {
 
   std::vector<std::pair<std::string, torch::Tensor>> tensors() const override {
     std::vector<std::pair<std::string, torch::Tensor>> v{{"A1", A1_}, {"B1", B1_}, {"A2", A2_}, {"B2", B2_}};
+    if (!start_.empty()) {
+      const char* names[] = {"A1_0", "B1_0", "A2_0", "B2_0"};
+      for (size_t i = 0; i < start_.size(); ++i) v.emplace_back(names[i], start_[i]);
+    }
     weight_.append(v);
     return v;
   }
@@ -92,6 +108,7 @@ class HadamardProjector final : public Projector {
   double s_ = 1.0;
   WeightTarget weight_;
   torch::Tensor A1_, B1_, A2_, B2_, A1p_, B1p_, A2p_, B2p_;
+  std::vector<torch::Tensor> start_;  // the factors at step 0 (non-zero init only)
 };
 
 }  // namespace
@@ -99,6 +116,7 @@ class HadamardProjector final : public Projector {
 MethodInfo hadamard() {
   MethodInfo m;
   m.name = "hadamard";
+  m.weight_decay_on = "the four factors (init zero); their departure from their start (other inits)";
   m.make = [](ProjectorContext ctx) { return std::make_unique<HadamardProjector>(std::move(ctx)); };
   return m;
 }

@@ -24,9 +24,15 @@ class LoraProjector final : public FactorProjector {
     set_grads(std::move(gA), std::move(gB));
   }
 
-  void commit(InnerRule&) override {
+  void commit(InnerRule& inner) override {
     if (!exact_) remember_factors();
+    // Symmetric init: decay pulls the factors toward their start A0, B0, so the
+    // weight toward P0 (decaying A and B toward 0 would pull P toward P0 − s·A0·B0).
+    if (A0_.defined()) decay_toward(inner, {{A_, A0_}, {B_, B0_}});
   }
+
+  // Zero init: the inner rule decays A and B toward 0, as PEFT's AdamW over lora_A, lora_B does.
+  bool inner_rule_decays() const override { return ctx_.target.init != Init::symmetric; }
 
   void write_back(InnerRule& inner) override {
     torch::Tensor P2 = param2d();
@@ -101,12 +107,10 @@ class LoraProjector final : public FactorProjector {
     auto [A0, B0] = draw_initial(restart);
     A_.copy_(A0);
     B_.copy_(B0);
-    if (exact_) {
-      P0_ = ctx_.param.detach().clone();
-      if (ctx_.target.init == Init::symmetric) {
-        A0_ = A_.clone();
-        B0_ = B_.clone();
-      }
+    if (exact_) P0_ = ctx_.param.detach().clone();
+    if (ctx_.target.init == Init::symmetric) {
+      A0_ = A_.clone();  // the exact write-back's reference and the decay's anchor
+      B0_ = B_.clone();
     }
   }
 
@@ -119,6 +123,7 @@ class LoraProjector final : public FactorProjector {
 MethodInfo lora() {
   MethodInfo m;
   m.name = "lora";
+  m.weight_decay_on = "the factors A, B (init zero, as PEFT); their departure from A0, B0 (init symmetric)";
   m.options = {{"merge_every", int64_t{0}, "steps between merge-and-restart (0 = never)", {}, 0.0}};
   m.make = [](ProjectorContext ctx) { return std::make_unique<LoraProjector>(std::move(ctx)); };
   return m;

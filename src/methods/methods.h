@@ -31,6 +31,14 @@ inline void release_grad(torch::Tensor& t) {
 /// method's own re-expression of them in the new projection.
 void move_moments(OnResample policy, InnerRule& inner, const std::function<void()>& transfer);
 
+/// Weight decay toward anchors, with the inner rule's semantics, for a projector
+/// whose inner rule gets none (Projector::inner_rule_decays() false): coupled
+/// (sgd, adam) adds wd·(x − x0) to x's gradient; decoupled (adamw) moves x by
+/// −lr·wd·(x − x0) before the inner step, as AdamW's own decay does. Call it in
+/// commit(), after the factors before the step were remembered, so that the
+/// write-back carries the decay's change too. Nothing when the decay is 0.
+void decay_toward(const InnerRule& inner, const std::vector<std::pair<torch::Tensor, torch::Tensor>>& x_and_anchor);
+
 /// The weight as the methods update it. Incremental: increments go straight into
 /// P. With a master copy (`writeback: exact` for methods whose change is not a
 /// function of their current factors: random, galore, hadamard) they go into an

@@ -48,11 +48,26 @@ class RandomProjector final : public FactorProjector {
       U_ = V_ = torch::Tensor();
     }
     remember_factors();
+    const double wd = inner.weight_decay();
+    if (wd != 0.0 && inner.type() != InnerType::adamw) {
+      // Coupled (L2) decay of the weight: its gradient wd·P, projected like G, so that
+      // with inner SGD E[update] = −lr·(G + wd·P), full SGD's.
+      torch::Tensor P2 = param2d();
+      auto [dA, dB] = lora_factor_grads(weight_.target(P2), A_, B_, s_);
+      A_.mutable_grad().add_(dA, wd);
+      B_.mutable_grad().add_(dB, wd);
+    }
   }
 
-  void write_back(InnerRule&) override {
+  // Decaying the fresh draws would add zero-mean noise and never shrink P: the decay acts on P.
+  bool inner_rule_decays() const override { return false; }
+
+  void write_back(InnerRule& inner) override {
     torch::Tensor P2 = param2d();
-    lora_write_back(weight_.target(P2), A_prev_, B_prev_, A_, B_, s_);
+    torch::Tensor& target = weight_.target(P2);
+    const double wd = inner.weight_decay();
+    if (wd != 0.0 && inner.type() == InnerType::adamw) target.mul_(1.0 - inner.lr() * wd);  // decoupled
+    lora_write_back(target, A_prev_, B_prev_, A_, B_, s_);
     weight_.publish(P2);
     forget_factors();
     FactorProjector::discard();
@@ -178,6 +193,7 @@ class RandomProjector final : public FactorProjector {
 MethodInfo random() {
   MethodInfo m;
   m.name = "random";
+  m.weight_decay_on = "the weight P (adamw decoupled, sgd/adam as the L2 gradient wd·P, projected)";
   m.options = {{"resample_every", int64_t{1}, "steps between draws (0 = draw once)", {}, 0.0}};
   m.default_on_resample = OnResample::reset;  // measured best with AdamW (docs/methods.md)
   m.make = [](ProjectorContext ctx) { return std::make_unique<RandomProjector>(std::move(ctx)); };

@@ -27,6 +27,7 @@ namespace {
 MethodInfo frozen_method() {
   MethodInfo m;
   m.name = "frozen";
+  m.weight_decay_on = "nothing (not trained)";
   m.low_rank = false;
   return m;  // no projector: the parameter is never touched
 }

@@ -338,26 +338,36 @@ TEST_P(JitLoraEquivalence, EqualsExplicitModuleSideLora) {
   LowRankOptimizer opt(params, c);
   EXPECT_EQ(opt.method_of("fc2.bias"), Method::frozen);
 
-  // Reference: leaf factors with the optimizer's initial values. With symmetric
-  // init the optimizer keeps P unchanged at step 0, i.e. P0 = P − s·A0·B0.
+  // Reference: each factor offset + leaf, the leaf trained by torch::optim. Init zero:
+  // offset 0, the leaf starts at the factor (decay toward 0, as PEFT). Init symmetric: the
+  // offset is the factor's start, the leaf starts at 0 (decay toward the start), and
+  // P0 = P − s·A0·B0 keeps P unchanged at step 0.
   const double s1 = 2.0, s2 = 0.5;
+  const bool sym = pc.init == Init::symmetric;
   auto leaf = [](const torch::Tensor& t) { return t.detach().clone().requires_grad_(true); };
+  auto offset = [&](const torch::Tensor& t) { return sym ? t.detach().clone() : torch::zeros_like(t); };
+  auto start = [&](const torch::Tensor& t) { return leaf(sym ? torch::zeros_like(t) : t); };
   auto [A1i, B1i] = opt.factors("fc1.weight");
   auto [A2i, B2i] = opt.factors("fc2.weight");
-  torch::Tensor A1 = leaf(A1i), B1 = leaf(B1i), A2 = leaf(A2i), B2 = leaf(B2i), b1 = leaf(w0.b1);
-  const torch::Tensor P01 = (w0.w1 - s1 * A1.detach().mm(B1.detach())).detach();
-  const torch::Tensor P02 = (w0.w2 - s2 * A2.detach().mm(B2.detach())).detach();
+  const torch::Tensor oA1 = offset(A1i), oB1 = offset(B1i), oA2 = offset(A2i), oB2 = offset(B2i);
+  torch::Tensor lA1 = start(A1i), lB1 = start(B1i), lA2 = start(A2i), lB2 = start(B2i), b1 = leaf(w0.b1);
+  auto A1 = [&] { return oA1 + lA1; };
+  auto B1 = [&] { return oB1 + lB1; };
+  auto A2 = [&] { return oA2 + lA2; };
+  auto B2 = [&] { return oB2 + lB2; };
+  const torch::Tensor P01 = (w0.w1 - s1 * A1i.mm(B1i)).detach();
+  const torch::Tensor P02 = (w0.w2 - s2 * A2i.mm(B2i)).detach();
   std::unique_ptr<torch::optim::Optimizer> ref;
   if (pc.inner == InnerType::sgd) {
-    ref = std::make_unique<torch::optim::SGD>(std::vector<torch::Tensor>{A1, B1, b1, A2, B2},
+    ref = std::make_unique<torch::optim::SGD>(std::vector<torch::Tensor>{lA1, lB1, b1, lA2, lB2},
                                               torch::optim::SGDOptions(5e-2).momentum(0.9));
   } else {
-    ref = std::make_unique<torch::optim::AdamW>(std::vector<torch::Tensor>{A1, B1, b1, A2, B2},
+    ref = std::make_unique<torch::optim::AdamW>(std::vector<torch::Tensor>{lA1, lB1, b1, lA2, lB2},
                                                 torch::optim::AdamWOptions(2e-2).weight_decay(0.01));
   }
   auto ref_forward = [&](const torch::Tensor& x) {
-    torch::Tensor W1 = P01 + s1 * A1.mm(B1);
-    torch::Tensor W2 = P02 + s2 * A2.mm(B2);
+    torch::Tensor W1 = P01 + s1 * A1().mm(B1());
+    torch::Tensor W2 = P02 + s2 * A2().mm(B2());
     return torch::addmm(w0.b2, torch::tanh(torch::addmm(b1, x, W1.t())), W2.t());
   };
 
@@ -377,12 +387,12 @@ TEST_P(JitLoraEquivalence, EqualsExplicitModuleSideLora) {
   }
   torch::NoGradGuard g;
   const double tol = 1e-5;
-  EXPECT_LE(max_abs_diff(opt.factors("fc1.weight").first, A1), tol);
-  EXPECT_LE(max_abs_diff(opt.factors("fc1.weight").second, B1), tol);
-  EXPECT_LE(max_abs_diff(opt.factors("fc2.weight").first, A2), tol);
-  EXPECT_LE(max_abs_diff(opt.factors("fc2.weight").second, B2), tol);
-  EXPECT_LE(max_abs_diff(params["fc1.weight"], P01 + s1 * A1.mm(B1)), tol);
-  EXPECT_LE(max_abs_diff(params["fc2.weight"], P02 + s2 * A2.mm(B2)), tol);
+  EXPECT_LE(max_abs_diff(opt.factors("fc1.weight").first, A1()), tol);
+  EXPECT_LE(max_abs_diff(opt.factors("fc1.weight").second, B1()), tol);
+  EXPECT_LE(max_abs_diff(opt.factors("fc2.weight").first, A2()), tol);
+  EXPECT_LE(max_abs_diff(opt.factors("fc2.weight").second, B2()), tol);
+  EXPECT_LE(max_abs_diff(params["fc1.weight"], P01 + s1 * A1().mm(B1())), tol);
+  EXPECT_LE(max_abs_diff(params["fc2.weight"], P02 + s2 * A2().mm(B2())), tol);
   EXPECT_LE(max_abs_diff(params["fc1.bias"], b1), tol);
   EXPECT_TRUE(torch::equal(params["fc2.bias"], w0.b2)) << "frozen fc2.bias changed";
   EXPECT_LE(max_abs_diff(forward(m, d.x), ref_forward(d.x)), tol);
