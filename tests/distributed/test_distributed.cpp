@@ -231,7 +231,8 @@ TEST(Distributed, BytesPerStepAreTheLowRankPayload) {
         write_text(dir.file("bytes" + std::to_string(rank) + ".txt"),
                    std::to_string(dp.stats().last_step_bytes) + " " + std::to_string(dp.stats().total_bytes) + " " +
                        std::to_string(dp.expected_step_bytes()) + " " +
-                       std::to_string(dp.stats().last_step_collectives));
+                       std::to_string(dp.stats().last_step_collectives) + " " +
+                       std::to_string(opt.report().total_allreduce_bytes));
         return 0;
       },
       bounded());
@@ -241,14 +242,16 @@ TEST(Distributed, BytesPerStepAreTheLowRankPayload) {
   const int64_t lora = 4 * r * ((kHidden + kIn) + (kHidden + kHidden) + (kOut + kHidden));
   const int64_t biases = 4 * (kHidden + kHidden + kOut);
   const int64_t full_gradients = 4 * (kHidden * kIn + kHidden * kHidden + kOut * kHidden) + biases;
+  const int64_t flags = 4 * 6;  // one float32 presence flag per parameter (3 weights, 3 biases)
   for (int rk = 0; rk < kWorld; ++rk) {
     std::istringstream in(read_text(dir.file("bytes" + std::to_string(rk) + ".txt")));
-    int64_t last = -1, total = -1, expected = -1, calls = -1;
-    in >> last >> total >> expected >> calls;
-    EXPECT_EQ(last, lora + biases) << "rank " << rk;
-    EXPECT_EQ(total, lora + biases) << "rank " << rk;
-    EXPECT_EQ(expected, lora + biases) << "the selection report must agree with what is sent";
-    EXPECT_EQ(calls, 1) << "one float32 bucket";
+    int64_t last = -1, total = -1, expected = -1, calls = -1, report = -1;
+    in >> last >> total >> expected >> calls >> report;
+    EXPECT_EQ(last, lora + biases + flags) << "rank " << rk;
+    EXPECT_EQ(total, lora + biases + flags) << "rank " << rk;
+    EXPECT_EQ(expected, report + flags) << "the selection report must agree with what is sent";
+    EXPECT_EQ(report, lora + biases);
+    EXPECT_EQ(calls, 1) << "one float32 bucket, the flags included";
     EXPECT_LT(last, full_gradients);
   }
 }
