@@ -364,7 +364,17 @@ DataParallel::DataParallel(LowRankOptimizer& optimizer, c10::intrusive_ptr<c10d:
     broadcast_tensors(*pg_, ts, 0, options_.timeout);
   }
 
-  // 3. The reducer: average the projected gradients.
+  // The presence flags step() appends: one per non-frozen parameter, in the dtype of the
+  // last projected gradient (the factors' dtype, or the parameter's for `full`).
+  int64_t stepped = 0, flag_size = 0;
+  for (const auto& name : opt_.names()) {
+    if (opt_.method_of(name) == Method::frozen) continue;
+    ++stepped;
+    flag_size = static_cast<int64_t>(opt_.projector(name).inner_params().back().element_size());
+  }
+  flag_bytes_ = stepped * flag_size;
+
+  // 3. The reducer: average the projected gradients and the presence flags.
   auto group = pg_;
   auto stats = stats_;
   const int64_t bucket_bytes = options_.bucket_bytes;
@@ -389,7 +399,7 @@ DataParallel::~DataParallel() { opt_.set_gradient_reducer(nullptr); }
 
 int DataParallel::rank() const { return pg_->getRank(); }
 int DataParallel::world_size() const { return pg_->getSize(); }
-int64_t DataParallel::expected_step_bytes() const { return opt_.report().total_allreduce_bytes; }
+int64_t DataParallel::expected_step_bytes() const { return opt_.report().total_allreduce_bytes + flag_bytes_; }
 
 std::unique_ptr<DataParallel> make_data_parallel(LowRankOptimizer& optimizer, c10::intrusive_ptr<c10d::ProcessGroup> pg,
                                                  DataParallelOptions options) {

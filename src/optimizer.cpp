@@ -73,8 +73,11 @@ namespace {
 
 // Per entry, whether every projected gradient it holds is finite, with one host
 // synchronisation per device: the flags are reduced on the device, stacked, and
-// read back together.
-std::vector<char> finite_flags(const std::vector<std::vector<torch::Tensor>>& grads_per_entry) {
+// read back together. `also` (optional, 1-D, any device) is read back in the same
+// transfer as the flags of its device; its values come back as `also_positive`
+// (value > 0), one per element.
+std::vector<char> finite_flags(const std::vector<std::vector<torch::Tensor>>& grads_per_entry,
+                               const torch::Tensor& also = {}, std::vector<char>* also_positive = nullptr) {
   std::vector<char> finite(grads_per_entry.size(), 1);
   struct PerDevice {
     torch::Device device;
@@ -82,21 +85,33 @@ std::vector<char> finite_flags(const std::vector<std::vector<torch::Tensor>>& gr
     std::vector<torch::Tensor> flags;
   };
   std::vector<PerDevice> by_device;  // one or two devices: a list beats a map
+  auto device_slot = [&](const torch::Device& dev) {
+    auto it = std::find_if(by_device.begin(), by_device.end(), [&](const PerDevice& d) { return d.device == dev; });
+    if (it == by_device.end()) it = by_device.insert(by_device.end(), PerDevice{dev, {}, {}});
+    return it;
+  };
   for (size_t i = 0; i < grads_per_entry.size(); ++i) {
     for (const auto& g : grads_per_entry[i]) {
       if (!g.defined() || g.numel() == 0) continue;
-      auto it =
-          std::find_if(by_device.begin(), by_device.end(), [&](const PerDevice& d) { return d.device == g.device(); });
-      if (it == by_device.end()) it = by_device.insert(by_device.end(), PerDevice{g.device(), {}, {}});
+      auto it = device_slot(g.device());
       it->entries.push_back(i);
       it->flags.push_back(torch::isfinite(g).all());
     }
   }
+  if (also.defined()) device_slot(also.device());
   for (const auto& d : by_device) {
-    const torch::Tensor flags = torch::stack(d.flags).to(torch::kCPU);
+    const bool with_also = also.defined() && also.device() == d.device;
+    std::vector<torch::Tensor> parts;
+    if (!d.flags.empty()) parts.push_back(torch::stack(d.flags));
+    if (with_also) parts.push_back(also.gt(0));
+    const torch::Tensor flags = (parts.size() == 1 ? parts[0] : torch::cat(parts)).to(torch::kCPU);
     const bool* f = flags.data_ptr<bool>();
     for (size_t k = 0; k < d.entries.size(); ++k) {
       if (!f[k]) finite[d.entries[k]] = 0;
+    }
+    if (with_also && also_positive) {
+      const bool* a = f + d.entries.size();
+      also_positive->assign(a, a + also.numel());
     }
   }
   return finite;
@@ -216,59 +231,105 @@ torch::Tensor LowRankOptimizer::step(LossClosure closure) {
   torch::NoGradGuard no_grad;
   if (config_.max_grad_norm) refuse_unclippable_accumulation();
   ++step_count_;
-  // Phase 1: project every gradient (no persistent state changes).
+  // Phase 1: project every gradient (no persistent state changes). With a reducer
+  // (data parallel) every parameter that steps at all joins, in model order, so that
+  // every rank reduces the same layout: one without a gradient here contributes the
+  // projection of a zero gradient, and a per-parameter presence flag travels along.
   std::vector<Entry*> active;
-  std::vector<torch::Tensor> norms;  // max_grad_norm: ‖G‖ of each active entry
+  std::vector<char> present;         // per active entry: this process has a gradient for it
+  std::vector<torch::Tensor> norms;  // max_grad_norm: ‖G‖ of each gradient this process has
   for (auto& e : entries_) {
     if (!e->projector) continue;
+    bool has = true;
     if (e->link) {  // fused: projected during backward()
       const bool accumulated = e->accumulating();
       e->remove_placeholder();
       if (!accumulated) {
         e->projector->discard();
-        continue;
+        has = false;
+      } else if (config_.max_grad_norm) {
+        norms.push_back(e->grad_norm);
       }
-      if (config_.max_grad_norm) norms.push_back(e->grad_norm);
     } else {
       const torch::Tensor& g = e->param.grad();
-      if (!g.defined()) continue;
-      if (config_.max_grad_norm) norms.push_back(g.norm(2));
-      e->projector->project(g);
+      if (g.defined()) {
+        if (config_.max_grad_norm) norms.push_back(g.norm(2));
+        e->projector->project(g);
+      } else {
+        has = false;
+      }
+    }
+    if (!has) {
+      if (!reducer_) continue;
+      e->projector->project_zero();
     }
     e->inner->set_lr(param_groups_[e->group].options().get_lr());
     active.push_back(e.get());
+    present.push_back(has ? 1 : 0);
   }
   // Phase 1b: gradient clipping. The projections are linear in G, so scaling them
-  // equals clipping G first (a `full` parameter's gradient is scaled itself).
-  if (config_.max_grad_norm && !active.empty()) clip_projected(active, norms, *config_.max_grad_norm);
-  // Phase 2: data-parallel averaging of the projected gradients.
+  // equals clipping G first (a `full` parameter's gradient is scaled itself). Under
+  // data parallel each rank clips its own gradient, before the ranks average.
+  if (config_.max_grad_norm && !norms.empty()) clip_projected(active, norms, *config_.max_grad_norm);
+  // Phase 2: data-parallel averaging of the projected gradients, followed by the
+  // presence flags (1 where this process has a gradient) in the dtype and on the device
+  // of the last gradient, so that they ride in the last bucket. After the reduction a
+  // flag is > 0 exactly when some rank had a gradient for the parameter.
+  torch::Tensor used_anywhere;
   if (reducer_ && !active.empty()) {
     std::vector<torch::Tensor> grads;
     for (Entry* e : active) {
       for (const auto& t : e->projector->inner_params()) {
-        if (t.grad().defined()) grads.push_back(t.grad());
+        if (!t.grad().defined()) {
+          throw std::logic_error(fmt::format(
+              "gradlora: parameter '{}' ({}): an inner parameter has no gradient after projection; the data-parallel "
+              "layout needs one per inner parameter",
+              e->name, to_string(e->method)));
+        }
+        grads.push_back(t.grad());
       }
     }
+    used_anywhere = torch::ones({static_cast<int64_t>(active.size())}, grads.back().options());
+    for (size_t i = 0; i < active.size(); ++i) {
+      if (!present[i]) used_anywhere.narrow(0, static_cast<int64_t>(i), 1).zero_();  // on the device: no sync
+    }
+    grads.push_back(used_anywhere);
     reducer_(grads);
   }
   // Phase 3: finite check (all before any change, so `error` leaves everything as it was),
-  // then inner step and write-back.
+  // then inner step and write-back. The reduced presence flags are read back with the
+  // finite flags (one host synchronisation per device, as without a reducer).
   std::vector<std::vector<torch::Tensor>> grads(active.size());
   for (size_t i = 0; i < active.size(); ++i) {
     for (const auto& t : active[i]->projector->inner_params()) grads[i].push_back(t.grad());
   }
-  const std::vector<char> finite = finite_flags(grads);
+  std::vector<char> used(active.size(), 1);
+  const std::vector<char> finite = finite_flags(grads, used_anywhere, &used);
+  // Drops what project() prepared and, where this process had no gradient, the zeros
+  // (or, after the reduction, the averages) this step put into the .grad of the inner
+  // parameters: they were undefined before.
+  auto drop = [&](size_t i) {
+    active[i]->projector->discard();
+    if (present[i]) return;
+    for (auto t : active[i]->projector->inner_params()) {
+      if (t.grad().defined()) t.mutable_grad() = torch::Tensor();
+    }
+  };
   for (size_t i = 0; i < active.size(); ++i) {
-    if (finite[i] || config_.on_nonfinite != OnNonFinite::error) continue;
-    for (Entry* e : active) e->projector->discard();
+    if (!used[i] || finite[i] || config_.on_nonfinite != OnNonFinite::error) continue;
+    for (size_t j = 0; j < active.size(); ++j) drop(j);
     throw std::runtime_error(
         fmt::format("gradlora: non-finite gradient (NaN or Inf) for parameter '{}' at step {} (on_nonfinite: error)",
                     active[i]->name, step_count_));
   }
   for (size_t i = 0; i < active.size(); ++i) {
     Entry& e = *active[i];
+    if (!used[i]) {
+      drop(i);  // no rank had a gradient: as in a single process, the parameter does not step
+      continue;
+    }
     if (!finite[i]) {
-      e.projector->discard();
+      drop(i);
       ++skipped_count_;
       spdlog::warn("gradlora: skipped parameter '{}' at step {}: non-finite gradient (NaN or Inf)", e.name,
                    step_count_);

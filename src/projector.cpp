@@ -17,6 +17,11 @@ Projector::Projector(ProjectorContext ctx) : ctx_(std::move(ctx)) {
 
 torch::Tensor Projector::param2d() const { return ctx_.param.view({n_, m_}); }
 
+void Projector::project_zero() {
+  torch::NoGradGuard guard;
+  project(torch::zeros(ctx_.param.sizes(), ctx_.param.options().requires_grad(false)));
+}
+
 std::pair<torch::Tensor, torch::Tensor> Projector::factors() const {
   throw std::invalid_argument(
       fmt::format("parameter '{}' uses method '{}', which keeps no factors", ctx_.name, to_string(ctx_.target.method)));

@@ -71,9 +71,14 @@ struct CommStats {
 ///     has no ReduceOp::AVG) the projected gradients, bucketed into few calls.
 /// Throws ConfigError (on every rank) for `galore` parameters: their projector
 /// is the SVD of the local gradient and would differ between ranks.
-/// Every rank must produce gradients for the same parameters at every step (as
-/// DDP without find_unused_parameters). The optimizer must outlive this object;
-/// destroying it removes the reducer.
+/// Unused parameters (as DDP's find_unused_parameters): every step reduces the
+/// same layout on every rank, whichever gradients arrived — every non-frozen
+/// parameter in model order, a rank without a gradient for one contributing the
+/// projection of a zero gradient — plus one presence flag per parameter in the
+/// last bucket. A parameter used on some ranks steps on the average with those
+/// zeros; one used on no rank is skipped (no step, no state change), as in a
+/// single process. The optimizer must outlive this object; destroying it removes
+/// the reducer.
 class DataParallel {
  public:
   DataParallel(LowRankOptimizer& optimizer, c10::intrusive_ptr<c10d::ProcessGroup> pg,
@@ -87,9 +92,12 @@ class DataParallel {
   int world_size() const;
   /// Communication counters (bytes, calls, time).
   const CommStats& stats() const { return *stats_; }
-  /// Bytes one step all-reduces when every selected parameter has a gradient:
-  /// report().total_allreduce_bytes of the optimizer.
+  /// Bytes every step all-reduces (whichever parameters have a gradient):
+  /// report().total_allreduce_bytes of the optimizer plus the presence flags
+  /// (one element per non-frozen parameter, in the dtype of the last gradient).
   int64_t expected_step_bytes() const;
+  /// The presence flags' share of expected_step_bytes().
+  int64_t flag_bytes() const { return flag_bytes_; }
   const c10::intrusive_ptr<c10d::ProcessGroup>& process_group() const { return pg_; }
 
  private:
@@ -97,6 +105,7 @@ class DataParallel {
   c10::intrusive_ptr<c10d::ProcessGroup> pg_;
   DataParallelOptions options_;
   std::shared_ptr<CommStats> stats_;
+  int64_t flag_bytes_ = 0;
 };
 
 /// Builds a DataParallel (see there) on the heap.

@@ -112,10 +112,16 @@ class LowRankOptimizer : public torch::optim::Optimizer {
   /// The names of the parameters, in model order.
   std::vector<std::string> names() const;
 
-  /// Called by step() with the projected gradients (the .grad of every inner
-  /// parameter: factors, or the full gradient of a `full` parameter) of all
-  /// parameters that have a gradient, in model order, before any inner step.
-  /// A data-parallel reducer all-reduces and averages them in place.
+  /// Called by step(), before any inner step, with a layout that does not depend on
+  /// which gradients this process has: the projected gradients (the .grad of every
+  /// inner parameter: factors, or the full gradient of a `full` parameter) of every
+  /// selected, non-frozen parameter in model order — for a parameter without a
+  /// gradient in this process, the projection of a zero gradient (zeros of the same
+  /// shapes) — followed by one 1-D tensor of presence flags, one per such parameter:
+  /// 1 where this process has a gradient, 0 where not (dtype and device of the last
+  /// gradient). A data-parallel reducer all-reduces and averages all of them in
+  /// place. Afterwards a parameter whose flag is 0 (no process had a gradient) is
+  /// skipped, as without a reducer: no step, no state change.
   using GradientReducer = std::function<void(std::vector<torch::Tensor>& grads)>;
   void set_gradient_reducer(GradientReducer reducer) { reducer_ = std::move(reducer); }
 

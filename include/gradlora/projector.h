@@ -44,6 +44,12 @@ class Projector {
   virtual void commit(InnerRule& inner) { (void)inner; }
   /// Drops whatever project() prepared.
   virtual void discard() {}
+  /// Data parallel, when this process has no gradient for the parameter in this
+  /// step: what project() of a zero gradient does — the .grad of every inner
+  /// parameter set to zeros of the shape project() gives, and whatever project()
+  /// prepares besides (a resample that is due) — so that every rank reduces the
+  /// same tensors and commits alike. By default project(zeros of the parameter).
+  virtual void project_zero();
   /// After the inner step: applies the change of the factors to the parameter.
   virtual void write_back(InnerRule& inner) = 0;
 

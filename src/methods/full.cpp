@@ -10,6 +10,7 @@ class FullProjector final : public Projector {
   using Projector::Projector;
   std::vector<torch::Tensor> inner_params() const override { return {ctx_.param}; }
   void project(const torch::Tensor&) override {}  // the inner rule reads P.grad itself
+  void project_zero() override { ctx_.param.mutable_grad() = torch::zeros_like(ctx_.param); }
   void write_back(InnerRule&) override { ++steps_; }
   std::vector<std::pair<std::string, torch::Tensor>> tensors() const override { return {}; }
   int64_t trainable() const override { return ctx_.param.numel(); }

@@ -1,6 +1,7 @@
 // Data-parallel training over Gloo on loopback: two ranks on half-batches equal one
-// process on the full batch; bytes on the wire; config mismatch and dead peers
-// fail on every rank within a timeout; the launcher propagates failures.
+// process on the full batch; a parameter unused on some or all ranks; bytes on the
+// wire; config mismatch and dead peers fail on every rank within a timeout; the
+// launcher propagates failures.
 //
 // Each test forks its ranks with gradlora::launch_local; the ranks write what they
 // computed into a temporary directory and the test compares it in the parent.
@@ -231,7 +232,8 @@ TEST(Distributed, BytesPerStepAreTheLowRankPayload) {
         write_text(dir.file("bytes" + std::to_string(rank) + ".txt"),
                    std::to_string(dp.stats().last_step_bytes) + " " + std::to_string(dp.stats().total_bytes) + " " +
                        std::to_string(dp.expected_step_bytes()) + " " +
-                       std::to_string(dp.stats().last_step_collectives));
+                       std::to_string(dp.stats().last_step_collectives) + " " +
+                       std::to_string(opt.report().total_allreduce_bytes));
         return 0;
       },
       bounded());
@@ -241,17 +243,286 @@ TEST(Distributed, BytesPerStepAreTheLowRankPayload) {
   const int64_t lora = 4 * r * ((kHidden + kIn) + (kHidden + kHidden) + (kOut + kHidden));
   const int64_t biases = 4 * (kHidden + kHidden + kOut);
   const int64_t full_gradients = 4 * (kHidden * kIn + kHidden * kHidden + kOut * kHidden) + biases;
+  const int64_t flags = 4 * 6;  // one float32 presence flag per parameter (3 weights, 3 biases)
   for (int rk = 0; rk < kWorld; ++rk) {
     std::istringstream in(read_text(dir.file("bytes" + std::to_string(rk) + ".txt")));
-    int64_t last = -1, total = -1, expected = -1, calls = -1;
-    in >> last >> total >> expected >> calls;
-    EXPECT_EQ(last, lora + biases) << "rank " << rk;
-    EXPECT_EQ(total, lora + biases) << "rank " << rk;
-    EXPECT_EQ(expected, lora + biases) << "the selection report must agree with what is sent";
-    EXPECT_EQ(calls, 1) << "one float32 bucket";
+    int64_t last = -1, total = -1, expected = -1, calls = -1, report = -1;
+    in >> last >> total >> expected >> calls >> report;
+    EXPECT_EQ(last, lora + biases + flags) << "rank " << rk;
+    EXPECT_EQ(total, lora + biases + flags) << "rank " << rk;
+    EXPECT_EQ(expected, report + flags) << "the selection report must agree with what is sent";
+    EXPECT_EQ(report, lora + biases);
+    EXPECT_EQ(calls, 1) << "one float32 bucket, the flags included";
     EXPECT_LT(last, full_gradients);
   }
 }
+
+// ------------------------------------------------- unused parameters
+
+/// Mlp3 with a side branch `extra` (kHidden -> kOut) that a forward pass takes or not.
+struct BranchNetImpl : torch::nn::Module {
+  BranchNetImpl()
+      : fc1(register_module("fc1", torch::nn::Linear(kIn, kHidden))),
+        fc2(register_module("fc2", torch::nn::Linear(kHidden, kHidden))),
+        fc3(register_module("fc3", torch::nn::Linear(kHidden, kOut))),
+        extra(register_module("extra", torch::nn::Linear(kHidden, kOut))) {}
+  torch::Tensor forward(const torch::Tensor& x, bool use_extra) {
+    const torch::Tensor h = torch::tanh(fc2->forward(torch::tanh(fc1->forward(x))));
+    torch::Tensor out = fc3->forward(h);
+    return use_extra ? out + extra->forward(h) : out;
+  }
+  torch::nn::Linear fc1, fc2, fc3, extra;
+};
+TORCH_MODULE(BranchNet);
+
+BranchNet make_branch_net(uint64_t seed) {
+  torch::manual_seed(seed);
+  BranchNet m;
+  m->to(torch::kDouble);
+  return m;
+}
+
+/// Which ranks take the branch at step k.
+enum class Schedule {
+  one_rank,  // rank 0 at k % 4 != 3, rank 1 only at k % 4 == 1: one rank, both, neither
+  no_rank,   // never
+};
+bool takes_branch(Schedule s, int rank, int k) {
+  if (s == Schedule::no_rank) return false;
+  return rank == 0 ? k % 4 != 3 : k % 4 == 1;
+}
+
+/// One method per layer; `extra.weight` gets `x_method`; SGD with momentum and weight
+/// decay, whose update is linear in the gradient (a wrong average shows) and changes a
+/// parameter even for a zero gradient (a wrong step shows).
+Config branch_config(const std::string& x_method, bool fused) {
+  std::string yaml = std::string("seed: 3\noptimizer: ") + kSgd +
+                     "\ntargets:\n"
+                     "  - {match: fc1.weight, method: lora, rank: 3, alpha: 6, init: symmetric}\n"
+                     "  - {match: fc2.weight, method: random, rank: 2}\n"
+                     "  - {match: fc3.weight, method: additive, rank: 4}\n"
+                     "  - {match: extra.weight, method: " +
+                     x_method + (x_method == "full" ? "" : ", rank: 2") +
+                     "}\n"
+                     "  - {match: '*.bias', method: full}\n";
+  if (fused) yaml += "fuse_into_backward: true\n";
+  Config c = Config::from_yaml_string(yaml);
+  c.log_report = false;
+  return c;
+}
+
+std::vector<torch::Tensor> params_of(const BranchNet& m) {
+  std::vector<torch::Tensor> out;
+  for (const auto& p : m->parameters()) out.push_back(p.detach().clone());
+  return out;
+}
+
+double max_diff(const torch::Tensor& a, const torch::Tensor& b) { return (a - b).abs().max().item<double>(); }
+
+/// The reference, in one process and without any reducer: at every step compute both
+/// ranks' gradients (rank r on its half of the batch, taking the branch as the schedule
+/// says), average them by hand with a zero for a rank that has none, and step on that.
+/// A parameter neither rank has a gradient for keeps an undefined .grad. With
+/// `mean_over_present` the average is instead taken over the ranks that have a
+/// gradient only: the wrong formula the test must be able to tell apart.
+std::vector<torch::Tensor> reference_run(const std::string& x_method, Schedule sched, bool mean_over_present) {
+  BranchNet model = make_branch_net(100);
+  LowRankOptimizer opt(model->named_parameters(), branch_config(x_method, false));
+  const int64_t per = kBatch / kWorld;
+  const auto params = model->parameters();
+  for (int k = 0; k < kSteps; ++k) {
+    auto [x, y] = full_batch(k, torch::kDouble);
+    std::vector<torch::Tensor> sum(params.size());
+    std::vector<int> count(params.size(), 0);
+    for (int r = 0; r < kWorld; ++r) {
+      model->zero_grad(/*set_to_none=*/true);
+      torch::mse_loss(model->forward(x.slice(0, r * per, (r + 1) * per), takes_branch(sched, r, k)),
+                      y.slice(0, r * per, (r + 1) * per))
+          .backward();
+      for (size_t i = 0; i < params.size(); ++i) {
+        const torch::Tensor g = params[i].grad();
+        if (!g.defined()) continue;
+        sum[i] = sum[i].defined() ? sum[i] + g : g.clone();
+        ++count[i];
+      }
+    }
+    model->zero_grad(/*set_to_none=*/true);
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (count[i] == 0) continue;
+      params[i].mutable_grad() = sum[i] / static_cast<double>(mean_over_present ? count[i] : kWorld);
+    }
+    opt.step();
+  }
+  return params_of(model);
+}
+
+/// What one rank of the unused-parameter tests writes: its final parameters, the
+/// state of extra.weight before and after training, and per step the bytes sent.
+int branch_rank(int rank, const std::string& x_method, bool fused, Schedule sched, const std::string& out_dir) {
+  auto pg = process_group_from_env(std::chrono::seconds(30));
+  BranchNet model = make_branch_net(100 + static_cast<uint64_t>(rank));
+  LowRankOptimizer opt(model->named_parameters(), branch_config(x_method, fused));
+  DataParallelOptions o;
+  o.timeout = std::chrono::seconds(30);
+  o.bucket_bytes = 512;  // several buckets, so that a layout difference would shift many tensors
+  DataParallel dp(opt, pg, o);
+  const std::string tag = std::to_string(rank);
+  std::vector<torch::Tensor> before;
+  for (const auto& kv : opt.state_tensors("extra.weight")) before.push_back(kv.second.clone());
+  const int64_t state_before = static_cast<int64_t>(opt.state_tensors("extra.weight").size());
+  const int64_t per = kBatch / kWorld;
+  std::string log;
+  for (int k = 0; k < kSteps; ++k) {
+    auto [x, y] = full_batch(k, torch::kDouble);
+    model->zero_grad(/*set_to_none=*/true);
+    torch::mse_loss(model->forward(x.slice(0, rank * per, (rank + 1) * per), takes_branch(sched, rank, k)),
+                    y.slice(0, rank * per, (rank + 1) * per))
+        .backward();
+    opt.step();
+    log += std::to_string(dp.stats().last_step_bytes) + " " + std::to_string(dp.stats().last_step_collectives) + " " +
+           (model->extra->weight.grad().defined() ? "grad" : "nograd") + "\n";
+  }
+  torch::save(params_of(model), out_dir + "/rank" + tag + ".pt");
+  std::vector<torch::Tensor> after;
+  for (const auto& kv : opt.state_tensors("extra.weight")) after.push_back(kv.second.clone());
+  torch::save(before, out_dir + "/before" + tag + ".pt");
+  torch::save(after, out_dir + "/after" + tag + ".pt");
+  write_text(out_dir + "/steps" + tag + ".txt", log);
+  write_text(out_dir + "/summary" + tag + ".txt",
+             std::to_string(dp.expected_step_bytes()) + " " + std::to_string(dp.flag_bytes()) + " " +
+                 std::to_string(opt.report().total_allreduce_bytes) + " " +
+                 std::to_string(opt.projector("extra.weight").steps()) + " " + std::to_string(state_before) + " " +
+                 std::to_string(opt.state_tensors("extra.weight").size()));
+  return 0;
+}
+
+struct BranchCase {
+  std::string x_method;
+  bool fused;
+};
+void PrintTo(const BranchCase& c, std::ostream* os) { *os << c.x_method << (c.fused ? ", fused" : ", unfused"); }
+std::string branch_case_name(const ::testing::TestParamInfo<BranchCase>& info) {
+  return info.param.x_method + (info.param.fused ? "_fused" : "_unfused");
+}
+std::vector<BranchCase> branch_cases() {
+  std::vector<BranchCase> v;
+  for (const char* m : {"lora", "random", "additive", "hadamard", "full"}) {
+    for (bool f : {false, true}) v.push_back({m, f});
+  }
+  return v;
+}
+
+struct BranchRun {
+  std::vector<std::vector<torch::Tensor>> params, before, after;
+  std::vector<std::string> steps;
+  std::vector<std::vector<int64_t>> summary;  // expected, flag bytes, report bytes, extra steps, state sizes
+};
+
+BranchRun run_branch(const BranchCase& c, Schedule sched) {
+  TempDir dir;
+  const int rc = launch_local(
+      kWorld, [&](int rank, int) { return branch_rank(rank, c.x_method, c.fused, sched, dir.path.string()); },
+      bounded());
+  EXPECT_EQ(rc, 0) << "a rank failed (see its stderr above)";
+  BranchRun out;
+  if (rc != 0) return out;
+  for (int r = 0; r < kWorld; ++r) {
+    const std::string tag = std::to_string(r);
+    std::vector<torch::Tensor> p, b, a;
+    torch::load(p, dir.file("rank" + tag + ".pt"));
+    torch::load(b, dir.file("before" + tag + ".pt"));
+    torch::load(a, dir.file("after" + tag + ".pt"));
+    out.params.push_back(p);
+    out.before.push_back(b);
+    out.after.push_back(a);
+    out.steps.push_back(read_text(dir.file("steps" + tag + ".txt")));
+    std::istringstream in(read_text(dir.file("summary" + tag + ".txt")));
+    std::vector<int64_t> v(6, -1);
+    for (auto& x : v) in >> x;
+    out.summary.push_back(v);
+  }
+  return out;
+}
+
+/// Every step sent the same bytes in the same number of calls on both ranks, whichever
+/// gradients each had.
+void expect_fixed_layout(const BranchRun& run) {
+  std::vector<std::vector<int64_t>> calls_per_rank;
+  for (int r = 0; r < kWorld; ++r) {
+    const int64_t expected = run.summary[r][0], flags = run.summary[r][1], report = run.summary[r][2];
+    EXPECT_EQ(flags, 8 * 8) << "one float64 flag per non-frozen parameter (8)";
+    EXPECT_EQ(expected, report + flags);
+    std::istringstream in(run.steps[r]);
+    int64_t bytes = 0, calls = 0;
+    std::string grad;
+    std::vector<int64_t> c;
+    while (in >> bytes >> calls >> grad) {
+      EXPECT_EQ(bytes, expected) << "rank " << r << ", step " << c.size();
+      c.push_back(calls);
+    }
+    EXPECT_EQ(c.size(), static_cast<size_t>(kSteps));
+    EXPECT_EQ(c, std::vector<int64_t>(c.size(), c.empty() ? 0 : c.front())) << "rank " << r;
+    calls_per_rank.push_back(c);
+  }
+  EXPECT_EQ(calls_per_rank[1], calls_per_rank[0]) << "the ranks must issue the same all-reduce calls";
+}
+
+class UnusedParameter : public ::testing::TestWithParam<BranchCase> {};
+
+TEST_P(UnusedParameter, UsedOnOneRankStepsOnTheAverageWithZeros) {
+  const BranchCase c = GetParam();
+  const BranchRun run = run_branch(c, Schedule::one_rank);
+  ASSERT_EQ(run.params.size(), static_cast<size_t>(kWorld));
+  const std::vector<torch::Tensor> ref = reference_run(c.x_method, Schedule::one_rank, false);
+  const std::vector<torch::Tensor> wrong = reference_run(c.x_method, Schedule::one_rank, true);
+  const std::vector<torch::Tensor> init = params_of(make_branch_net(100));
+  const double tol = 1e-10;
+  const size_t x = 6;  // extra.weight in parameters(): fc1.w, fc1.b, fc2.w, fc2.b, fc3.w, fc3.b, extra.w, extra.b
+  ASSERT_EQ(ref.size(), 8u);
+  ASSERT_TRUE(ref[x].sizes() == at::IntArrayRef({kOut, kHidden}));
+  for (int r = 0; r < kWorld; ++r) {
+    ASSERT_EQ(run.params[r].size(), ref.size());
+    for (size_t i = 0; i < ref.size(); ++i) {
+      EXPECT_LE(max_diff(run.params[r][i], ref[i]), tol) << "rank " << r << ", parameter " << i;
+    }
+    // extra.weight and extra.bias: the mean over the ranks that had a gradient is another result.
+    EXPECT_GT(max_diff(run.params[r][x], wrong[x]), 1e3 * tol) << "rank " << r;
+    EXPECT_GT(max_diff(run.params[r][x + 1], wrong[x + 1]), 1e3 * tol) << "rank " << r;
+  }
+  EXPECT_GT(max_diff(ref[x], init[x]), 1e3 * tol) << "extra.weight must have trained";
+  // It stepped at the 8 of 10 steps where some rank took the branch (not at k = 3, 7).
+  for (int r = 0; r < kWorld; ++r) EXPECT_EQ(run.summary[r][3], 8) << "rank " << r;
+  expect_fixed_layout(run);
+}
+
+TEST_P(UnusedParameter, UsedOnNoRankIsSkippedAndItsStateUntouched) {
+  const BranchCase c = GetParam();
+  const BranchRun run = run_branch(c, Schedule::no_rank);
+  ASSERT_EQ(run.params.size(), static_cast<size_t>(kWorld));
+  const std::vector<torch::Tensor> ref = reference_run(c.x_method, Schedule::no_rank, false);
+  const std::vector<torch::Tensor> init = params_of(make_branch_net(100));
+  const size_t x = 6;
+  for (int r = 0; r < kWorld; ++r) {
+    for (size_t i = 0; i < ref.size(); ++i) {
+      EXPECT_LE(max_diff(run.params[r][i], ref[i]), 1e-10) << "rank " << r << ", parameter " << i;
+    }
+    // Bit-identical to rank 0's initial values (the broadcast), as a single process leaves them.
+    EXPECT_TRUE(torch::equal(run.params[r][x], init[x])) << "rank " << r << ": extra.weight changed";
+    EXPECT_TRUE(torch::equal(run.params[r][x + 1], init[x + 1])) << "rank " << r << ": extra.bias changed";
+    EXPECT_TRUE(torch::equal(ref[x], init[x]));
+    EXPECT_EQ(run.summary[r][3], 0) << "rank " << r << ": extra.weight must not count a step";
+    EXPECT_EQ(run.summary[r][4], run.summary[r][5]) << "rank " << r << ": extra.weight gained state";
+    ASSERT_EQ(run.before[r].size(), run.after[r].size());
+    for (size_t i = 0; i < run.before[r].size(); ++i) {
+      EXPECT_TRUE(torch::equal(run.before[r][i], run.after[r][i])) << "rank " << r << ", state tensor " << i;
+    }
+    EXPECT_EQ(run.steps[r].find(" grad\n"), std::string::npos) << "no gradient may be left behind:\n" << run.steps[r];
+  }
+  EXPECT_GT(max_diff(ref[0], init[0]), 1e-6) << "the other parameters trained";
+  expect_fixed_layout(run);
+}
+
+INSTANTIATE_TEST_SUITE_P(Methods, UnusedParameter, ::testing::ValuesIn(branch_cases()), branch_case_name);
 
 TEST(Distributed, DifferentConfigFailsOnEveryRankNamingTheKey) {
   TempDir dir;
