@@ -1,6 +1,8 @@
 // Crash-safe checkpoints of a model and its LowRankOptimizer (checkpoint.h).
 #include <gradlora/checkpoint.h>
 
+#include "checksum.h"
+
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <torch/torch.h>
@@ -8,6 +10,7 @@
 #include <cerrno>
 #include <cstring>
 #include <exception>
+#include <map>
 #include <set>
 #include <utility>
 #include <vector>
@@ -20,7 +23,8 @@ namespace gradlora {
 
 namespace {
 
-constexpr int64_t kCheckpointVersion = 1;
+// 2: the model tensors and the metadata carry checksums (1 had none).
+constexpr int64_t kCheckpointVersion = 2;
 
 std::function<void(size_t)>& write_hook() {
   static std::function<void(size_t)> hook;
@@ -86,11 +90,43 @@ class TempFile {
   bool renamed_ = false;
 };
 
+// The model's parameters and buffers in the order and with the names
+// torch::nn::Module::save writes them (children that are not serializable are
+// skipped), dotted from the top.
+void collect_model_tensors(const torch::nn::Module& model, const std::string& prefix,
+                           std::vector<std::pair<std::string, torch::Tensor>>& out) {
+  for (const auto& p : model.named_parameters(/*recurse=*/false)) {
+    if (p.value().defined()) out.emplace_back(prefix + p.key(), p.value());
+  }
+  for (const auto& b : model.named_buffers(/*recurse=*/false)) {
+    if (b.value().defined()) out.emplace_back(prefix + b.key(), b.value());
+  }
+  for (const auto& c : model.named_children()) {
+    if (c.value()->is_serializable()) collect_model_tensors(*c.value(), prefix + c.key() + ".", out);
+  }
+}
+
+// A model tensor of the file paired with the model's tensor of the same name.
+struct ModelPair {
+  std::string name;
+  torch::Tensor dst, src;
+};
+
+// What save_checkpoint() writes beside the model and the optimizer sections,
+// verified against its checksum.
+struct Header {
+  bool has_model = false;
+  std::map<std::string, uint64_t> model_sums;  // model tensor name → checksum
+  CheckpointExtras extras;
+};
+
 // Walks `model` like torch::nn::Module::save does and pairs each parameter and
 // buffer with the tensor of the same name in `archive`, listing what is missing
-// or does not fit. Changes nothing.
+// or does not fit. Verifies each tensor read against its checksum in `sums`
+// (throws CheckpointError naming `path` and the tensor). Changes nothing.
 void match_module(const torch::nn::Module& model, torch::serialize::InputArchive& archive, const std::string& prefix,
-                  std::vector<std::pair<torch::Tensor, torch::Tensor>>& pairs, std::vector<std::string>& problems) {
+                  const std::string& path, const std::map<std::string, uint64_t>& sums, std::vector<ModelPair>& pairs,
+                  std::vector<std::string>& problems) {
   std::set<std::string> known;
   auto match_tensor = [&](const std::string& key, const torch::Tensor& dst, const char* kind) {
     known.insert(key);
@@ -99,14 +135,27 @@ void match_module(const torch::nn::Module& model, torch::serialize::InputArchive
     torch::Tensor src;
     if (!archive.try_read(key, src, std::string(kind) == "buffer")) {
       problems.push_back(fmt::format("model {} '{}' is not in the checkpoint", kind, name));
-    } else if (src.sizes() != dst.sizes()) {
+      return;
+    }
+    const auto sum = sums.find(name);
+    if (sum == sums.end()) {
+      throw CheckpointError(
+          fmt::format("checkpoint '{}' is damaged: model {} '{}' has no checksum in the file", path, kind, name));
+    }
+    const uint64_t got = detail::tensor_checksum(src);
+    if (got != sum->second) {
+      throw CheckpointError(
+          fmt::format("checkpoint '{}' is damaged: model {} '{}' fails its checksum (stored {}, computed {})", path,
+                      kind, name, detail::hex(sum->second), detail::hex(got)));
+    }
+    if (src.sizes() != dst.sizes()) {
       problems.push_back(fmt::format("model {} '{}' has shape [{}] in the checkpoint, [{}] here", kind, name,
                                      fmt::join(src.sizes(), ", "), fmt::join(dst.sizes(), ", ")));
     } else if (src.scalar_type() != dst.scalar_type()) {
       problems.push_back(fmt::format("model {} '{}' has dtype {} in the checkpoint, {} here", kind, name,
                                      c10::toString(src.scalar_type()), c10::toString(dst.scalar_type())));
     } else {
-      pairs.emplace_back(dst, src);
+      pairs.push_back({name, dst, src});
     }
   };
   for (const auto& p : model.named_parameters(/*recurse=*/false)) match_tensor(p.key(), p.value(), "parameter");
@@ -119,7 +168,7 @@ void match_module(const torch::nn::Module& model, torch::serialize::InputArchive
       problems.push_back(fmt::format("model module '{}' is not in the checkpoint", prefix + c.key()));
       continue;
     }
-    match_module(*c.value(), sub, prefix + c.key() + ".", pairs, problems);
+    match_module(*c.value(), sub, prefix + c.key() + ".", path, sums, pairs, problems);
   }
   // Tensors in the file that the model does not have (another architecture).
   for (const auto& key : archive.keys()) {
@@ -128,6 +177,22 @@ void match_module(const torch::nn::Module& model, torch::serialize::InputArchive
     if (archive.try_read(key, v) && v.isTensor()) {
       problems.push_back(fmt::format("checkpoint has model tensor '{}', the model has not", prefix + key));
     }
+  }
+}
+
+// Runs `fn` (which reads `path`); any exception other than CheckpointError — a
+// damaged archive makes LibTorch's reader throw c10::Error and others — comes
+// out as CheckpointError naming the file.
+template <typename Fn>
+auto guarded_read(const std::string& path, Fn&& fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (const CheckpointError&) {
+    throw;
+  } catch (const c10::Error& e) {
+    throw CheckpointError(fmt::format("checkpoint '{}': corrupt or incomplete ({})", path, e.what_without_backtrace()));
+  } catch (const std::exception& e) {
+    throw CheckpointError(fmt::format("checkpoint '{}': corrupt or incomplete ({})", path, e.what()));
   }
 }
 
@@ -142,12 +207,14 @@ torch::serialize::InputArchive read_archive(const std::string& path) {
   } catch (const c10::Error& e) {
     throw CheckpointError(
         fmt::format("checkpoint '{}': corrupt or truncated file ({})", path, e.what_without_backtrace()));
+  } catch (const std::exception& e) {
+    throw CheckpointError(fmt::format("checkpoint '{}': corrupt or truncated file ({})", path, e.what()));
   }
   c10::IValue v;
   bool ok = false;
   try {
     ok = archive.try_read("gradlora_checkpoint", v) && v.isInt();
-  } catch (const c10::Error&) {
+  } catch (const std::exception&) {
     ok = false;
   }
   if (!ok) {
@@ -156,6 +223,12 @@ torch::serialize::InputArchive read_archive(const std::string& path) {
         "saved with torch::save(opt, path) loads with torch::load(opt, path)",
         path));
   }
+  if (v.toInt() == 1) {
+    throw CheckpointError(
+        fmt::format("checkpoint '{}': format version 1 carries no checksums and is not supported (expected {}): its "
+                    "contents cannot be verified",
+                    path, kCheckpointVersion));
+  }
   if (v.toInt() != kCheckpointVersion) {
     throw CheckpointError(fmt::format("checkpoint '{}': format version {} is not supported (expected {})", path,
                                       v.toInt(), kCheckpointVersion));
@@ -163,29 +236,98 @@ torch::serialize::InputArchive read_archive(const std::string& path) {
   return archive;
 }
 
+// Reads and verifies the header: has_model, the model tensors' checksums and the
+// extras, hashed in the order save_impl wrote them.
+Header read_header(torch::serialize::InputArchive& archive, const std::string& path) {
+  Header h;
+  detail::MetaChecksum meta;
+  meta.add(kCheckpointVersion);
+  c10::IValue v;
+  archive.read("has_model", v);
+  h.has_model = v.toBool();
+  meta.add(h.has_model);
+  archive.read("model_tensors", v);
+  meta.add(v);
+  std::vector<std::string> names;
+  for (const auto& n : v.toListRef()) names.push_back(n.toStringRef());
+  archive.read("model_checksums", v);
+  meta.add(v);
+  const std::vector<int64_t> sums = v.toIntVector();
+  if (sums.size() != names.size()) {
+    throw CheckpointError(
+        fmt::format("checkpoint '{}' is damaged: {} model tensors and {} checksums", path, names.size(), sums.size()));
+  }
+  for (size_t i = 0; i < names.size(); ++i) h.model_sums[names[i]] = detail::from_stored(sums[i]);
+  torch::serialize::InputArchive e;
+  if (archive.try_read("extras", e)) {
+    e.read("keys", v);
+    meta.add(v);
+    for (const auto& k : v.toListRef()) {
+      c10::IValue x;
+      e.read(k.toStringRef(), x);
+      meta.add(x);
+      h.extras[k.toStringRef()] = x;
+    }
+  } else {
+    meta.add(c10::IValue());
+  }
+  archive.read("checksum", v);
+  const uint64_t stored = detail::from_stored(v.toInt()), computed = meta.value();
+  if (stored != computed) {
+    throw CheckpointError(fmt::format(
+        "checkpoint '{}' is damaged: its metadata (model tensor list and checksums, extras) fails its checksum "
+        "(stored {}, computed {})",
+        path, detail::hex(stored), detail::hex(computed)));
+  }
+  return h;
+}
+
 void save_impl(const LowRankOptimizer& opt, const torch::nn::Module* model, const std::string& path,
                const CheckpointExtras& extras = {}) {
+  // The header values go into `meta` in the order read_header() reads them.
+  detail::MetaChecksum meta;
   torch::serialize::OutputArchive archive;
   archive.write("gradlora_checkpoint", c10::IValue(kCheckpointVersion));
   archive.write("has_model", c10::IValue(model != nullptr));
+  meta.add(kCheckpointVersion).add(model != nullptr);
+  c10::List<std::string> names;
+  c10::List<int64_t> sums;
   if (model) {
     torch::serialize::OutputArchive m(archive.compilation_unit());
     model->save(m);
     archive.write("model", m);
+    std::vector<std::pair<std::string, torch::Tensor>> tensors;
+    collect_model_tensors(*model, "", tensors);
+    for (const auto& [name, t] : tensors) {
+      names.push_back(name);
+      sums.push_back(detail::to_stored(detail::tensor_checksum(t)));
+    }
   }
+  archive.write("model_tensors", c10::IValue(names));
+  archive.write("model_checksums", c10::IValue(sums));
+  meta.add(c10::IValue(names)).add(c10::IValue(sums));
   torch::serialize::OutputArchive o(archive.compilation_unit());
   opt.save(o);
   archive.write("optimizer", o);
   if (!extras.empty()) {
     torch::serialize::OutputArchive e(archive.compilation_unit());
     c10::List<std::string> keys;
+    for (const auto& [key, value] : extras) keys.push_back(key);
+    meta.add(c10::IValue(keys));
     for (const auto& [key, value] : extras) {
-      keys.push_back(key);
+      try {
+        meta.add(value);
+      } catch (const std::invalid_argument& err) {
+        throw CheckpointError(fmt::format("cannot write '{}': extra '{}': {}", path, key, err.what()));
+      }
       e.write(key, value);
     }
     e.write("keys", c10::IValue(keys));
     archive.write("extras", e);
+  } else {
+    meta.add(c10::IValue());
   }
+  archive.write("checksum", c10::IValue(detail::to_stored(meta.value())));
   write_file_atomically(path, [&](const std::function<void(const void*, size_t)>& sink) {
     // LibTorch's zip writer must never see a failing sink (it would throw from a
     // destructor): remember the first error, swallow the rest, rethrow afterwards.
@@ -205,37 +347,36 @@ void save_impl(const LowRankOptimizer& opt, const torch::nn::Module* model, cons
 
 void load_impl(LowRankOptimizer& opt, torch::nn::Module* model, const std::string& path) {
   torch::serialize::InputArchive archive = read_archive(path);
-  std::vector<std::pair<torch::Tensor, torch::Tensor>> pairs;
+  std::vector<ModelPair> pairs;
   std::vector<std::string> problems;
   torch::serialize::InputArchive opt_archive;
-  try {
+  guarded_read(path, [&] {
+    const Header header = read_header(archive, path);
     if (model) {
-      c10::IValue has_model;
       torch::serialize::InputArchive m;
-      if (!archive.try_read("has_model", has_model) || !has_model.isBool() || !has_model.toBool() ||
-          !archive.try_read("model", m)) {
+      if (!header.has_model || !archive.try_read("model", m)) {
         problems.push_back("the checkpoint holds no model (saved with save_checkpoint(opt, path))");
       } else {
-        match_module(*model, m, "", pairs, problems);
+        match_module(*model, m, "", path, header.model_sums, pairs, problems);
       }
     }
     if (!archive.try_read("optimizer", opt_archive)) problems.push_back("the checkpoint holds no optimizer");
-  } catch (const c10::Error& e) {
-    throw CheckpointError(fmt::format("checkpoint '{}': corrupt or incomplete ({})", path, e.what_without_backtrace()));
-  }
+  });
   if (!problems.empty()) {
     throw CheckpointError(fmt::format("checkpoint '{}' does not fit this model ({} problem(s)):\n  {}", path,
                                       problems.size(), fmt::join(problems, "\n  ")));
   }
-  // The optimizer validates everything before it changes anything.
+  // The optimizer verifies its checksums and validates everything before it changes anything.
   try {
     opt.load(opt_archive);
+  } catch (const c10::Error& e) {
+    throw CheckpointError(fmt::format("checkpoint '{}': corrupt or incomplete ({})", path, e.what_without_backtrace()));
   } catch (const std::exception& e) {
     throw CheckpointError(fmt::format("checkpoint '{}': {}", path, e.what()));
   }
-  // Shapes and dtypes are checked: the copies cannot fail.
+  // Checksums, shapes and dtypes are checked: the copies cannot fail.
   torch::NoGradGuard guard;
-  for (auto& [dst, src] : pairs) dst.copy_(src);
+  for (auto& p : pairs) p.dst.copy_(p.src);
 }
 
 }  // namespace
@@ -272,22 +413,7 @@ void save_checkpoint(const LowRankOptimizer& opt, const torch::nn::Module& model
 
 CheckpointExtras read_checkpoint_extras(const std::string& path) {
   torch::serialize::InputArchive archive = read_archive(path);
-  CheckpointExtras out;
-  try {
-    torch::serialize::InputArchive e;
-    if (!archive.try_read("extras", e)) return out;
-    c10::IValue keys;
-    e.read("keys", keys);
-    for (const auto& k : keys.toListRef()) {
-      c10::IValue v;
-      e.read(k.toStringRef(), v);
-      out[k.toStringRef()] = v;
-    }
-  } catch (const c10::Error& err) {
-    throw CheckpointError(
-        fmt::format("checkpoint '{}': corrupt or incomplete extras ({})", path, err.what_without_backtrace()));
-  }
-  return out;
+  return guarded_read(path, [&] { return read_header(archive, path).extras; });
 }
 
 void load_checkpoint(LowRankOptimizer& opt, torch::nn::Module& model, const std::string& path) {

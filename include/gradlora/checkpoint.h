@@ -8,6 +8,12 @@
 /// writes a temporary file in the same folder, flushes it to disk (fsync) and
 /// renames it over `path` (atomic on POSIX file systems). load_checkpoint()
 /// validates everything before it changes anything.
+///
+/// Every tensor in a checkpoint (model and optimizer state) and its metadata
+/// (counters, names, learning rates, per-parameter settings, extras) carry a
+/// 64-bit checksum written at save time and verified while reading, before the
+/// model or the optimizer is touched: a file damaged anywhere in what it holds
+/// is refused with CheckpointError naming the file and the record that failed.
 
 #include <gradlora/optimizer.h>
 
@@ -15,6 +21,7 @@
 #include <torch/nn/module.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <map>
 #include <stdexcept>
@@ -76,6 +83,15 @@ void write_file_atomically(const std::string& path,
                            const std::function<void(const std::function<void(const void*, size_t)>& sink)>& produce);
 
 namespace detail {
+/// The checksum of checkpoints: a 64-bit hash of `n` bytes. Any change confined
+/// to one aligned 8-byte word of the input (in particular any single changed
+/// byte) changes the result, provably; see docs/checkpoints.md for the definition.
+uint64_t checksum64(const void* data, size_t n, uint64_t seed = 0);
+
+/// checksum64 of a tensor's elements (row-major, as a contiguous CPU copy), seeded
+/// with the checksum of its dtype and sizes.
+uint64_t tensor_checksum(const torch::Tensor& t);
+
 /// Test seam for fault injection: called before each chunk written by
 /// write_file_atomically with the number of bytes already written. It may throw
 /// (a failing write) or end the process (a crash). Empty: no hook.
