@@ -33,7 +33,7 @@ void LowRankOptimizer::save(torch::serialize::OutputArchive& archive) const {
     if (e.projector) {
       sub.write("rank", c10::IValue(e.projector->rank()));
       sub.write("inner_type", c10::IValue(std::string(to_string(e.inner->type()))));
-      sub.write("settings", c10::IValue(e.projector->settings()));
+      sub.write("settings", c10::IValue(e.projector->checkpoint_settings()));
       TensorMap m;
       e.projector->save(m);
       e.inner->save(m, "inner_");
@@ -117,7 +117,7 @@ void LowRankOptimizer::load(torch::serialize::InputArchive& archive) {
                                              to_string(e.inner->type())));
         continue;
       }
-      const std::string settings = e.projector->settings();
+      const std::string settings = e.projector->checkpoint_settings();
       if (sub.try_read("settings", v) && v.isString() && v.toStringRef() != settings) {
         problems.push_back(who +
                            fmt::format("settings are '{}' in the checkpoint, '{}' here", v.toStringRef(), settings));

@@ -43,7 +43,7 @@ class GaloreProjector final : public Projector {
   std::vector<torch::Tensor> inner_params() const override { return {N_}; }
 
   void project(const torch::Tensor& G) override {
-    const torch::Tensor g = G.reshape({n_, m_});
+    const torch::Tensor g = as2d(G);
     torch::Tensor Q = Q_;
     if (steps_ % gap_ == 0) {
       // Fused mode projects each micro-batch as it arrives: all of them must share one Q, so
