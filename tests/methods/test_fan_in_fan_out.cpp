@@ -28,7 +28,8 @@ struct FfioCase {
 };
 
 std::ostream& operator<<(std::ostream& os, const FfioCase& c) {
-  return os << c.name << " " << to_string(c.writeback) << " " << c10::toString(c.dtype);
+  return os << c.name << " init " << to_string(c.init) << " writeback " << to_string(c.writeback) << " "
+            << c10::toString(c.dtype);
 }
 
 Config ffio_config(const FfioCase& c, bool fan_in_fan_out) {
