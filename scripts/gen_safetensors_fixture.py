@@ -9,6 +9,15 @@ library only (struct + json), independently of the C++ writer under test.
       a PEFT LoRA adapter with rank_pattern / alpha_pattern
   tests/data/safetensors/adapter_fixture_expected.safetensors
       the weight changes scale * lora_B @ lora_A, computed here in Python floats
+  tests/data/adapter_fixture_gpt2/{adapter_model.safetensors, adapter_config.json}
+      what PEFT writes for a GPT-2-like model: an nn.Embedding `wte` (square
+      table, 5 x 5) as lora_embedding_A (r, num_embeddings) and lora_embedding_B
+      (embedding_dim, r), and a Conv1D `attn.c_proj` (weight stored (in, out),
+      square 4 x 4) as lora_A (r, in), lora_B (out, r) with fan_in_fan_out: true
+  tests/data/safetensors/adapter_fixture_gpt2_expected.safetensors
+      their weight changes by PEFT's formulas, in the stored layout:
+      Embedding (lora_embedding_B @ lora_embedding_A)^T * scale,
+      Conv1D (lora_B @ lora_A)^T * scale
 
 Usage: python3 scripts/gen_safetensors_fixture.py   (from the repository root)
 """
@@ -57,6 +66,54 @@ def write(path, tensors, metadata=None, data_order=None):
 
 def matmul(b, a, rows, inner, cols):
     return [sum(b[i * inner + k] * a[k * cols + j] for k in range(inner)) for i in range(rows) for j in range(cols)]
+
+
+def transpose(x, rows, cols):
+    return [x[i * cols + j] for j in range(cols) for i in range(rows)]
+
+
+def write_gpt2_fixture():
+    # Square weights: a transposed change has the same shape, only its values tell.
+    r = 2
+    num, dim = 5, 5                                                  # wte: nn.Embedding(5, 5)
+    emb_a = [(k - 4) / 8.0 for k in range(r * num)]                  # lora_embedding_A (r, num)
+    emb_b = [(k + 1) / 16.0 * (-1) ** k for k in range(dim * r)]     # lora_embedding_B (dim, r)
+    fin, fout = 4, 4                                                 # attn.c_proj: Conv1D(nf=4, nx=4), weight (in, out)
+    conv_a = [(3 - k) / 4.0 for k in range(r * fin)]                 # lora_A (r, in)
+    conv_b = [((k * 5) % 7 - 3) / 8.0 for k in range(fout * r)]      # lora_B (out, r)
+    p = "base_model.model."
+    write(os.path.join(ROOT, "tests/data/adapter_fixture_gpt2/adapter_model.safetensors"), [
+        (p + "wte.lora_embedding_A", "F32", [r, num], emb_a),
+        (p + "wte.lora_embedding_B", "F32", [dim, r], emb_b),
+        (p + "attn.c_proj.lora_A.weight", "F32", [r, fin], conv_a),
+        (p + "attn.c_proj.lora_B.weight", "F32", [fout, r], conv_b),
+    ], {"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "r": r,
+        "lora_alpha": 4,
+        "rank_pattern": {},
+        "alpha_pattern": {"attn.c_proj": 3},
+        "target_modules": ["wte", "attn.c_proj"],
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": True,   # PEFT sets it for Conv1D; its Embedding layer ignores it
+        "use_rslora": False,
+        "inference_mode": True,
+    }
+    with open(os.path.join(ROOT, "tests/data/adapter_fixture_gpt2/adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+    # Embedding: delta = (lora_embedding_B @ lora_embedding_A)^T * scale, (num, dim).
+    d_emb = [4 / r * x for x in transpose(matmul(emb_b, emb_a, dim, r, num), dim, num)]
+    # Conv1D, fan_in_fan_out: delta of the stored (in, out) weight = (lora_B @ lora_A)^T * scale.
+    d_conv = [3 / r * x for x in transpose(matmul(conv_b, conv_a, fout, r, fin), fout, fin)]
+    write(os.path.join(ROOT, "tests/data/safetensors/adapter_fixture_gpt2_expected.safetensors"), [
+        ("wte.weight", "F64", [num, dim], d_emb),
+        ("attn.c_proj.weight", "F64", [fin, fout], d_conv),
+    ])
 
 
 def main():
@@ -108,6 +165,7 @@ def main():
         ("layers.0.proj.weight", "F64", [3, 4], d0),
         ("layers.1.proj.weight", "F64", [2, 3], d1),
     ])
+    write_gpt2_fixture()
 
 
 if __name__ == "__main__":

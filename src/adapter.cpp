@@ -218,6 +218,14 @@ SafetensorsFile read_safetensors(const std::string& path) {
 
 // -------------------------------------------------------------- export
 
+std::set<std::string> embedding_modules(const torch::nn::Module& module) {
+  std::set<std::string> out;
+  for (const auto& item : module.named_modules("", /*include_self=*/false)) {
+    if (item.value()->as<torch::nn::Embedding>() != nullptr) out.insert(item.key());
+  }
+  return out;
+}
+
 AdapterExport export_adapter(const LowRankOptimizer& opt, const std::string& folder, const AdapterOptions& options) {
   torch::NoGradGuard guard;
   AdapterExport info;
@@ -228,6 +236,7 @@ AdapterExport export_adapter(const LowRankOptimizer& opt, const std::string& fol
     double alpha;
   };
   std::vector<ModuleScale> scales;
+  std::vector<std::pair<std::string, bool>> ffio;   // fan_in_fan_out of each non-embedding module
   auto& self = const_cast<LowRankOptimizer&>(opt);  // projector() is non-const; nothing is modified
   for (const auto& name : opt.names()) {
     const Method method = opt.method_of(name);
@@ -254,26 +263,51 @@ AdapterExport export_adapter(const LowRankOptimizer& opt, const std::string& fol
     }
     auto [A, B] = p.factors();
     auto [A0, B0] = p.initial_factors();
-    torch::Tensor lora_B = A, lora_A = B;
+    // The change of the n×m matrix the method sees is s·L·R (L n×r, R r×m).
+    torch::Tensor L = A, R = B;
     if (t.init == Init::symmetric) {
       // s·(A·B − A0·B0) = s·[A, −A0]·[B; B0]: rank 2r, exact.
-      lora_B = torch::cat({A, -A0}, 1);
-      lora_A = torch::cat({B, B0}, 0);
+      L = torch::cat({A, -A0}, 1);
+      R = torch::cat({B, B0}, 0);
     }
-    const int64_t r = lora_A.size(0);
+    const int64_t r = R.size(0);
     const torch::Tensor& P = p.context().param;
-    std::vector<int64_t> a_shape{r}, b_shape{P.size(0), r};
-    for (int64_t d = 1; d < P.dim(); ++d) a_shape.push_back(P.size(d));
-    for (int64_t d = 2; d < P.dim(); ++d) b_shape.push_back(1);  // conv: out × r × 1 × 1
-    lora_A = lora_A.reshape(a_shape);
-    lora_B = lora_B.reshape(b_shape);
+    const bool embedding = options.embedding_modules.count(module) > 0;
+    torch::Tensor first, second;  // lora_A / lora_embedding_A, lora_B / lora_embedding_B
+    if (embedding) {
+      if (P.dim() != 2) {
+        throw AdapterError(fmt::format(
+            "export_adapter: module '{}' is listed in embedding_modules, but its weight '{}' has shape [{}], not "
+            "(num_embeddings, embedding_dim)",
+            module, name, fmt::join(P.sizes(), ", ")));
+      }
+      // PEFT: ΔW = (lora_embedding_B·lora_embedding_A)ᵀ·scale, A r×num_embeddings, B embedding_dim×r.
+      // Stored ΔW = s·L·R (or its transpose under fan_in_fan_out).
+      first = p.transposed() ? R : L.t();
+      second = p.transposed() ? L : R.t();
+    } else {
+      // PEFT: ΔW = lora_B·lora_A·scale (Linear), or its transpose under fan_in_fan_out (Conv1D);
+      // the method's view is out×in in both cases.
+      first = R;
+      second = L;
+      ffio.emplace_back(module, p.transposed());
+      std::vector<int64_t> a_shape{r}, b_shape{p.rows(), r};
+      if (p.transposed()) {
+        a_shape.push_back(p.cols());  // r × in
+      } else {
+        for (int64_t d = 1; d < P.dim(); ++d) a_shape.push_back(P.size(d));  // conv: r × in × kh × kw
+        for (int64_t d = 2; d < P.dim(); ++d) b_shape.push_back(1);          // conv: out × r × 1 × 1
+      }
+      first = first.reshape(a_shape);
+      second = second.reshape(b_shape);
+    }
     if (options.dtype) {
-      lora_A = lora_A.to(*options.dtype);
-      lora_B = lora_B.to(*options.dtype);
+      first = first.to(*options.dtype);
+      second = second.to(*options.dtype);
     }
     const std::string key = options.key_prefix + module;
-    tensors.emplace_back(key + ".lora_A.weight", lora_A.contiguous());
-    tensors.emplace_back(key + ".lora_B.weight", lora_B.contiguous());
+    tensors.emplace_back(key + (embedding ? ".lora_embedding_A" : ".lora_A.weight"), first.contiguous());
+    tensors.emplace_back(key + (embedding ? ".lora_embedding_B" : ".lora_B.weight"), second.contiguous());
     scales.push_back({module, r, t.scale() * static_cast<double>(r)});
     info.modules.push_back(module);
     info.ranks[module] = r;
@@ -281,6 +315,16 @@ AdapterExport export_adapter(const LowRankOptimizer& opt, const std::string& fol
   if (info.modules.empty()) {
     throw AdapterError(fmt::format("export_adapter: the optimizer trains no parameter with method lora"));
   }
+  // adapter_config.json has one fan_in_fan_out for all (non-embedding) modules.
+  for (const auto& f : ffio) {
+    if (f.second != ffio.front().second) {
+      throw AdapterError(fmt::format(
+          "export_adapter: module '{}' has fan_in_fan_out {} and module '{}' has {}; a PEFT adapter_config.json holds "
+          "one fan_in_fan_out for all its modules, so one adapter cannot carry both layouts",
+          ffio.front().first, ffio.front().second, f.first, f.second));
+    }
+  }
+  const bool fan_in_fan_out = !ffio.empty() && ffio.front().second;
   if (!info.skipped.empty()) {
     spdlog::warn("gradlora: export_adapter: a LoRA adapter cannot carry {} (not method lora); not exported",
                  fmt::join(info.skipped, ", "));
@@ -303,7 +347,7 @@ AdapterExport export_adapter(const LowRankOptimizer& opt, const std::string& fol
   cfg["target_modules"] = info.modules;
   cfg["lora_dropout"] = 0.0;
   cfg["bias"] = "none";
-  cfg["fan_in_fan_out"] = false;
+  cfg["fan_in_fan_out"] = fan_in_fan_out;
   cfg["use_rslora"] = false;
   cfg["init_lora_weights"] = true;
   cfg["modules_to_save"] = nullptr;
@@ -347,9 +391,10 @@ std::vector<std::string> load_adapter(const torch::OrderedDict<std::string, torc
     throw bad("lora_alpha", fmt::format("expected a number, got {}",
                                         cfg.contains("lora_alpha") ? cfg["lora_alpha"].dump() : "nothing"));
   }
-  if (cfg.contains("fan_in_fan_out") && cfg["fan_in_fan_out"] == true) {
-    throw bad("fan_in_fan_out", "true (transposed Conv1D weights) is not supported");
+  if (cfg.contains("fan_in_fan_out") && !cfg["fan_in_fan_out"].is_boolean()) {
+    throw bad("fan_in_fan_out", fmt::format("expected true or false, got {}", cfg["fan_in_fan_out"].dump()));
   }
+  const bool fan_in_fan_out = cfg.value("fan_in_fan_out", false);
   const bool rslora = cfg.contains("use_rslora") && cfg["use_rslora"] == true;
   const json rank_pattern = cfg.value("rank_pattern", json::object());
   const json alpha_pattern = cfg.value("alpha_pattern", json::object());
@@ -357,34 +402,58 @@ std::vector<std::string> load_adapter(const torch::OrderedDict<std::string, torc
   const SafetensorsFile file = read_safetensors(st_path);
   struct Pair {
     torch::Tensor A, B;
+    bool embedding = false;  // lora_embedding_A / lora_embedding_B
+    bool mixed = false;      // a Linear factor and an embedding factor
   };
   std::map<std::string, Pair> modules;
   std::vector<std::string> problems;
+  struct Suffix {
+    const char* text;
+    bool a, embedding;
+  };
+  const Suffix suffixes[] = {{".lora_A.weight", true, false},
+                             {".lora_B.weight", false, false},
+                             {".lora_embedding_A", true, true},
+                             {".lora_embedding_B", false, true}};
   for (const auto& [key, t] : file.tensors) {
     std::string k = key;
     if (k.rfind("base_model.model.", 0) == 0) k = k.substr(std::strlen("base_model.model."));
-    if (ends_with(k, ".lora_A.weight")) {
-      modules[k.substr(0, k.size() - std::strlen(".lora_A.weight"))].A = t;
-    } else if (ends_with(k, ".lora_B.weight")) {
-      modules[k.substr(0, k.size() - std::strlen(".lora_B.weight"))].B = t;
-    } else {
-      problems.push_back(
-          fmt::format("key '{}' is not a LoRA factor (expected '<module>.lora_A.weight' or "
-                      "'<module>.lora_B.weight')",
-                      key));
+    const Suffix* found = nullptr;
+    for (const auto& sfx : suffixes) {
+      if (ends_with(k, sfx.text)) found = &sfx;
     }
+    if (!found) {
+      problems.push_back(
+          fmt::format("key '{}' is not a LoRA factor (expected '<module>.lora_A.weight', '<module>.lora_B.weight', "
+                      "'<module>.lora_embedding_A' or '<module>.lora_embedding_B')",
+                      key));
+      continue;
+    }
+    const std::string module = k.substr(0, k.size() - std::strlen(found->text));
+    Pair& f = modules[module];
+    if ((f.A.defined() || f.B.defined()) && f.embedding != found->embedding) f.mixed = true;
+    f.embedding = found->embedding;
+    (found->a ? f.A : f.B) = t;
   }
   struct Update {
     std::string name;
     torch::Tensor param, A, B;
     double scale;
+    bool transpose;  // ΔW = (B·A)ᵀ·scale: embeddings, and Linear factors under fan_in_fan_out
   };
   std::vector<Update> updates;
   for (const auto& [module, f] : modules) {
     const std::string name = module + ".weight";
     const std::string who = fmt::format("module '{}': ", module);
+    const char* a_name = f.embedding ? "lora_embedding_A" : "lora_A.weight";
+    const char* b_name = f.embedding ? "lora_embedding_B" : "lora_B.weight";
+    const char* a_short = f.embedding ? "lora_embedding_A" : "lora_A";
+    if (f.mixed) {
+      problems.push_back(who + "holds both lora_A/lora_B and lora_embedding_A/lora_embedding_B factors");
+      continue;
+    }
     if (!f.A.defined() || !f.B.defined()) {
-      problems.push_back(who + (f.A.defined() ? "lora_B.weight is missing" : "lora_A.weight is missing"));
+      problems.push_back(who + fmt::format("{} is missing", f.A.defined() ? b_name : a_name));
       continue;
     }
     const torch::Tensor* P = named_parameters.find(name);
@@ -393,16 +462,29 @@ std::vector<std::string> load_adapter(const torch::OrderedDict<std::string, torc
       continue;
     }
     if (!f.A.is_floating_point() || !f.B.is_floating_point()) {
-      problems.push_back(who + "lora_A / lora_B must be floating point");
+      problems.push_back(who + "the factors must be floating point");
       continue;
     }
-    const int64_t n = P->dim() == 0 ? 1 : P->size(0);
-    const int64_t m = n == 0 ? 0 : P->numel() / n;
+    // The matrix B·A is n×m; it is the weight's (rows × the rest) view, or the transpose of a
+    // 2-D weight (embedding: (num_embeddings, dim) = (B·A)ᵀ; fan_in_fan_out: (in, out) = (B·A)ᵀ).
+    const bool transpose = f.embedding || fan_in_fan_out;
+    if (transpose && P->dim() != 2) {
+      problems.push_back(who + fmt::format("{} needs a 2-D weight, parameter '{}' has shape [{}]",
+                                           f.embedding ? "an embedding adapter" : "fan_in_fan_out: true", name,
+                                           fmt::join(P->sizes(), ", ")));
+      continue;
+    }
+    const int64_t rows = P->dim() == 0 ? 1 : P->size(0);
+    const int64_t cols = rows == 0 ? 0 : P->numel() / rows;
+    const int64_t n = transpose ? cols : rows, m = transpose ? rows : cols;
     const int64_t r = f.A.dim() > 0 ? f.A.size(0) : 0;
     if (r == 0 || f.A.numel() != r * m || f.B.dim() < 2 || f.B.size(0) != n || f.B.numel() != n * r) {
-      problems.push_back(who + fmt::format("lora_A [{}] and lora_B [{}] do not fit parameter '{}' of shape [{}]",
-                                           fmt::join(f.A.sizes(), ", "), fmt::join(f.B.sizes(), ", "), name,
-                                           fmt::join(P->sizes(), ", ")));
+      problems.push_back(who + fmt::format("{} [{}] and {} [{}] do not fit parameter '{}' of shape [{}]{}", a_name,
+                                           fmt::join(f.A.sizes(), ", "), b_name, fmt::join(f.B.sizes(), ", "), name,
+                                           fmt::join(P->sizes(), ", "),
+                                           f.embedding      ? " (an embedding adapter: ΔW = (B·A)ᵀ)"
+                                           : fan_in_fan_out ? " (fan_in_fan_out: ΔW = (B·A)ᵀ)"
+                                                            : ""));
       continue;
     }
     const json* rp = pattern_lookup(rank_pattern, module);
@@ -414,11 +496,11 @@ std::vector<std::string> load_adapter(const torch::OrderedDict<std::string, torc
     const int64_t cfg_r = rp ? rp->get<int64_t>() : cfg["r"].get<int64_t>();
     const double alpha = ap ? ap->get<double>() : cfg["lora_alpha"].get<double>();
     if (cfg_r != r) {
-      problems.push_back(who + fmt::format("the config says r = {}, lora_A has {} rows", cfg_r, r));
+      problems.push_back(who + fmt::format("the config says r = {}, {} has {} rows", cfg_r, a_short, r));
       continue;
     }
     const double scale = rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / static_cast<double>(r);
-    updates.push_back({name, *P, f.A.reshape({r, m}), f.B.reshape({n, r}), scale});
+    updates.push_back({name, *P, f.A.reshape({r, m}), f.B.reshape({n, r}), scale, transpose});
   }
   if (modules.empty() && problems.empty()) problems.push_back("the file holds no LoRA factors");
   if (!problems.empty()) {
@@ -431,7 +513,7 @@ std::vector<std::string> load_adapter(const torch::OrderedDict<std::string, torc
     const auto dt = u.param.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
     torch::Tensor delta = torch::mm(u.B.to(dt), u.A.to(dt)).mul_(u.scale);
     torch::Tensor P = u.param;
-    delta = delta.to(P.device()).view(P.sizes());
+    delta = u.transpose ? delta.to(P.device()).t() : delta.to(P.device()).view(P.sizes());
     if (P.scalar_type() == dt) {
       P.add_(delta);
     } else {

@@ -119,6 +119,7 @@ std::vector<std::pair<std::string, std::string>> describe_target(const Target& t
       {"weight_decay", opt(t.weight_decay)},
       {"writeback", to_string(t.writeback)},
       {"on_resample", to_string(on_resample_of(t))},
+      {"fan_in_fan_out", t.fan_in_fan_out ? "true" : "false"},
   };
   for (const auto& o : method_info(t.method).options) v.emplace_back(o.key, option_text_of(option(t, o.key)));
   return v;
@@ -178,6 +179,12 @@ void Config::validate() const {
     if (t.weight_decay) {
       check(std::isfinite(*t.weight_decay) && *t.weight_decay >= 0, k + ".weight_decay",
             "expected a finite number >= 0", *t.weight_decay);
+    }
+    if (t.fan_in_fan_out && !method_info(t.method).low_rank) {
+      throw ConfigError(fmt::format(
+          "config key '{}.fan_in_fan_out': method '{}' does not view the weight as a matrix (only the low-rank "
+          "methods do), got true",
+          k, to_string(t.method)));
     }
     check_options(t, k);
   }

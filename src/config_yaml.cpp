@@ -115,8 +115,8 @@ Target parse_target(const YAML::Node& n, size_t i) {
   t.match = as_string(n["match"], p + ".match");
   if (n["method"]) t.method = parse_method(as_string(n["method"], p + ".method"), p + ".method");
   // The keys every method shares, then the method's own options.
-  std::set<std::string> keys{"match",    "method", "rank",         "alpha",     "init",
-                             "init_std", "lr",     "weight_decay", "writeback", "on_resample"};
+  std::set<std::string> keys{"match", "method",       "rank",      "alpha",       "init",          "init_std",
+                             "lr",    "weight_decay", "writeback", "on_resample", "fan_in_fan_out"};
   const MethodInfo& info = method_info(t.method);
   for (const auto& o : info.options) keys.insert(o.key);
   check_keys(n, p, keys);
@@ -130,6 +130,7 @@ Target parse_target(const YAML::Node& n, size_t i) {
   if (n["on_resample"]) {
     t.on_resample = parse_on_resample(as_string(n["on_resample"], p + ".on_resample"), p + ".on_resample");
   }
+  if (n["fan_in_fan_out"]) t.fan_in_fan_out = as_bool(n["fan_in_fan_out"], p + ".fan_in_fan_out");
   for (const auto& o : info.options) {
     if (n[o.key]) t.options[o.key] = parse_option(n[o.key], o, p + "." + o.key);
   }

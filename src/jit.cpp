@@ -65,6 +65,23 @@ void set_requires_grad(const torch::jit::Module& module, const LowRankOptimizer&
   for (const auto& item : params) item.value().requires_grad_(trained[i++]);
 }
 
+std::set<std::string> embedding_modules(const torch::jit::Module& module) {
+  std::set<std::string> out;
+  for (const auto& item : module.named_modules()) {
+    if (item.name.empty()) continue;  // the module itself
+    const auto type_name = item.value.type()->name();
+    if (!type_name) continue;
+    // Drop the `___torch_mangle_N` atoms TorchScript inserts when a class name repeats.
+    std::string name;
+    for (const auto& atom : type_name->atoms()) {
+      if (atom.rfind("___torch_mangle_", 0) == 0) continue;
+      name += (name.empty() ? "" : ".") + atom;
+    }
+    if (name == "__torch__.torch.nn.modules.sparse.Embedding") out.insert(item.name);
+  }
+  return out;
+}
+
 void set_requires_grad(const torch::jit::Module& module, bool on) {
   for (const auto& p : module.parameters(/*recurse=*/true)) p.requires_grad_(on);
 }

@@ -40,7 +40,7 @@ void LowRankOptimizer::save(torch::serialize::OutputArchive& archive) const {
     sub.write("shape", c10::IValue(shape));
     meta.add(method).add(c10::IValue(shape)).add(e.projector != nullptr);
     if (e.projector) {
-      const std::string inner = to_string(e.inner->type()), settings = e.projector->settings();
+      const std::string inner = to_string(e.inner->type()), settings = e.projector->checkpoint_settings();
       sub.write("rank", c10::IValue(e.projector->rank()));
       sub.write("inner_type", c10::IValue(inner));
       sub.write("settings", c10::IValue(settings));
@@ -235,7 +235,7 @@ void LowRankOptimizer::load(torch::serialize::InputArchive& archive) {
                                            to_string(e.inner->type())));
       continue;
     }
-    const std::string settings = e.projector->settings();
+    const std::string settings = e.projector->checkpoint_settings();
     if (s.settings != settings) {
       problems.push_back(who + fmt::format("settings are '{}' in the checkpoint, '{}' here", s.settings, settings));
       continue;

@@ -36,6 +36,7 @@ void LowRankOptimizer::build_report() {
       p.state_bytes = p.persistent_bytes + p.moment_bytes;
       p.allreduce_bytes = p.trainable * inner_esize;
       p.note = e->projector->note();
+      if (e->projector->transposed()) p.note += p.note.empty() ? "fan_in_fan_out" : ", fan_in_fan_out";
     }
     r.total_params += p.numel;
     r.total_trainable += p.trainable;

@@ -13,9 +13,14 @@ Projector::Projector(ProjectorContext ctx) : ctx_(std::move(ctx)) {
   const auto& P = ctx_.param;
   n_ = P.dim() == 0 ? 1 : P.size(0);
   m_ = P.dim() == 0 ? 1 : (n_ == 0 ? 0 : P.numel() / n_);
+  // make_projector refuses fan_in_fan_out on anything but a 2-D weight.
+  transposed_ = ctx_.target.fan_in_fan_out && P.dim() == 2;
+  if (transposed_) std::swap(n_, m_);
 }
 
-torch::Tensor Projector::param2d() const { return ctx_.param.view({n_, m_}); }
+torch::Tensor Projector::param2d() const { return transposed_ ? ctx_.param.t() : ctx_.param.view({n_, m_}); }
+
+torch::Tensor Projector::as2d(const torch::Tensor& x) const { return transposed_ ? x.t() : x.reshape({n_, m_}); }
 
 void Projector::project_zero() {
   torch::NoGradGuard guard;
@@ -46,6 +51,11 @@ std::string Projector::settings() const {
                               to_string(t.writeback), to_string(on_resample_of(t)));
   for (const auto& o : info.options) s += fmt::format(", {} {}", o.key, option_text_of(option(t, o.key)));
   return s;
+}
+
+std::string Projector::checkpoint_settings() const {
+  // Only added when set, so that checkpoints of untransposed weights keep their settings text.
+  return transposed_ ? settings() + ", fan_in_fan_out true" : settings();
 }
 
 void Projector::save(TensorMap& out) const {

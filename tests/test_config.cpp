@@ -178,6 +178,46 @@ TEST(SelectionErrors, LowRankMethodOnOneDimensionalParameter) {
   }
 }
 
+TEST(Config, FanInFanOutIsParsedAndDescribed) {
+  Config c = Config::from_yaml_string("targets: [{match: c_attn.weight, fan_in_fan_out: true}, {match: wte.weight}]");
+  EXPECT_TRUE(c.targets[0].fan_in_fan_out);
+  EXPECT_FALSE(c.targets[1].fan_in_fan_out);
+  // describe_target feeds the data-parallel config check: ranks must agree on it.
+  const auto d0 = describe_target(c.targets[0]), d1 = describe_target(c.targets[1]);
+  auto value = [](const std::vector<std::pair<std::string, std::string>>& d) {
+    for (const auto& [k, v] : d) {
+      if (k == "fan_in_fan_out") return v;
+    }
+    return std::string("(missing)");
+  };
+  EXPECT_EQ(value(d0), "true");
+  EXPECT_EQ(value(d1), "false");
+}
+
+TEST(SelectionErrors, FanInFanOutNeedsATwoDimensionalWeight) {
+  auto m = make_mlp();  // fc1.bias has shape [16]
+  for (const char* method : {"lora", "galore", "hadamard"}) {
+    expect_config_error(
+        [&] {
+          LowRankOptimizer(m->named_parameters(), quiet(fmt::format("targets: [{{match: fc1.bias, method: {}, rank: 1, "
+                                                                    "fan_in_fan_out: true}}]",
+                                                                    method)));
+        },
+        {"'fan_in_fan_out'", "fc1.bias", "1 dimension(s)", "[16]", "2-D", "got true"});
+  }
+  torch::OrderedDict<std::string, torch::Tensor> conv;
+  conv.insert("conv.weight", torch::zeros({5, 3, 3, 3}).requires_grad_());
+  expect_config_error(
+      [&] { LowRankOptimizer(conv, quiet("targets: [{match: conv.weight, rank: 2, fan_in_fan_out: true}]")); },
+      {"'fan_in_fan_out'", "conv.weight", "4 dimension(s)", "[5, 3, 3, 3]", "got true"});
+  // Not a low-rank method: nothing is viewed as a matrix.
+  expect_config_error(
+      [&] { Config::from_yaml_string("targets: [{match: fc1.bias, method: full, fan_in_fan_out: true}]"); },
+      {"targets[0].fan_in_fan_out", "'full'", "got true"});
+  expect_config_error([&] { Config::from_yaml_string("targets: [{match: fc1.weight, fan_in_fan_out: 3}]"); },
+                      {"targets[0].fan_in_fan_out", "true or false", "3"});
+}
+
 TEST(SelectionErrors, TargetMatchingNothing) {
   auto m = make_mlp();
   expect_config_error(

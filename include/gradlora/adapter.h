@@ -10,16 +10,24 @@
 /// lora_B = our A (n×r) and lora_A = our B (r×m), with lora_alpha = s·r.
 /// A `symmetric` init has A0·B0 ≠ 0 and the change has rank ≤ 2r: it is
 /// exported faithfully at rank 2r as lora_B = [A, −A0], lora_A = [B; B0].
+/// A weight stored (in, out), as GPT-2's Conv1D (target `fan_in_fan_out:
+/// true`), is trained as its out×in transpose, so the factors keep their
+/// meaning and PEFT's `fan_in_fan_out: true` applies ΔW_stored = (lora_B·lora_A)ᵀ.
+/// An `nn.Embedding` table (num_embeddings × dim) is written as PEFT writes
+/// it: lora_embedding_A = Aᵀ (r × num_embeddings), lora_embedding_B = Bᵀ
+/// (dim × r), ΔW = (lora_embedding_B·lora_embedding_A)ᵀ·scale.
 /// The safetensors format (8-byte little-endian header length, JSON header,
 /// raw little-endian data) is written and read here, without other libraries.
 
 #include <gradlora/optimizer.h>
 
+#include <torch/nn/module.h>
 #include <torch/ordered_dict.h>
 #include <torch/types.h>
 
 #include <map>
 #include <optional>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -63,7 +71,16 @@ struct AdapterOptions {
   std::string key_prefix = "base_model.model.";
   /// Stored dtype of lora_A / lora_B; undefined: the factors' own dtype.
   std::optional<torch::ScalarType> dtype;
+  /// Module paths (parameter name without ".weight") whose weight is an
+  /// embedding table, exported as `lora_embedding_A` / `lora_embedding_B`.
+  /// The optimizer knows parameters, not module types: fill it with
+  /// embedding_modules(model) (or the TorchScript overload in jit.h), or by hand.
+  std::set<std::string> embedding_modules;
 };
+
+/// Paths of the torch::nn::Embedding submodules of `module` (as
+/// named_modules() names them), for AdapterOptions::embedding_modules.
+std::set<std::string> embedding_modules(const torch::nn::Module& module);
 
 /// What export_adapter() wrote.
 struct AdapterExport {
@@ -81,15 +98,22 @@ struct AdapterExport {
 /// W − W0 = (lora_alpha / r)·lora_B·lora_A reproduces what training changed.
 /// Keys: `<key_prefix><module>.lora_A.weight` (r×in, or r×in×k… for conv
 /// kernels) and `<key_prefix><module>.lora_B.weight` (out×r, or out×r×1… for
-/// conv). Ranks or alphas that differ between modules go into PEFT's
+/// conv); for options.embedding_modules `<key_prefix><module>.lora_embedding_A`
+/// (r×num_embeddings) and `.lora_embedding_B` (dim×r). `fan_in_fan_out` in the
+/// config is that of the targets (all non-embedding modules must agree).
+/// Ranks or alphas that differ between modules go into PEFT's
 /// `rank_pattern` / `alpha_pattern`. Throws AdapterError for a `lora`
 /// parameter whose name does not end in ".weight", or that merged its factors
-/// into the weight (merge_every): its change is no longer of low rank.
+/// into the weight (merge_every): its change is no longer of low rank; for
+/// modules whose fan_in_fan_out differ; for an embedding module whose weight
+/// is not 2-D.
 AdapterExport export_adapter(const LowRankOptimizer& opt, const std::string& folder,
                              const AdapterOptions& options = {});
 
 /// Applies a PEFT LoRA adapter folder to parameters by name:
-/// W += scale·lora_B·lora_A for each module, with scale = lora_alpha / r
+/// W += scale·lora_B·lora_A for each module (W += scale·(lora_B·lora_A)ᵀ under
+/// `fan_in_fan_out: true`, W += scale·(lora_embedding_B·lora_embedding_A)ᵀ for
+/// embedding factors), with scale = lora_alpha / r
 /// (lora_alpha / √r under `use_rslora`) and PEFT's rank_pattern/alpha_pattern
 /// (a pattern key matches a module equal to it or ending in "." + key).
 /// Validates everything first (config keys, every key of the safetensors file,

@@ -117,6 +117,12 @@ struct Target {
   /// Moments when the method changes its projection (random, galore). Unset: the
   /// method's default (MethodInfo::default_on_resample).
   std::optional<OnResample> on_resample;
+  /// The weight is stored transposed, (in, out) as GPT-2's Conv1D, where a
+  /// Linear stores (out, in): the methods see its transpose (out×in), so A is
+  /// out×r and B r×in as for a Linear, and write back into the stored tensor
+  /// through a transposed view. Only for 2-D parameters. PEFT's key of the
+  /// same name; the adapter export writes it.
+  bool fan_in_fan_out = false;
   /// The method's own options, by key (e.g. `merge_every` for lora, `update_proj_gap`
   /// for galore): the keys and defaults each method declares (MethodInfo::options).
   /// A key that is not set takes the method's default.

@@ -30,6 +30,7 @@
 #include <torch/ordered_dict.h>
 #include <torch/script.h>
 
+#include <set>
 #include <string>
 
 namespace gradlora {
@@ -63,5 +64,13 @@ void set_requires_grad(const torch::jit::Module& module, const LowRankOptimizer&
 
 /// Sets `requires_grad` of every parameter of `module` to `on`.
 void set_requires_grad(const torch::jit::Module& module, bool on);
+
+/// Paths of the submodules of a scripted or traced module that were
+/// `torch.nn.Embedding` in Python, recognised by their qualified type name
+/// (`__torch__.torch.nn.modules.sparse.Embedding`, with TorchScript's
+/// `___torch_mangle_N` parts ignored), for AdapterOptions::embedding_modules.
+/// A module of another class (a subclass, a custom embedding) is not found:
+/// name it in embedding_modules by hand.
+std::set<std::string> embedding_modules(const torch::jit::Module& module);
 
 }  // namespace gradlora

@@ -81,6 +81,10 @@ class Projector {
   /// init_std, writeback, on_resample and every option of the method (not the
   /// learning rate or the weight decay, which may change between runs).
   virtual std::string settings() const;
+  /// What a checkpoint stores and checks: settings(), plus ", fan_in_fan_out
+  /// true" for a weight the method sees transposed (the factors then mean
+  /// the transposed matrix, even where the shapes agree).
+  std::string checkpoint_settings() const;
 
   /// Checkpointing: save() writes tensors() and counters; check() lists what
   /// in `in` does not fit (missing keys, shapes); load() restores after a
@@ -92,15 +96,24 @@ class Projector {
   /// Steps this parameter has taken (skipped steps do not count).
   int64_t steps() const { return steps_; }
   const ProjectorContext& context() const { return ctx_; }
+  /// n and m of the n×m matrix the method sees (out×in under fan_in_fan_out).
   int64_t rows() const { return n_; }
   int64_t cols() const { return m_; }
+  /// Whether the method sees the stored weight transposed (Target::fan_in_fan_out).
+  bool transposed() const { return transposed_; }
 
  protected:
-  /// The parameter as an n×m matrix (a view when it is contiguous).
+  /// The parameter as the n×m matrix the method sees: a view of it (with
+  /// fan_in_fan_out the transposed view of the stored (in, out) tensor, so a
+  /// write-back goes into the stored tensor in place).
   torch::Tensor param2d() const;
+  /// A tensor of the parameter's stored shape (its gradient, a saved P0) as
+  /// that n×m matrix, a view where its strides allow.
+  torch::Tensor as2d(const torch::Tensor& x) const;
   ProjectorContext ctx_;
   int64_t n_ = 0, m_ = 0;
   int64_t steps_ = 0;
+  bool transposed_ = false;
 };
 
 /// Builds the projector of ctx.target.method from the registry (<gradlora/method.h>);

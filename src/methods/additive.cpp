@@ -22,7 +22,7 @@ class AdditiveProjector final : public FactorProjector {
   void project(const torch::Tensor& G) override {
     const int64_t r = ctx_.target.rank;
     torch::Tensor gA, gB;
-    for_each_row_panel(G.reshape({n_, m_}), A_.scalar_type(), r, [&](int64_t row0, const torch::Tensor& panel) {
+    for_each_row_panel(as2d(G), A_.scalar_type(), r, [&](int64_t row0, const torch::Tensor& panel) {
       auto [pA, pB] = additive_factor_grads(panel, r);  // panels start at multiples of r
       if (!gA.defined()) {
         if (panel.size(0) == n_) {
@@ -51,7 +51,7 @@ class AdditiveProjector final : public FactorProjector {
     torch::Tensor P2 = param2d();
     if (exact_) {
       // P = P0 + s·(A·J + J'·B), computed in the factors' dtype and rounded once into P's.
-      const torch::Tensor P0 = P0_.view({n_, m_});
+      const torch::Tensor P0 = as2d(P0_);
       if (P2.scalar_type() == A_.scalar_type()) {
         P2.copy_(P0);
         additive_write_back(P2, A_, B_, s_);

@@ -44,7 +44,10 @@ void decay_toward(const InnerRule& inner, const std::vector<std::pair<torch::Ten
 }
 
 WeightTarget::WeightTarget(const torch::Tensor& P2d, bool master) {
-  if (master) master_ = P2d.detach().to(factor_dtype(P2d.scalar_type())).clone();
+  // A row-major n×m copy, also of a transposed view (fan_in_fan_out).
+  if (master) {
+    master_ = torch::empty(P2d.sizes(), P2d.options().dtype(factor_dtype(P2d.scalar_type()))).copy_(P2d.detach());
+  }
 }
 
 void WeightTarget::publish(torch::Tensor& P2d) const {

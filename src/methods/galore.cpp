@@ -44,7 +44,7 @@ class GaloreProjector final : public Projector {
   bool inner_rule_decays() const override { return false; }  // N is held at 0: the decay acts on P
 
   void project(const torch::Tensor& G) override {
-    const torch::Tensor g = G.reshape({n_, m_});
+    const torch::Tensor g = as2d(G);
     torch::Tensor Q = Q_;
     if (steps_ % gap_ == 0) {
       // Fused mode projects each micro-batch as it arrives: all of them must share one Q, so

@@ -42,7 +42,7 @@ class HadamardProjector final : public Projector {
   std::vector<torch::Tensor> inner_params() const override { return {A1_, B1_, A2_, B2_}; }
 
   void project(const torch::Tensor& G) override {
-    auto g = hadamard_factor_grads(G.reshape({n_, m_}), A1_, B1_, A2_, B2_, s_);
+    auto g = hadamard_factor_grads(as2d(G), A1_, B1_, A2_, B2_, s_);
     A1_.mutable_grad() = g[0];
     B1_.mutable_grad() = g[1];
     A2_.mutable_grad() = g[2];

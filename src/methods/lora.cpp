@@ -20,7 +20,7 @@ class LoraProjector final : public FactorProjector {
   }
 
   void project(const torch::Tensor& G) override {
-    auto [gA, gB] = lora_factor_grads(G.reshape({n_, m_}), A_, B_, s_);
+    auto [gA, gB] = lora_factor_grads(as2d(G), A_, B_, s_);
     set_grads(std::move(gA), std::move(gB));
   }
 
@@ -38,7 +38,7 @@ class LoraProjector final : public FactorProjector {
     torch::Tensor P2 = param2d();
     if (exact_) {
       // P = P0 + s·(A·B − A0·B0), rounded once into P's dtype; no n×m temporary.
-      const torch::Tensor P0 = P0_.view({n_, m_});
+      const torch::Tensor P0 = as2d(P0_);
       if (A0_.defined()) {
         lora_write_back(P2, A0_, B0_, A_, B_, s_, P0);  // exactly P0 while A = A0, B = B0
       } else {

@@ -29,7 +29,7 @@ class RandomProjector final : public FactorProjector {
       A = U_;
       B = V_;
     }
-    auto [gA, gB] = lora_factor_grads(G.reshape({n_, m_}), A, B, s_);
+    auto [gA, gB] = lora_factor_grads(as2d(G), A, B, s_);
     set_grads(std::move(gA), std::move(gB));
   }
 

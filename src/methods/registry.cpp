@@ -172,6 +172,12 @@ std::unique_ptr<Projector> make_projector(ProjectorContext ctx) {
     throw ConfigError(fmt::format("parameter '{}': method '{}' needs a floating-point parameter, got dtype {}",
                                   ctx.name, method, c10::toString(P.scalar_type())));
   }
+  if (t.fan_in_fan_out && P.dim() != 2) {
+    throw ConfigError(fmt::format(
+        "config key 'fan_in_fan_out': parameter '{}' has {} dimension(s) (shape [{}]); fan_in_fan_out: true needs a "
+        "2-D weight stored (in, out), got true",
+        ctx.name, P.dim(), fmt::join(P.sizes(), ", ")));
+  }
   if (info.low_rank) {
     if (P.dim() < 2) {
       throw ConfigError(fmt::format(
@@ -182,7 +188,8 @@ std::unique_ptr<Projector> make_projector(ProjectorContext ctx) {
     if (!P.is_contiguous()) {
       throw ConfigError(fmt::format("parameter '{}': method '{}' needs a contiguous parameter", ctx.name, method));
     }
-    const int64_t n = P.size(0), m = P.numel() / n;
+    const int64_t rows = P.size(0), cols = P.numel() / rows;  // the n×m view: transposed under fan_in_fan_out
+    const int64_t n = t.fan_in_fan_out ? cols : rows, m = t.fan_in_fan_out ? rows : cols;
     if (t.rank > std::min(n, m)) {
       throw ConfigError(fmt::format("config key 'rank': parameter '{}' is {}x{}, rank must be <= {}, got {}", ctx.name,
                                     n, m, std::min(n, m), t.rank));

@@ -11,6 +11,8 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <map>
+#include <set>
 
 #include <unistd.h>
 
@@ -259,6 +261,168 @@ TEST(Adapter, LoadsAFixtureFromAnIndependentWriter) {
   EXPECT_TRUE(torch::equal(params["layers.1.proj.bias"], torch::zeros({2})));
 }
 
+// A GPT-2-like model: an embedding table, and a Conv1D whose weight is stored (in, out).
+struct Conv1DImpl : torch::nn::Module {
+  Conv1DImpl(int64_t nx, int64_t nf) : weight(register_parameter("weight", torch::randn({nx, nf}) * 0.2)) {}
+  torch::Tensor forward(const torch::Tensor& x) { return torch::mm(x, weight); }  // x (b, in) → (b, out)
+  torch::Tensor weight;
+};
+TORCH_MODULE(Conv1D);
+
+struct AttnImpl : torch::nn::Module {
+  AttnImpl(int64_t nx, int64_t nf) : c_proj(register_module("c_proj", Conv1D(nx, nf))) {}
+  Conv1D c_proj;
+};
+TORCH_MODULE(Attn);
+
+struct Gpt2LikeImpl : torch::nn::Module {
+  Gpt2LikeImpl(int64_t num, int64_t dim, int64_t nx, int64_t nf)
+      : wte(register_module("wte", torch::nn::Embedding(num, dim))), attn(register_module("attn", Attn(nx, nf))) {}
+  torch::Tensor forward(const torch::Tensor& ids, const torch::Tensor& x) {
+    return wte->forward(ids).pow(2).mean() + attn->c_proj->forward(x).sin().mean();
+  }
+  torch::nn::Embedding wte;
+  Attn attn;
+};
+TORCH_MODULE(Gpt2Like);
+
+Gpt2Like make_gpt2_like(uint64_t seed, int64_t num = 5, int64_t dim = 5, int64_t nx = 4, int64_t nf = 4) {
+  torch::manual_seed(seed);
+  return Gpt2Like(num, dim, nx, nf);
+}
+
+std::map<std::string, torch::Tensor> weights_of(const Gpt2Like& m) {
+  return {{"wte.weight", m->wte->weight.detach().clone()},
+          {"attn.c_proj.weight", m->attn->c_proj->weight.detach().clone()}};
+}
+
+TEST(Adapter, EmbeddingModulesAreFoundByModuleType) {
+  Gpt2Like m = make_gpt2_like(1);
+  EXPECT_EQ(embedding_modules(*m), (std::set<std::string>{"wte"}));
+  EXPECT_TRUE(embedding_modules(*make_net(1)).empty());
+}
+
+// tests/data/adapter_fixture_gpt2 is what PEFT writes for an nn.Embedding and a Conv1D
+// (fan_in_fan_out), both square, so that a transposed factor or change keeps its shape;
+// scripts/gen_safetensors_fixture.py computed their weight changes with PEFT's formulas.
+// The optimizer is given the fixture's factors (by the mapping of docs/adapters.md) and
+// writes them back; then (1) its weight change must be the fixture's, and (2) the
+// adapter it exports must be the fixture, tensor for tensor.
+TEST(Adapter, EmbeddingAndConv1DExportMatchesAPeftFixture) {
+  const std::string fixture = (kData / "adapter_fixture_gpt2").string();
+  const SafetensorsFile peft = read_safetensors(fixture + "/adapter_model.safetensors");
+  const json peft_cfg = json::parse(read_bytes(fixture + "/adapter_config.json"));
+  const SafetensorsFile expected =
+      read_safetensors((kData / "safetensors" / "adapter_fixture_gpt2_expected.safetensors").string());
+  const std::string p = "base_model.model.";
+  auto peft_tensor = [&](const std::string& key) { return peft.tensors.at(p + key); };
+
+  Gpt2Like model = make_gpt2_like(2);
+  const auto W0 = weights_of(model);
+  // lr 0: the step leaves the factors as set, and the exact write-back makes P = P0 + s·A·B.
+  LowRankOptimizer opt(model->named_parameters(),
+                       quiet("optimizer: {type: sgd, lr: 0}\ntargets:\n"
+                             "  - {match: wte.weight, method: lora, rank: 2, alpha: 4, writeback: exact}\n"
+                             "  - {match: attn.c_proj.weight, method: lora, rank: 2, alpha: 3, writeback: exact,"
+                             " fan_in_fan_out: true}\n"));
+  {
+    torch::NoGradGuard guard;
+    auto [Ae, Be] = opt.projector("wte.weight").factors();  // A num×r, B r×dim
+    Ae.copy_(peft_tensor("wte.lora_embedding_A").t());
+    Be.copy_(peft_tensor("wte.lora_embedding_B").t());
+    auto [Ac, Bc] = opt.projector("attn.c_proj.weight").factors();  // the out×in view: A out×r, B r×in
+    Ac.copy_(peft_tensor("attn.c_proj.lora_B.weight"));
+    Bc.copy_(peft_tensor("attn.c_proj.lora_A.weight"));
+  }
+  for (auto& param : model->parameters()) param.mutable_grad() = torch::zeros_like(param);
+  opt.step();
+  const auto W1 = weights_of(model);
+  for (const auto& [name, delta] : expected.tensors) {
+    EXPECT_LE((W1.at(name).to(torch::kDouble) - W0.at(name).to(torch::kDouble) - delta).abs().max().item<double>(),
+              1e-6)
+        << name << ": the optimizer's weight change is not PEFT's for the fixture's factors";
+  }
+
+  const std::string dir = temp_dir("adapter");
+  AdapterOptions options;
+  options.embedding_modules = embedding_modules(*model);
+  export_adapter(opt, dir, options);
+  const SafetensorsFile ours = read_safetensors(dir + "/adapter_model.safetensors");
+  EXPECT_EQ(ours.tensors.size(), peft.tensors.size());
+  for (const auto& [key, t] : peft.tensors) {
+    auto it = ours.tensors.find(key);
+    if (it == ours.tensors.end()) {
+      ADD_FAILURE() << "the export has no key '" << key << "'";
+      continue;
+    }
+    ASSERT_EQ(it->second.sizes(), t.sizes()) << key;
+    EXPECT_TRUE(torch::equal(it->second, t))
+        << key << ": max |exported - fixture| = " << (it->second - t).abs().max().item<double>() << "\nexported\n"
+        << it->second << "\nfixture\n"
+        << t;
+  }
+  const json cfg = json::parse(read_bytes(dir + "/adapter_config.json"));
+  for (const char* key : {"peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "fan_in_fan_out"}) {
+    EXPECT_EQ(cfg[key], peft_cfg[key]) << key;
+  }
+
+  // Import honours the same layouts: the fixture applied to W0 gives W0 + its changes, and so
+  // does the export.
+  for (const std::string& folder : {fixture, dir}) {
+    SCOPED_TRACE(folder);
+    torch::OrderedDict<std::string, torch::Tensor> base;
+    for (const auto& [name, w] : W0) base.insert(name, w.clone());
+    load_adapter(base, folder);
+    for (const auto& [name, delta] : expected.tensors) {
+      EXPECT_LE((base[name].to(torch::kDouble) - W0.at(name).to(torch::kDouble) - delta).abs().max().item<double>(),
+                1e-6)
+          << name;
+    }
+  }
+  fs::remove_all(dir);
+}
+
+// Trained, not set by hand: non-square shapes, symmetric init (rank 2r), both layouts.
+TEST(Adapter, EmbeddingAndConv1DRoundTripAfterTraining) {
+  for (const char* init : {"zero", "symmetric"}) {
+    SCOPED_TRACE(init);
+    const std::string dir = temp_dir("adapter");
+    Gpt2Like model = make_gpt2_like(3, /*num=*/9, /*dim=*/4, /*nx=*/6, /*nf=*/5);
+    const auto W0 = weights_of(model);
+    LowRankOptimizer opt(model->named_parameters(),
+                         quiet(fmt::format("optimizer: {{type: adam, lr: 0.05}}\ntargets:\n"
+                                           "  - {{match: wte.weight, method: lora, rank: 2, init: {0}}}\n"
+                                           "  - {{match: attn.c_proj.weight, method: lora, rank: 3, alpha: 6, "
+                                           "init: {0}, fan_in_fan_out: true}}\n",
+                                           init)));
+    torch::manual_seed(4);
+    for (int i = 0; i < 10; ++i) {
+      opt.zero_grad();
+      model->forward(torch::randint(0, 9, {7}), torch::randn({3, 6})).backward();
+      opt.step();
+    }
+    AdapterOptions options;
+    options.embedding_modules = embedding_modules(*model);
+    const AdapterExport info = export_adapter(opt, dir, options);
+    const int64_t k = std::string(init) == "symmetric" ? 2 : 1;
+    const SafetensorsFile st = read_safetensors(dir + "/adapter_model.safetensors");
+    EXPECT_EQ(st.tensors.at("base_model.model.wte.lora_embedding_A").sizes(), (std::vector<int64_t>{2 * k, 9}));
+    EXPECT_EQ(st.tensors.at("base_model.model.wte.lora_embedding_B").sizes(), (std::vector<int64_t>{4, 2 * k}));
+    EXPECT_EQ(st.tensors.at("base_model.model.attn.c_proj.lora_A.weight").sizes(), (std::vector<int64_t>{3 * k, 6}));
+    EXPECT_EQ(st.tensors.at("base_model.model.attn.c_proj.lora_B.weight").sizes(), (std::vector<int64_t>{5, 3 * k}));
+    EXPECT_EQ(json::parse(read_bytes(dir + "/adapter_config.json"))["fan_in_fan_out"], true);
+    torch::OrderedDict<std::string, torch::Tensor> base;
+    for (const auto& [name, w] : W0) base.insert(name, w.clone());
+    EXPECT_EQ(load_adapter(base, dir), (std::vector<std::string>{"attn.c_proj.weight", "wte.weight"}));
+    for (const auto& [name, w] : weights_of(model)) {
+      EXPECT_GT((w - W0.at(name)).abs().max().item<double>(), 1e-2) << name << ": training changed little";
+      EXPECT_LE((base[name] - w).abs().max().item<double>(), 1e-6) << name;
+    }
+    (void)info;
+    fs::remove_all(dir);
+  }
+}
+
 TEST(Adapter, BadAdaptersThrowAndChangeNothing) {
   const std::string dir = temp_dir("adapter");
   Net net = make_net(1);
@@ -284,6 +448,14 @@ TEST(Adapter, BadAdaptersThrowAndChangeNothing) {
   write_bytes(dir + "/adapter_config.json", R"({"peft_type": "LORA", "r": 5, "lora_alpha": 6})");
   msg = adapter_error([&] { load_adapter(net->named_parameters(), dir); });
   EXPECT_NE(msg.find("the config says r = 5, lora_A has 3 rows"), std::string::npos) << msg;
+  // fan_in_fan_out: the factors must fit the transposed weight: fc1 is 16×12, so lora_A must be r×16.
+  write_bytes(dir + "/adapter_config.json", R"({"peft_type": "LORA", "r": 3, "lora_alpha": 6, "fan_in_fan_out": true,)"
+                                            R"( "rank_pattern": {"fc2": 2}, "alpha_pattern": {"fc2": 1}})");
+  msg = adapter_error([&] { load_adapter(net->named_parameters(), dir); });
+  EXPECT_NE(msg.find("(fan_in_fan_out: ΔW = (B·A)ᵀ)"), std::string::npos) << msg;
+  write_bytes(dir + "/adapter_config.json", R"({"peft_type": "LORA", "r": 3, "lora_alpha": 6, "fan_in_fan_out": 1})");
+  msg = adapter_error([&] { load_adapter(net->named_parameters(), dir); });
+  EXPECT_NE(msg.find("'fan_in_fan_out': expected true or false, got 1"), std::string::npos) << msg;
   write_bytes(dir + "/adapter_config.json", "{ not json");
   msg = adapter_error([&] { load_adapter(net->named_parameters(), dir); });
   EXPECT_NE(msg.find("adapter_config.json"), std::string::npos) << msg;
@@ -307,6 +479,23 @@ TEST(Adapter, ExportRefusesWhatAnAdapterCannotHold) {
     LowRankOptimizer opt(net->named_parameters(), quiet("targets:\n  - match: fc1.weight\n    method: additive\n"));
     const std::string msg = adapter_error([&] { export_adapter(opt, dir); });
     EXPECT_NE(msg.find("no parameter with method lora"), std::string::npos) << msg;
+  }
+  {  // one adapter config holds one fan_in_fan_out
+    Net net = make_net(1);
+    LowRankOptimizer opt(net->named_parameters(),
+                         quiet("targets:\n  - {match: fc1.weight, method: lora, rank: 2, fan_in_fan_out: true}\n"
+                               "  - {match: fc2.weight, method: lora, rank: 2}\n"));
+    const std::string msg = adapter_error([&] { export_adapter(opt, dir); });
+    EXPECT_NE(msg.find("'fc1' has fan_in_fan_out true and module 'fc2' has false"), std::string::npos) << msg;
+  }
+  {  // an embedding module whose weight is not a table
+    ConvNet net;
+    LowRankOptimizer opt(net->named_parameters(), quiet("targets:\n  - {match: conv.weight, method: lora, rank: 2}\n"));
+    AdapterOptions options;
+    options.embedding_modules = {"conv"};
+    const std::string msg = adapter_error([&] { export_adapter(opt, dir, options); });
+    EXPECT_NE(msg.find("module 'conv' is listed in embedding_modules"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("[5, 3, 3, 3]"), std::string::npos) << msg;
   }
   {  // a parameter that is not a module's weight
     torch::OrderedDict<std::string, torch::Tensor> p;

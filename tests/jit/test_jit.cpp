@@ -12,6 +12,7 @@
 #include <map>
 #include <memory>
 #include <ostream>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -584,6 +585,30 @@ TEST(JitRequiresGrad, FollowsTheSelection) {
   EXPECT_THROW(gradlora::set_requires_grad(m, other), std::invalid_argument);
   EXPECT_FALSE(params["fc2.weight"].requires_grad());
   EXPECT_TRUE(params["fc1.weight"].requires_grad());
+}
+
+// ------------------------------------------------------------ embedding modules
+
+// A scripted nn.Embedding has the qualified type name __torch__.torch.nn.modules.sparse.Embedding;
+// a second one of that name is mangled (…sparse.___torch_mangle_N.Embedding).
+torch::jit::Module scripted_embedding(const std::shared_ptr<torch::jit::CompilationUnit>& cu, int64_t num,
+                                      int64_t dim) {
+  torch::jit::Module m(c10::QualifiedName("__torch__.torch.nn.modules.sparse.Embedding"), cu, /*shouldMangle=*/true);
+  m.register_parameter("weight", torch::randn({num, dim}), /*is_buffer=*/false);
+  return m;
+}
+
+TEST(JitEmbeddingModules, FoundByQualifiedTypeName) {
+  auto cu = std::make_shared<torch::jit::CompilationUnit>();
+  torch::jit::Module model("Model", cu, /*shouldMangle=*/true);
+  torch::jit::Module block("Block", cu, /*shouldMangle=*/true);
+  block.register_module("wpe", scripted_embedding(cu, 8, 3));
+  block.register_module("proj", scripted_linear(cu, torch::randn({3, 3}), torch::randn({3})));
+  model.register_module("wte", scripted_embedding(cu, 10, 3));
+  model.register_module("block", block);
+  const std::string mangled = model.attr("wte").toModule().type()->name()->qualifiedName();  // the second made
+  EXPECT_NE(mangled.find("___torch_mangle_"), std::string::npos) << mangled << ": the test wants a mangled name";
+  EXPECT_EQ(gradlora::embedding_modules(model), (std::set<std::string>{"block.wpe", "wte"}));
 }
 
 }  // namespace
