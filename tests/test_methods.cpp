@@ -111,13 +111,99 @@ TEST(Random, DrawsAreReproducibleAndIndependent) {
   EXPECT_FALSE(torch::equal(a, seeded_normal({64, 4}, 1.0, derive_seed(2, "fc1.weight", 0), o)));
   EXPECT_FALSE(torch::equal(a, seeded_normal({64, 4}, 1.0, derive_seed(1, "fc2.weight", 0), o)));
   EXPECT_FALSE(torch::equal(a, seeded_normal({64, 4}, 1.0, derive_seed(1, "fc1.weight", 1), o)));
-  const int threads = at::get_num_threads();
-  at::set_num_threads(2);
-  const torch::Tensor big = seeded_normal({4096, 8}, 1.0, 99, o);
-  at::set_num_threads(1);
-  const torch::Tensor big1 = seeded_normal({4096, 8}, 1.0, 99, o);
-  at::set_num_threads(threads);
-  EXPECT_TRUE(torch::equal(big, big1));
+  // (The CPU draws run on one thread whatever at::get_num_threads() says, so a
+  // thread-count comparison could not fail; Portability.* checks them across CPU kernels.)
+}
+
+// ---- random: resample_every k > 1 and on_resample: transfer, against the formulas
+
+namespace {
+
+constexpr int64_t kN = 9, kM = 7, kR = 2;
+constexpr double kS = 3.0 / 2;  // alpha 3, rank 2
+
+/// The draw of resample `idx` for parameter "w" (the documented seeding: U from counter
+/// 2·idx, V from 2·idx + 1, σ = unbiased_random_std(s, r)).
+std::pair<torch::Tensor, torch::Tensor> draw_uv(uint64_t seed, int64_t idx) {
+  const auto o = torch::TensorOptions().dtype(torch::kDouble);
+  const double sd = unbiased_random_std(kS, kR);
+  return {seeded_normal({kN, kR}, sd, derive_seed(seed, "w", 2 * idx), o),
+          seeded_normal({kR, kM}, sd, derive_seed(seed, "w", 2 * idx + 1), o)};
+}
+
+struct RandomRun {
+  torch::Tensor P;
+  std::unique_ptr<LowRankOptimizer> opt;
+  RandomRun(const torch::Tensor& P0, const std::string& extra, const std::string& inner) : P(P0.clone()) {
+    torch::OrderedDict<std::string, torch::Tensor> params;
+    params.insert("w", P);
+    opt = std::make_unique<LowRankOptimizer>(
+        params, quiet(fmt::format("seed: 21\noptimizer: {}\n"
+                                  "targets: [{{match: w, method: random, rank: {}, alpha: 3{}}}]",
+                                  inner, kR, extra)));
+  }
+  void step(const torch::Tensor& G) {
+    P.mutable_grad() = G.clone();
+    opt->step();
+  }
+  torch::Tensor moment(int i) const { return opt->state_tensors("w").at(fmt::format("inner.{}.momentum_buffer", i)); }
+};
+
+torch::Tensor grad_at(int64_t t) {
+  auto gen = at::detail::createCPUGenerator(500 + t);
+  return at::randn({kN, kM}, gen, torch::TensorOptions().dtype(torch::kDouble));
+}
+
+}  // namespace
+
+TEST(Random, ResampleEveryKFollowsTheFormulas) {
+  // Plain SGD, k = 3, 8 steps: draws at steps 0, 3, 6 (resample index t/k), the factors
+  // trained in between; every step P += s·(A'B' − AB) with A' = A − lr·s·G·Bᵀ,
+  // B' = B − lr·s·Aᵀ·G. Written here from the formulas; the library is only asked for P.
+  torch::manual_seed(22);
+  const torch::Tensor P0 = torch::randn({kN, kM}, torch::kDouble);
+  const double lr = 0.05;
+  RandomRun run(P0, ", resample_every: 3", fmt::format("{{type: sgd, lr: {}}}", lr));
+  torch::Tensor P = P0.clone(), A, B;
+  for (int64_t t = 0; t < 8; ++t) {
+    if (t % 3 == 0) std::tie(A, B) = draw_uv(21, t / 3);
+    const torch::Tensor G = grad_at(t);
+    const torch::Tensor A1 = A - lr * kS * G.mm(B.t()), B1 = B - lr * kS * A.t().mm(G);
+    P = P + kS * (A1.mm(B1) - A.mm(B));
+    A = A1;
+    B = B1;
+    run.step(G);
+    EXPECT_LT(max_abs_diff(run.P, P), 1e-12) << "step " << t;
+    EXPECT_LT(max_abs_diff(run.opt->factors("w").first, A), 1e-12) << "step " << t;
+  }
+}
+
+TEST(Random, TransferReexpressesTheMomentsInTheNewProjection) {
+  // SGD with momentum μ, k = 2, on_resample: transfer. At the resample of step 2, with the
+  // trained factors A_old, B_old and the new draws U, V:
+  //   m_A ← m_A·(B_old·B_oldᵀ)⁻¹·B_old·Vᵀ        m_B ← Uᵀ·A_old·(A_oldᵀ·A_old)⁻¹·m_B
+  // then buf ← μ·buf + g and the factor ← factor − lr·buf (g from the new U, V).
+  torch::manual_seed(23);
+  const torch::Tensor P0 = torch::randn({kN, kM}, torch::kDouble);
+  const double lr = 0.05, mu = 0.9;
+  RandomRun run(P0, ", resample_every: 2, on_resample: transfer",
+                fmt::format("{{type: sgd, lr: {}, momentum: {}}}", lr, mu));
+  run.step(grad_at(0));
+  run.step(grad_at(1));
+  const torch::Tensor A_old = run.opt->factors("w").first.clone(), B_old = run.opt->factors("w").second.clone();
+  const torch::Tensor mA = run.moment(0).clone(), mB = run.moment(1).clone();
+  const torch::Tensor G = grad_at(2);
+  run.step(G);
+  auto [U, V] = draw_uv(21, 1);
+  const torch::Tensor mA_t = mA.mm(torch::inverse(B_old.mm(B_old.t()))).mm(B_old).mm(V.t());
+  const torch::Tensor mB_t = U.t().mm(A_old).mm(torch::inverse(A_old.t().mm(A_old))).mm(mB);
+  const torch::Tensor bufA = mu * mA_t + kS * G.mm(V.t()), bufB = mu * mB_t + kS * U.t().mm(G);
+  EXPECT_LT(max_abs_diff(run.moment(0), bufA), 1e-10);
+  EXPECT_LT(max_abs_diff(run.moment(1), bufB), 1e-10);
+  EXPECT_LT(max_abs_diff(run.opt->factors("w").first, U - lr * bufA), 1e-10);
+  EXPECT_LT(max_abs_diff(run.opt->factors("w").second, V - lr * bufB), 1e-10);
+  // The transfer changed the moments: `keep` would leave μ·m_A + g.
+  EXPECT_GT(max_abs_diff(bufA, mu * mA + kS * G.mm(V.t())), 1e-3);
 }
 
 namespace {
