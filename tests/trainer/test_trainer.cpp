@@ -141,6 +141,43 @@ TEST(TrainerData, BatchOrderIsAFunctionOfSeedAndStepOnly) {
   EXPECT_TRUE(found);
 }
 
+TEST(TrainerSettings, DuplicateKeysNameTheFileTheKeyAndBothLines) {
+  // yaml-cpp keeps both entries and a lookup takes the first: without the check
+  // each file here would load, silently dropping the second value.
+  const fs::path d = scratch("dup_keys");
+  const std::string tiny = slurp(kTiny);
+  auto expect_dup = [&](const std::string& name, const std::string& text, const std::vector<std::string>& needles) {
+    const fs::path p = d / name;
+    std::ofstream(p) << text;
+    try {
+      load_settings(p.string(), {});
+      ADD_FAILURE() << name << ": expected SettingsError";
+    } catch (const SettingsError& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find(p.string()), std::string::npos) << msg;
+      EXPECT_NE(msg.find("given twice"), std::string::npos) << msg;
+      for (const auto& n : needles) EXPECT_NE(msg.find(n), std::string::npos) << "'" << n << "' not in: " << msg;
+    }
+  };
+  expect_dup("top.yaml", "seed: 0\nseed: 1\n" + tiny.substr(tiny.find("optimizer:")),
+             {"config key 'seed'", "lines 1 and 2"});
+  expect_dup("nested.yaml", "optimizer:\n  lr: 0.1\n  lr: 0.2\n" + tiny.substr(tiny.find("targets:")),
+             {"config key 'optimizer.lr'", "lines 2 and 3"});
+  expect_dup("item.yaml",
+             "targets:\n  - match: a\n  - match: b\n    rank: 2\n    rank: 3\n" + tiny.substr(tiny.find("default:")),
+             {"config key 'targets[1].rank'", "lines 4 and 5"});
+  expect_dup("trainer.yaml", tiny + "training:\n  steps: 5\n", {"config key 'training'"});
+  // A --set value is YAML too.
+  YAML::Node root = YAML::Load("optimizer: {lr: 0.1}\n");
+  try {
+    apply_override(root, "optimizer", "{lr: 1, lr: 2}");
+    ADD_FAILURE() << "expected SettingsError";
+  } catch (const SettingsError& e) {
+    EXPECT_NE(std::string(e.what()).find("config key 'optimizer.lr': given twice"), std::string::npos) << e.what();
+  }
+  fs::remove_all(d);
+}
+
 // ----------------------------------------------------------- end to end
 
 TEST(TrainerEndToEnd, TinyTrainLearnsAndWritesMetricsPlotAndWeights) {
