@@ -262,6 +262,9 @@ void apply_override(YAML::Node& root, const std::string& key, const std::string&
   } catch (const YAML::Exception& e) {
     throw SettingsError(fmt::format("--set '{}={}': the value is not valid YAML ({})", key, value, e.what()));
   }
+  if (const std::string dup = yaml_text::duplicate_key(parsed, key); !dup.empty()) {
+    throw SettingsError(fmt::format("--set '{}={}': {}", key, value, dup));
+  }
   const auto segs = split_key(key);
   // yaml-cpp nodes are handles: walk with reset() so that assignment writes into the tree.
   YAML::Node cur;
@@ -324,6 +327,10 @@ Settings load_settings(const std::string& path, const std::vector<std::pair<std:
     root = YAML::Load(ss.str());
   } catch (const YAML::Exception& e) {
     throw SettingsError(fmt::format("config file '{}': not valid YAML: {}", path, e.what()));
+  }
+  // As written in the file, before --set replaces keys: a lookup would silently take the first of two.
+  if (const std::string dup = yaml_text::duplicate_key(root); !dup.empty()) {
+    throw SettingsError(fmt::format("config file '{}': {}", path, dup));
   }
   if (root.IsNull()) root = YAML::Node(YAML::NodeType::Map);
   if (quick) {

@@ -2,6 +2,7 @@
 #include "trainer.h"
 
 #include "data.h"
+#include "memory.h"
 #include "model.h"
 #include "pretrain_cache.h"
 #include "ranks.h"
@@ -53,6 +54,7 @@ void set_threads(int64_t n) {
 
 std::string inspect_text(const Settings& s, const YAML::Node& tree) {
   Config cfg = optimizer_config(tree);
+  check_memory(s, /*training=*/false);  // before the model exists
   CharTransformer model = make_model(s.model, 0);
   LowRankOptimizer opt(model->named_parameters(), cfg);
   const ModelSettings& m = s.model;
@@ -75,6 +77,9 @@ std::string data_text(const Settings& s) {
 }
 
 RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions& o) {
+  // Before the data, the sampler and the model: sizes that cannot fit are one
+  // clear error naming the key, not an allocation failure somewhere inside.
+  check_memory(s);
   set_threads(s.training.threads);
   const TrainingSettings& t = s.training;
   const uint64_t seed = tree["seed"] ? tree["seed"].as<uint64_t>() : 0;

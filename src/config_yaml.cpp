@@ -146,6 +146,8 @@ Config Config::from_yaml_string(const std::string& text) {
   } catch (const YAML::Exception& e) {
     throw ConfigError(fmt::format("config: not valid YAML: {}", e.what()));
   }
+  // Before anything reads a key: a lookup would silently take the first of two.
+  if (const std::string dup = yaml_text::duplicate_key(root); !dup.empty()) throw ConfigError(dup);
   Config c;
   if (root.IsNull()) {
     c.validate();

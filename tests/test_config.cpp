@@ -157,6 +157,30 @@ TEST(ConfigErrors, FileErrorsNameTheFile) {
   expect_config_error([&] { Config::from_yaml_file(path); }, {path.c_str(), "optimizer.lr", "line 2"});
 }
 
+TEST(ConfigErrors, DuplicateKeysNameTheKeyAndBothLines) {
+  // yaml-cpp keeps both entries and a lookup takes the first: without the check
+  // each of these would load, silently dropping the second value.
+  expect_config_error([] { Config::from_yaml_string("seed: 0\nseed: 1\n"); },
+                      {"config key 'seed'", "given twice", "lines 1 and 2"});
+  expect_config_error([] { Config::from_yaml_string("optimizer:\n  lr: 0.1\n  type: sgd\n  lr: 0.2\n"); },
+                      {"config key 'optimizer.lr'", "given twice", "lines 2 and 4"});
+  expect_config_error(
+      [] {
+        Config::from_yaml_string(
+            "targets:\n  - match: a\n    rank: 2\n  - match: b\n    rank: 4\n    method: lora\n    rank: 8\n");
+      },
+      {"config key 'targets[1].rank'", "given twice", "lines 5 and 7"});
+  // Flow style too, and the file loader names the file.
+  expect_config_error([] { Config::from_yaml_string("targets: [{match: a, match: b}]"); },
+                      {"'targets[0].match'", "given twice", "at line 1, columns 12 and 22"});
+  const std::string path = ::testing::TempDir() + "/dup_config.yaml";
+  std::ofstream(path) << "seed: 3\noptimizer:\n  lr: 0.1\nseed: 4\n";
+  expect_config_error([&] { Config::from_yaml_file(path); }, {path.c_str(), "'seed'", "lines 1 and 4"});
+  // The same key in different mappings is not a duplicate.
+  EXPECT_NO_THROW(
+      Config::from_yaml_string("optimizer: {lr: 0.1}\ntargets: [{match: a, lr: 0.2}, {match: b, lr: 0.3}]"));
+}
+
 // ---- bad input: selection against a model
 
 TEST(SelectionErrors, RankAboveSmallerSide) {

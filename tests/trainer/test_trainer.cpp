@@ -1,8 +1,10 @@
 // The trainer end to end: tiny runs of the real program, resumption to the same
 // weights, the inspect table against a golden file, and bad configs.
 #include "data.h"
+#include "memory.h"
 #include "model.h"
 #include "settings.h"
+#include "trainer.h"
 
 #include <gradlora/checkpoint.h>
 #include <gradlora/gradlora.h>
@@ -139,6 +141,129 @@ TEST(TrainerData, BatchOrderIsAFunctionOfSeedAndStepOnly) {
     found = torch::equal(c.train.slice(0, start, start + window), w);
   }
   EXPECT_TRUE(found);
+}
+
+TEST(TrainerSettings, DuplicateKeysNameTheFileTheKeyAndBothLines) {
+  // yaml-cpp keeps both entries and a lookup takes the first: without the check
+  // each file here would load, silently dropping the second value.
+  const fs::path d = scratch("dup_keys");
+  const std::string tiny = slurp(kTiny);
+  auto expect_dup = [&](const std::string& name, const std::string& text, const std::vector<std::string>& needles) {
+    const fs::path p = d / name;
+    std::ofstream(p) << text;
+    try {
+      load_settings(p.string(), {});
+      ADD_FAILURE() << name << ": expected SettingsError";
+    } catch (const SettingsError& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find(p.string()), std::string::npos) << msg;
+      EXPECT_NE(msg.find("given twice"), std::string::npos) << msg;
+      for (const auto& n : needles) EXPECT_NE(msg.find(n), std::string::npos) << "'" << n << "' not in: " << msg;
+    }
+  };
+  expect_dup("top.yaml", "seed: 0\nseed: 1\n" + tiny.substr(tiny.find("optimizer:")),
+             {"config key 'seed'", "lines 1 and 2"});
+  expect_dup("nested.yaml", "optimizer:\n  lr: 0.1\n  lr: 0.2\n" + tiny.substr(tiny.find("targets:")),
+             {"config key 'optimizer.lr'", "lines 2 and 3"});
+  expect_dup("item.yaml",
+             "targets:\n  - match: a\n  - match: b\n    rank: 2\n    rank: 3\n" + tiny.substr(tiny.find("default:")),
+             {"config key 'targets[1].rank'", "lines 4 and 5"});
+  expect_dup("trainer.yaml", tiny + "training:\n  steps: 5\n", {"config key 'training'"});
+  // A --set value is YAML too.
+  YAML::Node root = YAML::Load("optimizer: {lr: 0.1}\n");
+  try {
+    apply_override(root, "optimizer", "{lr: 1, lr: 2}");
+    ADD_FAILURE() << "expected SettingsError";
+  } catch (const SettingsError& e) {
+    EXPECT_NE(std::string(e.what()).find("config key 'optimizer.lr': given twice"), std::string::npos) << e.what();
+  }
+  fs::remove_all(d);
+}
+
+namespace {
+
+/// The ConfigError message of `fn`, or "" (with a failure) when it does not throw one.
+template <typename Fn>
+std::string config_error(Fn&& fn) {
+  try {
+    fn();
+  } catch (const gradlora::ConfigError& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "expected gradlora::ConfigError";
+  return "";
+}
+
+void expect_in(const std::string& msg, const std::vector<std::string>& needles) {
+  for (const auto& n : needles) EXPECT_NE(msg.find(n), std::string::npos) << "'" << n << "' not in: " << msg;
+}
+
+}  // namespace
+
+TEST(TrainerMemory, EstimateGrowsWithEachSizeAndFairConfigsFit) {
+  const Settings tiny = load_settings(kTiny, {});
+  const MemoryEstimate e = estimate_memory(tiny.model, tiny.training.batch);
+  // The parameter count is the model's own.
+  int64_t numel = 0;
+  for (const auto& p : make_model(tiny.model, 0)->parameters()) numel += p.numel();
+  EXPECT_DOUBLE_EQ(e.parameters, static_cast<double>(numel));
+  EXPECT_DOUBLE_EQ(e.weights, 16.0 * numel);
+  EXPECT_GT(e.activations, 0);
+  // Quadratic in the context once the attention scores dominate, linear in the batch.
+  ModelSettings m = tiny.model;
+  m.context = 1024;
+  const double at_1k = estimate_memory(m, tiny.training.batch).activations;
+  m.context = 4096;
+  EXPECT_GT(estimate_memory(m, tiny.training.batch).activations, 12 * at_1k);
+  EXPECT_GT(estimate_memory(tiny.model, 4 * tiny.training.batch).activations, 3.9 * e.activations);
+  // The tiny config and the defaults fit in 1 GB, and on this machine.
+  EXPECT_NO_THROW(check_memory(tiny, 1e9, "the test allows"));
+  Settings defaults = tiny;
+  defaults.model = ModelSettings{};
+  defaults.training = TrainingSettings{};
+  EXPECT_LT(estimate_memory(defaults.model, defaults.training.batch).total(), 1e9);
+  EXPECT_NO_THROW(check_memory(defaults, 1e9, "the test allows"));
+  EXPECT_NO_THROW(check_memory(tiny));
+  // The same sizes refused when less is available, naming the biggest contributor.
+  Settings wide = tiny;
+  wide.model.d_model = 4096;
+  expect_in(config_error([&] { check_memory(wide, 1e9, "the test allows"); }),
+            {"config key 'model.d_model': 4096", "bytes", "the test allows 1000000000 bytes (1.00 GB) available"});
+  Settings deep = tiny;
+  deep.model.layers = 2000;
+  expect_in(config_error([&] { check_memory(deep, 1e9, "the test allows"); }), {"config key 'model.layers': 2000"});
+}
+
+TEST(TrainerMemory, HugeContextOrBatchFailsFastNamingTheKeyAndTheBytes) {
+  const fs::path d = scratch("memory");
+  const auto t0 = std::chrono::steady_clock::now();
+  {
+    // The case: pos_embed alone, 1e8 positions × 32 widths, would be 12.8 GB.
+    const Settings s = load_settings(kTiny, {{"model.context", "100000000"}});
+    const std::string inspect = config_error([&] { inspect_text(s, s.root); });
+    expect_in(inspect, {"config key 'model.context': 100000000", "rather than its default 128", "GB) available"});
+    RunOptions o;
+    o.out_dir = (d / "context").string();
+    const std::string train = config_error([&] { train_run(s, s.root, o); });
+    expect_in(train, {"config key 'model.context': 100000000", "activations of one batch", "GB) available"});
+    EXPECT_FALSE(fs::exists(o.out_dir)) << "refused before anything was written";
+  }
+  {
+    const Settings s = load_settings(kTiny, {{"training.batch", "1000000000"}});
+    RunOptions o;
+    o.out_dir = (d / "batch").string();
+    expect_in(config_error([&] { train_run(s, s.root, o); }),
+              {"config key 'training.batch': 1000000000", "bytes", "available"});
+  }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_LT(seconds, 5.0) << "the check must come before any allocation of these sizes";
+  // The program: one clean error (exit 2), not LibTorch's "can't allocate memory".
+  const Result r = run("train --config " + kTiny + " --set model.context=100000000 --out " + (d / "o").string(), d);
+  expect_clean_error(r, {"config key 'model.context': 100000000", "bytes", "available"});
+  EXPECT_EQ(r.code, 2);
+  expect_clean_error(run("inspect --config " + kTiny + " --set model.context=100000000", d),
+                     {"config key 'model.context': 100000000", "GB) available"});
+  fs::remove_all(d);
 }
 
 // ----------------------------------------------------------- end to end
