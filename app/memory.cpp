@@ -2,6 +2,7 @@
 // bytes the machine has, before the model, the data or the sampler exist.
 #include "memory.h"
 
+#include "host_memory.h"
 #include "model.h"
 
 #include <gradlora/config.h>
@@ -20,14 +21,6 @@
 namespace gradlora::app {
 
 namespace {
-
-/// A number read from the start of a file (cgroup files), or nullopt ("max", missing).
-std::optional<double> read_number(const char* path) {
-  std::ifstream in(path);
-  double v = 0;
-  if (!(in >> v)) return std::nullopt;
-  return v;
-}
 
 /// One knob of the estimate: its config key, its value, and the estimate with
 /// the knob at its default (how much of the total it is responsible for).
@@ -82,37 +75,6 @@ MemoryEstimate estimate_memory(const ModelSettings& m, int64_t batch, bool train
   e.activations =
       kFloat * (L * per_block + B * T * (3 * d + 2 * h) + 3 * B * T * V + 2 * S) + L * T * T + kInt64 * 2 * B * (T + 1);
   return e;
-}
-
-std::optional<double> available_host_bytes() {
-  std::optional<double> avail;
-  {
-    std::ifstream in("/proc/meminfo");
-    std::string line;
-    while (std::getline(in, line)) {
-      if (line.rfind("MemAvailable:", 0) != 0) continue;
-      std::istringstream ss(line.substr(13));
-      double kb = 0;
-      if (ss >> kb) avail = kb * 1024;
-      break;
-    }
-  }
-  if (!avail) {  // no /proc: free pages (fewer than available: page cache not counted)
-    const long pages = ::sysconf(_SC_AVPHYS_PAGES), page = ::sysconf(_SC_PAGESIZE);
-    if (pages > 0 && page > 0) avail = static_cast<double>(pages) * static_cast<double>(page);
-  }
-  // A container's limit is lower than the machine's memory: cgroup v2, then v1.
-  std::optional<double> limit = read_number("/sys/fs/cgroup/memory.max");
-  std::optional<double> used = read_number("/sys/fs/cgroup/memory.current");
-  if (!limit) {
-    limit = read_number("/sys/fs/cgroup/memory/memory.limit_in_bytes");
-    used = read_number("/sys/fs/cgroup/memory/memory.usage_in_bytes");
-  }
-  if (limit && used && *limit < 1e18) {  // v1 writes "no limit" as a huge number
-    const double left = std::max(0.0, *limit - *used);
-    avail = avail ? std::min(*avail, left) : left;
-  }
-  return avail;
 }
 
 std::string describe_bytes(double b) {
@@ -174,7 +136,7 @@ void check_memory(const Settings& s, bool training) {
     spdlog::debug("memory check skipped on {}: no portable query of a device's free memory", s.training.device);
     return;
   }
-  const std::optional<double> avail = available_host_bytes();
+  const std::optional<double> avail = gradlora::detail::available_host_bytes();
   if (!avail) {
     spdlog::debug("memory check skipped: neither /proc/meminfo nor sysconf says what memory is available");
     return;

@@ -27,11 +27,6 @@ struct MemoryEstimate {
 /// optimizer (inspect): parameters and two copies' worth of state.
 MemoryEstimate estimate_memory(const ModelSettings& m, int64_t batch, bool training = true);
 
-/// Bytes this process can still allocate on the host: MemAvailable of
-/// /proc/meminfo, lowered to the cgroup's limit when there is one; nullopt
-/// when neither can be read.
-std::optional<double> available_host_bytes();
-
 /// Throws gradlora::ConfigError when the estimate exceeds `available`, naming
 /// the key that contributes most (the one whose default would shrink the
 /// estimate the most: model.context, training.batch, model.d_model, ...), its

@@ -96,6 +96,11 @@ int64_t InnerRule::state_tensors_per_element() const {
   return amsgrad_ ? 3 : 2;
 }
 
+int64_t InnerRule::state_tensors_per_element(const InnerConfig& cfg) {
+  if (cfg.type == InnerType::sgd) return cfg.momentum != 0 ? 1 : 0;
+  return cfg.amsgrad ? 3 : 2;
+}
+
 void InnerRule::save(TensorMap& out, const std::string& prefix) const {
   for (size_t i = 0; i < params_.size(); ++i) {
     const std::string p = fmt::format("{}{}_", prefix, i);

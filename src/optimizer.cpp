@@ -1,6 +1,8 @@
 #include <gradlora/maths.h>
+#include <gradlora/method.h>
 #include <gradlora/optimizer.h>
 
+#include "host_memory.h"
 #include "optimizer_entry.h"
 
 #include <fmt/format.h>
@@ -163,15 +165,21 @@ LowRankOptimizer::LowRankOptimizer(const torch::OrderedDict<std::string, torch::
     spdlog::warn("gradlora: {}", msg);
   }
 
-  // Build projectors and inner rules (may throw ConfigError; nothing is registered yet).
-  for (auto& e : entries) {
+  auto target_of = [&](const Entry& e) {
     Target t;
-    if (e->target_index >= 0) {
-      t = config_.targets[e->target_index];
+    if (e.target_index >= 0) {
+      t = config_.targets[e.target_index];
     } else {
       t.match = "(default)";
-      t.method = e->method;
+      t.method = e.method;
     }
+    return t;
+  };
+  check_state_fits(entries, target_of);
+
+  // Build projectors and inner rules (may throw ConfigError; nothing is registered yet).
+  for (auto& e : entries) {
+    const Target t = target_of(*e);
     e->projector = make_projector(ProjectorContext{e->name, e->param, t, config_.seed});
     if (!e->projector) continue;  // frozen
     const double lr = t.lr.value_or(config_.optimizer.lr);
@@ -340,6 +348,43 @@ torch::Tensor LowRankOptimizer::step(LossClosure closure) {
     e.projector->write_back(*e.inner);
   }
   return loss;
+}
+
+void LowRankOptimizer::check_state_fits(const std::vector<std::unique_ptr<Entry>>& entries,
+                                        const std::function<Target(const Entry&)>& target_of) const {
+  // Per target (the last slot: `default`), the host bytes its parameters' state will take:
+  // the projectors' tensors, the factors' gradients and the inner rule's moments.
+  const int64_t per_value = InnerRule::state_tensors_per_element(config_.optimizer) + 1;
+  std::vector<double> bytes(config_.targets.size() + 1, 0.0);
+  std::vector<int64_t> count(bytes.size(), 0);
+  for (const auto& e : entries) {
+    const MethodInfo& info = method_info(e->method);
+    if (!info.footprint || !e->param.device().is_cpu()) continue;  // device memory: not checked here
+    if (info.low_rank && e->param.dim() < 2) continue;             // make_projector refuses it, naming the key
+    const auto [persistent, trainable] =
+        info.footprint(ProjectorContext{e->name, e->param, target_of(*e), config_.seed});
+    const auto esize = static_cast<double>(c10::elementSize(factor_dtype(e->param.scalar_type())));
+    const size_t slot = e->target_index >= 0 ? static_cast<size_t>(e->target_index) : config_.targets.size();
+    bytes[slot] += static_cast<double>(persistent) + static_cast<double>(trainable) * esize * per_value;
+    ++count[slot];
+  }
+  double total = 0;
+  for (double b : bytes) total += b;
+  const std::optional<double> avail = detail::available_host_bytes();
+  if (!avail || total <= *avail) return;
+  const size_t worst = static_cast<size_t>(std::max_element(bytes.begin(), bytes.end()) - bytes.begin());
+  std::string key = "default", what = fmt::format(" ({})", to_string(config_.default_method));
+  if (worst < config_.targets.size()) {
+    const Target& t = config_.targets[worst];
+    const bool low_rank = method_info(t.method).low_rank;
+    key = fmt::format("targets[{}].{}", worst, low_rank ? "rank" : "method");
+    what = low_rank ? fmt::format(" ({} rank {})", to_string(t.method), t.rank)
+                    : fmt::format(" ({})", to_string(t.method));
+  }
+  throw ConfigError(fmt::format(
+      "config key '{}'{}: its {} parameter(s) need an optimizer state of {:.0f} bytes ({}), all targets {:.0f} "
+      "bytes, but this machine has {:.0f} bytes available",
+      key, what, count[worst], bytes[worst], human_bytes(static_cast<int64_t>(bytes[worst])), total, *avail));
 }
 
 void LowRankOptimizer::refuse_unclippable_accumulation() const {

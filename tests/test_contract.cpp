@@ -182,6 +182,53 @@ TEST_P(Contract, CheckpointWithOtherSettingsIsRefusedAndChangesNothing) {
   expect_same(before, state(opt_b));
 }
 
+TEST_P(Contract, FootprintKnownBeforeConstructionIsWhatTheProjectorHolds) {
+  // MethodInfo::footprint (what the memory check adds up before allocating) equals the
+  // built projector's persistent bytes and trainable values, across its variants.
+  const MethodInfo& info = method_info(GetParam());
+  ASSERT_TRUE(info.footprint) << GetParam();
+  for (const char* extra : {"", ", writeback: exact", ", init: symmetric", ", resample_every: 1", ", proj_side: left",
+                            ", fan_in_fan_out: true"}) {
+    const std::string e = extra;
+    if (e.find("resample_every") != std::string::npos && GetParam() != "random") continue;
+    if (e.find("proj_side") != std::string::npos && GetParam() != "galore") continue;
+    if (e.find("init") != std::string::npos && GetParam() != "lora" && GetParam() != "hadamard") continue;
+    if ((e.find("writeback") != std::string::npos || e.find("fan_in") != std::string::npos) && !info.low_rank) continue;
+    for (const auto dtype : {torch::kFloat, torch::kDouble, torch::kBFloat16}) {
+      SCOPED_TRACE(GetParam() + e + " " + c10::toString(dtype));
+      Mlp2 m = make_mlp(dtype);
+      const std::string yaml = fmt::format("targets: [{{match: fc1.weight, method: {}{}{}}}]", GetParam(),
+                                           info.low_rank ? ", rank: 3" : "", e);
+      const Config c = quiet(yaml);
+      LowRankOptimizer opt(m->named_parameters(), c);
+      const auto [bytes, trainable] =
+          info.footprint(ProjectorContext{"fc1.weight", m->fc1->weight, c.targets[0], c.seed});
+      const ParamReport& r = opt.report().params[0];
+      EXPECT_EQ(bytes, r.persistent_bytes);
+      EXPECT_EQ(trainable, r.trainable);
+    }
+  }
+}
+
+TEST(ContractMemory, StateThatDoesNotFitIsRefusedNamingTheTargetAndTheBytes) {
+  Mlp2 m = make_mlp();
+  const std::string yaml =
+      "optimizer: {type: adam, amsgrad: true}\n"
+      "targets: [{match: fc1.weight, method: lora, rank: 12, writeback: exact}, {match: '*.bias', method: full}]";
+  // fc1.weight 16x12: A, B hold 12·28 values, each with its gradient and 3 amsgrad moments,
+  // + P0's 192 floats; the biases' 22 values: a gradient and 3 moments each.
+  const double lora_bytes = (12.0 * 28 * 5 + 192) * 4, bias_bytes = (16 + 6) * 4 * 4;
+  gradlora::detail::set_available_host_memory(lora_bytes + bias_bytes);  // fits exactly
+  EXPECT_NO_THROW(LowRankOptimizer(m->named_parameters(), quiet(yaml)));
+  gradlora::detail::set_available_host_memory(lora_bytes + bias_bytes - 1);
+  expect_config_error(
+      [&] { LowRankOptimizer(m->named_parameters(), quiet(yaml)); },
+      {"'targets[0].rank' (lora rank 12)", "1 parameter(s)", fmt::format("{:.0f} bytes", lora_bytes).c_str(),
+       fmt::format("{:.0f} bytes available", lora_bytes + bias_bytes - 1).c_str()});
+  gradlora::detail::set_available_host_memory(std::nullopt);
+  EXPECT_NO_THROW(LowRankOptimizer(m->named_parameters(), quiet(yaml)));
+}
+
 INSTANTIATE_TEST_SUITE_P(Registered, Contract, ::testing::ValuesIn(trained_methods()),
                          [](const ::testing::TestParamInfo<std::string>& info) { return info.param; });
 

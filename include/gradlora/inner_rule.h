@@ -46,8 +46,10 @@ class InnerRule {
   /// The first moment (exp_avg or momentum_buffer) of params[i], undefined
   /// when there is none yet. Modifying it in place modifies the state.
   torch::Tensor first_moment(size_t i) const;
-  /// Bytes of state per element of the parameters (e.g. 2 floats for Adam).
+  /// State tensors per element of the parameters (e.g. 2 for Adam).
   int64_t state_tensors_per_element() const;
+  /// The same, for a rule of configuration `cfg` (before one exists).
+  static int64_t state_tensors_per_element(const InnerConfig& cfg);
   InnerType type() const { return type_; }
   const std::vector<torch::Tensor>& params() const { return params_; }
 

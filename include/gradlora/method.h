@@ -39,6 +39,12 @@ struct MethodInfo {
   std::string weight_decay_on;
   /// on_resample when the target does not set it.
   OnResample default_on_resample = OnResample::keep;
+  /// What the projector of `ctx` will hold, known before it is built: the bytes of
+  /// its persistent tensors (Projector::persistent_bytes) and the number of values
+  /// its inner rule updates (Projector::trainable). The optimizer checks the sum
+  /// with the inner rule's state against the memory there is before allocating.
+  /// Empty for `frozen`.
+  std::function<std::pair<int64_t, int64_t>(const ProjectorContext&)> footprint;
   /// Builds the projector; empty for `frozen` (nothing is trained).
   std::function<std::unique_ptr<Projector>(ProjectorContext)> make;
   /// Empty when the target can train data-parallel; otherwise why not (a clause:

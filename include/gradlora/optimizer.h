@@ -14,6 +14,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -132,6 +133,9 @@ class LowRankOptimizer : public torch::optim::Optimizer {
   Entry& entry(const std::string& name);
   const Entry& entry(const std::string& name) const;
   void build_report();
+  // Throws ConfigError naming the target whose state would not fit in the host's memory.
+  void check_state_fits(const std::vector<std::unique_ptr<Entry>>& entries,
+                        const std::function<Target(const Entry&)>& target_of) const;
   // max_grad_norm: throws (changing nothing) when fused accumulation makes the norm unknowable.
   void refuse_unclippable_accumulation() const;
   // max_grad_norm: scales every projected gradient of `active` by the clip coefficient.
@@ -145,5 +149,11 @@ class LowRankOptimizer : public torch::optim::Optimizer {
   int64_t skipped_count_ = 0;
   GradientReducer reducer_;
 };
+
+namespace detail {
+/// Test seam: the host memory the optimizer's construction check assumes
+/// (nullopt: what the machine has).
+void set_available_host_memory(std::optional<double> bytes);
+}  // namespace detail
 
 }  // namespace gradlora

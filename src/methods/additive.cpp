@@ -96,6 +96,11 @@ MethodInfo additive() {
   MethodInfo m;
   m.name = "additive";
   m.weight_decay_on = "the factors A, B (both start at 0)";
+  m.footprint = [](const ProjectorContext& ctx) {
+    const ViewSize v = view_size(ctx);
+    const int64_t t = ctx.target.rank * (v.n + v.m);
+    return std::make_pair(t * v.factor_bytes + (use_exact(ctx) ? v.n * v.m * v.param_bytes : 0), t);  // A, B, P0
+  };
   m.make = [](ProjectorContext ctx) { return std::make_unique<AdditiveProjector>(std::move(ctx)); };
   return m;
 }

@@ -26,6 +26,7 @@ MethodInfo full() {
   m.name = "full";
   m.weight_decay_on = "the parameter, by the inner rule (as torch::optim)";
   m.low_rank = false;
+  m.footprint = [](const ProjectorContext& ctx) { return std::make_pair(int64_t{0}, ctx.param.numel()); };
   m.make = [](ProjectorContext ctx) { return std::make_unique<FullProjector>(std::move(ctx)); };
   return m;
 }

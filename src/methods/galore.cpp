@@ -200,6 +200,15 @@ MethodInfo galore() {
        {"auto", "left", "right"}},
   };
   m.default_on_resample = OnResample::keep;  // GaLore's own behaviour
+  m.footprint = [](const ProjectorContext& ctx) {
+    const ViewSize v = view_size(ctx);
+    const std::string side = option_text(ctx.target, "proj_side");
+    const bool left = side == "left" || (side == "auto" && v.n < v.m);
+    const int64_t r = ctx.target.rank;
+    int64_t bytes = r * (left ? v.n : v.m) * v.factor_bytes;  // Q
+    if (use_exact(ctx)) bytes += v.n * v.m * v.factor_bytes;  // master copy
+    return std::make_pair(bytes, r * (left ? v.m : v.n));     // N
+  };
   m.make = [](ProjectorContext ctx) { return std::make_unique<GaloreProjector>(std::move(ctx)); };
   m.data_parallel_refusal = [](const Target&) {
     return std::string(

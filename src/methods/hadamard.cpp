@@ -117,6 +117,14 @@ MethodInfo hadamard() {
   MethodInfo m;
   m.name = "hadamard";
   m.weight_decay_on = "the four factors (init zero); their departure from their start (other inits)";
+  m.footprint = [](const ProjectorContext& ctx) {
+    const ViewSize v = view_size(ctx);
+    const int64_t t = 2 * ctx.target.rank * (v.n + v.m);  // A1, B1, A2, B2
+    int64_t bytes = t * v.factor_bytes;
+    if (ctx.target.init != Init::zero) bytes += t * v.factor_bytes;  // their start
+    if (use_exact(ctx)) bytes += v.n * v.m * v.factor_bytes;         // master copy
+    return std::make_pair(bytes, t);
+  };
   m.make = [](ProjectorContext ctx) { return std::make_unique<HadamardProjector>(std::move(ctx)); };
   return m;
 }

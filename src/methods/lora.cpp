@@ -125,6 +125,14 @@ MethodInfo lora() {
   m.name = "lora";
   m.weight_decay_on = "the factors A, B (init zero, as PEFT); their departure from A0, B0 (init symmetric)";
   m.options = {{"merge_every", int64_t{0}, "steps between merge-and-restart (0 = never)", {}, 0.0}};
+  m.footprint = [](const ProjectorContext& ctx) {
+    const ViewSize v = view_size(ctx);
+    const int64_t t = ctx.target.rank * (v.n + v.m);  // A, B
+    int64_t bytes = t * v.factor_bytes;
+    if (use_exact(ctx)) bytes += v.n * v.m * v.param_bytes;               // P0
+    if (ctx.target.init == Init::symmetric) bytes += t * v.factor_bytes;  // A0, B0
+    return std::make_pair(bytes, t);
+  };
   m.make = [](ProjectorContext ctx) { return std::make_unique<LoraProjector>(std::move(ctx)); };
   return m;
 }

@@ -18,6 +18,15 @@ inline torch::TensorOptions factor_options(const torch::Tensor& P) {
   return torch::TensorOptions().dtype(factor_dtype(P.scalar_type())).device(P.device());
 }
 
+/// The n×m view a projector of `ctx` will take (as the Projector constructor computes
+/// it) and the element sizes of its factors and of the parameter: for footprints.
+struct ViewSize {
+  int64_t n = 0, m = 0;
+  int64_t factor_bytes = 4;  ///< bytes per factor value (fp32, fp64 for double weights)
+  int64_t param_bytes = 4;   ///< bytes per value of the parameter
+};
+ViewSize view_size(const ProjectorContext& ctx);
+
 /// `writeback: auto` means exact for bf16/fp16 weights, incremental otherwise.
 bool use_exact(const ProjectorContext& ctx);
 

@@ -196,6 +196,13 @@ MethodInfo random() {
   m.weight_decay_on = "the weight P (adamw decoupled, sgd/adam as the L2 gradient wd·P, projected)";
   m.options = {{"resample_every", int64_t{1}, "steps between draws (0 = draw once)", {}, 0.0}};
   m.default_on_resample = OnResample::reset;  // measured best with AdamW (docs/methods.md)
+  m.footprint = [](const ProjectorContext& ctx) {
+    const ViewSize v = view_size(ctx);
+    const int64_t t = ctx.target.rank * (v.n + v.m);
+    int64_t bytes = option_int(ctx.target, "resample_every") != 1 ? t * v.factor_bytes : 0;  // stored U, V
+    if (use_exact(ctx)) bytes += v.n * v.m * v.factor_bytes;                                 // master copy
+    return std::make_pair(bytes, t);
+  };
   m.make = [](ProjectorContext ctx) { return std::make_unique<RandomProjector>(std::move(ctx)); };
   return m;
 }
