@@ -7,15 +7,22 @@
 #include <fmt/ranges.h>
 #include <torch/torch.h>
 
+#include <tuple>
+
 namespace gradlora {
 
 Projector::Projector(ProjectorContext ctx) : ctx_(std::move(ctx)) {
-  const auto& P = ctx_.param;
-  n_ = P.dim() == 0 ? 1 : P.size(0);
-  m_ = P.dim() == 0 ? 1 : (n_ == 0 ? 0 : P.numel() / n_);
   // make_projector refuses fan_in_fan_out on anything but a 2-D weight.
-  transposed_ = ctx_.target.fan_in_fan_out && P.dim() == 2;
-  if (transposed_) std::swap(n_, m_);
+  transposed_ = ctx_.target.fan_in_fan_out && ctx_.param.dim() == 2;
+  std::tie(n_, m_) = view_shape(ctx_);
+}
+
+std::pair<int64_t, int64_t> Projector::view_shape(const ProjectorContext& ctx) {
+  const auto& P = ctx.param;
+  const int64_t n = P.dim() == 0 ? 1 : P.size(0);
+  const int64_t m = P.dim() == 0 ? 1 : (n == 0 ? 0 : P.numel() / n);
+  if (ctx.target.fan_in_fan_out && P.dim() == 2) return {m, n};
+  return {n, m};
 }
 
 torch::Tensor Projector::param2d() const { return transposed_ ? ctx_.param.t() : ctx_.param.view({n_, m_}); }

@@ -96,6 +96,9 @@ class Projector {
   /// Steps this parameter has taken (skipped steps do not count).
   int64_t steps() const { return steps_; }
   const ProjectorContext& context() const { return ctx_; }
+  /// The n×m view a projector of `ctx` takes, known before it is built (the
+  /// parameter's first dimension by the rest; swapped under fan_in_fan_out).
+  static std::pair<int64_t, int64_t> view_shape(const ProjectorContext& ctx);
   /// n and m of the n×m matrix the method sees (out×in under fan_in_fan_out).
   int64_t rows() const { return n_; }
   int64_t cols() const { return m_; }

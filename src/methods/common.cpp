@@ -3,6 +3,8 @@
 
 #include <torch/torch.h>
 
+#include <tuple>
+
 namespace gradlora::methods {
 
 bool use_exact(const ProjectorContext& ctx) {
@@ -19,9 +21,7 @@ bool use_exact(const ProjectorContext& ctx) {
 ViewSize view_size(const ProjectorContext& ctx) {
   const torch::Tensor& P = ctx.param;
   ViewSize v;
-  v.n = P.dim() == 0 ? 1 : P.size(0);
-  v.m = P.dim() == 0 ? 1 : (v.n == 0 ? 0 : P.numel() / v.n);
-  if (ctx.target.fan_in_fan_out && P.dim() == 2) std::swap(v.n, v.m);
+  std::tie(v.n, v.m) = Projector::view_shape(ctx);
   v.factor_bytes = static_cast<int64_t>(c10::elementSize(factor_dtype(P.scalar_type())));
   v.param_bytes = static_cast<int64_t>(P.element_size());
   return v;

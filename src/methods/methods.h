@@ -18,8 +18,8 @@ inline torch::TensorOptions factor_options(const torch::Tensor& P) {
   return torch::TensorOptions().dtype(factor_dtype(P.scalar_type())).device(P.device());
 }
 
-/// The n×m view a projector of `ctx` will take (as the Projector constructor computes
-/// it) and the element sizes of its factors and of the parameter: for footprints.
+/// The n×m view a projector of `ctx` will take (Projector::view_shape) and the element sizes of its factors and of the
+/// parameter: for footprints.
 struct ViewSize {
   int64_t n = 0, m = 0;
   int64_t factor_bytes = 4;  ///< bytes per factor value (fp32, fp64 for double weights)
