@@ -1,5 +1,7 @@
 #include <gradlora/maths.h>
 
+#include "cpu_kernels.h"
+
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -16,7 +18,31 @@ int64_t panel_rows(int64_t m, torch::ScalarType dtype) {
   return std::max<int64_t>(1, kPanelBytes / std::max<int64_t>(m * esize, 1));
 }
 
+// The CPU kernels serve float32 CPU matrices whose rows are contiguous (and factors that
+// are contiguous), when this CPU has them.
+bool rows_ok(const torch::Tensor& t) {
+  return t.defined() && t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.dim() == 2 && t.size(0) > 0 &&
+         t.size(1) > 0 && t.stride(1) == 1 && t.stride(0) >= t.size(1);
+}
+
+bool factor_ok(const torch::Tensor& t) { return rows_ok(t) && t.is_contiguous(); }
+
+bool kernels_serve(std::initializer_list<const torch::Tensor*> matrices,
+                   std::initializer_list<const torch::Tensor*> factors) {
+  if (!cpu::kernels_available()) return false;
+  for (const torch::Tensor* t : matrices) {
+    if (!rows_ok(*t)) return false;
+  }
+  for (const torch::Tensor* t : factors) {
+    if (!factor_ok(*t)) return false;
+  }
+  return true;
+}
+
 }  // namespace
+
+void set_cpu_kernels_enabled(bool enabled) { cpu::set_kernels_enabled(enabled); }
+bool cpu_kernels_active() { return cpu::kernels_available(); }
 
 void for_each_row_panel(const torch::Tensor& G, torch::ScalarType dtype, int64_t row_multiple,
                         const std::function<void(int64_t, const torch::Tensor&)>& fn, bool always_copy) {
@@ -39,6 +65,14 @@ void for_each_row_panel(const torch::Tensor& G, torch::ScalarType dtype, int64_t
 void add_product(torch::Tensor& P2d, const torch::Tensor& L, const torch::Tensor& R, double s,
                  const torch::Tensor& base) {
   const torch::Tensor b = base.defined() ? base : P2d;
+  if (L.size(1) > 0) {
+    const torch::Tensor Rc = R.is_contiguous() ? R : R.contiguous();  // Qᵀ of a right projector: r×m, small
+    if (kernels_serve({&P2d, &b}, {&L, &Rc})) {
+      cpu::add_lowrank(P2d.data_ptr<float>(), P2d.stride(0), b.data_ptr<float>(), b.stride(0), P2d.size(0), P2d.size(1),
+                       {{L.data_ptr<float>(), Rc.data_ptr<float>(), L.size(1)}}, static_cast<float>(s));
+      return;
+    }
+  }
   if (P2d.scalar_type() == L.scalar_type() && b.scalar_type() == L.scalar_type()) {
     if (base.defined()) {
       at::addmm_out(P2d, base, L, R, /*beta=*/1.0, /*alpha=*/s);
@@ -60,6 +94,14 @@ void add_product(torch::Tensor& P2d, const torch::Tensor& L, const torch::Tensor
 std::pair<torch::Tensor, torch::Tensor> lora_factor_grads(const torch::Tensor& G, const torch::Tensor& A,
                                                           const torch::Tensor& B, double s) {
   torch::Tensor gA, gB;
+  if (A.size(1) > 0 && kernels_serve({&G}, {&A, &B})) {
+    // One pass over G for both products.
+    gA = torch::empty({G.size(0), A.size(1)}, A.options());
+    gB = torch::empty({A.size(1), G.size(1)}, A.options());
+    cpu::project(G.data_ptr<float>(), G.stride(0), G.size(0), G.size(1), A.data_ptr<float>(), B.data_ptr<float>(),
+                 A.size(1), static_cast<float>(s), gA.data_ptr<float>(), gB.data_ptr<float>());
+    return {gA, gB};
+  }
   if (G.scalar_type() == A.scalar_type()) {
     gA = torch::mm(G, B.t());
     gB = torch::mm(A.t(), G);
@@ -82,6 +124,16 @@ std::pair<torch::Tensor, torch::Tensor> lora_factor_grads(const torch::Tensor& G
 void lora_write_back(torch::Tensor& P2d, const torch::Tensor& A0, const torch::Tensor& B0, const torch::Tensor& A1,
                      const torch::Tensor& B1, double s, const torch::Tensor& base) {
   // A1·B1 − A0·B0 = (A1 − A0)·B1 + A0·(B1 − B0) = [ΔA, A0]·[B1; ΔB]: one rank-2r product.
+  const torch::Tensor b = base.defined() ? base : P2d;
+  if (A1.size(1) > 0 && kernels_serve({&P2d, &b}, {&A0, &B0, &A1, &B1})) {
+    // The two terms in one pass over P, without concatenating them.
+    const torch::Tensor dA = A1 - A0, dB = B1 - B0;
+    const int64_t r = A1.size(1);
+    cpu::add_lowrank(P2d.data_ptr<float>(), P2d.stride(0), b.data_ptr<float>(), b.stride(0), P2d.size(0), P2d.size(1),
+                     {{dA.data_ptr<float>(), B1.data_ptr<float>(), r}, {A0.data_ptr<float>(), dB.data_ptr<float>(), r}},
+                     static_cast<float>(s));
+    return;
+  }
   torch::Tensor left = torch::cat({A1 - A0, A0}, 1);
   torch::Tensor right = torch::cat({B1, B1 - B0}, 0);
   add_product(P2d, left, right, s, base);
@@ -130,6 +182,20 @@ torch::Tensor additive_expand(const torch::Tensor& A, const torch::Tensor& B, in
 }
 
 torch::Tensor galore_project(const torch::Tensor& Q, const torch::Tensor& G, bool left) {
+  if (Q.size(1) > 0 && kernels_serve({&G}, {&Q})) {
+    const int64_t n = G.size(0), m = G.size(1), r = Q.size(1);
+    if (left) {  // Qᵀ·G: the Aᵀ·G product with A = Q
+      torch::Tensor out = torch::empty({r, m}, Q.options());
+      cpu::project(G.data_ptr<float>(), G.stride(0), n, m, Q.data_ptr<float>(), nullptr, r, 1.0f, nullptr,
+                   out.data_ptr<float>());
+      return out;
+    }
+    const torch::Tensor Qt = Q.t().contiguous();  // G·Q: the G·Bᵀ product with B = Qᵀ (r×m)
+    torch::Tensor out = torch::empty({n, r}, Q.options());
+    cpu::project(G.data_ptr<float>(), G.stride(0), n, m, nullptr, Qt.data_ptr<float>(), r, 1.0f, out.data_ptr<float>(),
+                 nullptr);
+    return out;
+  }
   if (G.scalar_type() == Q.scalar_type()) return left ? torch::mm(Q.t(), G) : torch::mm(G, Q);
   const int64_t n = G.size(0), m = G.size(1), r = Q.size(1);
   torch::Tensor out = left ? torch::zeros({r, m}, Q.options()) : torch::empty({n, r}, Q.options());

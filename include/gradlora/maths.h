@@ -85,6 +85,14 @@ torch::Tensor seeded_normal(at::IntArrayRef shape, double std, uint64_t seed, co
 /// with fan_in = shape[1], drawn like seeded_normal.
 torch::Tensor seeded_kaiming_uniform(at::IntArrayRef shape, uint64_t seed, const torch::TensorOptions& options);
 
+/// On x86-64 CPUs with AVX-512F, the projections and write-backs above take gradlora's own
+/// kernels for float32 matrices with contiguous rows (one pass over G for both factor
+/// gradients, one pass over P for a write-back), and library calls otherwise. Turning the
+/// kernels off makes every call take the library path (for comparisons); `cpu_kernels_active`
+/// says whether they run.
+void set_cpu_kernels_enabled(bool enabled);
+bool cpu_kernels_active();
+
 /// The dtype factors are kept in: float64 for double weights, float32 otherwise.
 torch::ScalarType factor_dtype(torch::ScalarType param_dtype);
 

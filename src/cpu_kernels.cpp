@@ -1,0 +1,284 @@
+#include "cpu_kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <stdexcept>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define GRADLORA_KERNELS 1
+#define GRADLORA_TARGET __attribute__((target("avx512f")))
+#endif
+
+namespace gradlora::cpu {
+
+namespace {
+
+std::atomic<bool> g_enabled{true};
+
+// Rows are split into at most kChunks chunks (of at least kMinChunkRows rows): the partial
+// sums of Aᵀ·G are per chunk and added in chunk order, so the result does not depend on
+// how many threads ran the chunks.
+constexpr int64_t kChunks = 8;
+constexpr int64_t kMinChunkRows = 64;
+constexpr int64_t kPanelRows = 16;  // rows whose Σ_j G·B partials stay in registers' reach
+constexpr int64_t kLanes = 16;
+
+int64_t chunk_rows(int64_t n) {
+  const int64_t chunks = std::clamp<int64_t>(n / kMinChunkRows, 1, kChunks);
+  return (n + chunks - 1) / chunks;
+}
+
+// Columns per block, so that the block's rows of B and of the Aᵀ·G partial (2·r·w floats)
+// stay in a 32 KiB share of the L1 cache while the rows of G stream past.
+int64_t block_cols(int64_t q, int64_t arrays) {
+  const int64_t w = (32 * 1024 / 4) / std::max<int64_t>(q * arrays, 1);
+  return std::max<int64_t>(64, w / kLanes * kLanes);
+}
+
+// Sum of 16 lanes in a fixed order.
+float lane_sum(const float* v) {
+  float h[8];
+  for (int l = 0; l < 8; ++l) h[l] = v[l] + v[l + 8];
+  for (int l = 0; l < 4; ++l) h[l] += h[l + 4];
+  return (h[0] + h[2]) + (h[1] + h[3]);
+}
+
+#ifdef GRADLORA_KERNELS
+
+GRADLORA_TARGET inline __mmask16 tail_mask(int64_t left) {
+  return left >= kLanes ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
+// Rows i..i+R−1 of G (g, stride ldg), factor columns k..k+KG−1, columns [j0, j1):
+//   acc[ii][kk] (16 lane partials in vacc, row stride vstride) += G[i+ii, j]·B[k+kk, j]
+//   gb[kk][j] += A[i+ii, k+kk]·G[i+ii, j]
+template <int R, int KG, bool WA, bool WB>
+GRADLORA_TARGET void project_micro(const float* g, int64_t ldg, const float* a, int64_t lda, const float* b,
+                                   float* gb, int64_t m, int64_t j0, int64_t j1, float* vacc, int64_t vstride) {
+  __m512 acc[R][KG];
+  __m512 av[R][KG];
+  for (int ii = 0; ii < R; ++ii) {
+    for (int kk = 0; kk < KG; ++kk) {
+      if (WA) acc[ii][kk] = _mm512_loadu_ps(vacc + ii * vstride + kk * kLanes);
+      if (WB) av[ii][kk] = _mm512_set1_ps(a[ii * lda + kk]);
+    }
+  }
+  for (int64_t j = j0; j < j1; j += kLanes) {
+    const __mmask16 mask = tail_mask(j1 - j);
+    __m512 gv[R];
+    for (int ii = 0; ii < R; ++ii) gv[ii] = _mm512_maskz_loadu_ps(mask, g + ii * ldg + j);
+    for (int kk = 0; kk < KG; ++kk) {
+      if (WA) {
+        const __m512 bv = _mm512_maskz_loadu_ps(mask, b + kk * m + j);
+        for (int ii = 0; ii < R; ++ii) acc[ii][kk] = _mm512_fmadd_ps(gv[ii], bv, acc[ii][kk]);
+      }
+      if (WB) {
+        __m512 x = _mm512_maskz_loadu_ps(mask, gb + kk * m + j);
+        for (int ii = 0; ii < R; ++ii) x = _mm512_fmadd_ps(av[ii][kk], gv[ii], x);
+        _mm512_mask_storeu_ps(gb + kk * m + j, mask, x);
+      }
+    }
+  }
+  if (WA) {
+    for (int ii = 0; ii < R; ++ii) {
+      for (int kk = 0; kk < KG; ++kk) _mm512_storeu_ps(vacc + ii * vstride + kk * kLanes, acc[ii][kk]);
+    }
+  }
+}
+
+using ProjectFn = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t, int64_t,
+                           int64_t, float*, int64_t);
+
+template <bool WA, bool WB>
+ProjectFn project_kernel(int rows, int kg) {
+  static const ProjectFn table[2][4] = {
+      {project_micro<1, 1, WA, WB>, project_micro<1, 2, WA, WB>, project_micro<1, 3, WA, WB>,
+       project_micro<1, 4, WA, WB>},
+      {project_micro<2, 1, WA, WB>, project_micro<2, 2, WA, WB>, project_micro<2, 3, WA, WB>,
+       project_micro<2, 4, WA, WB>}};
+  return table[rows - 1][kg - 1];
+}
+
+// Rows [c0, c1) of the projection: gA rows (scaled by s) and this chunk's Aᵀ·G partial gbp.
+template <bool WA, bool WB>
+void project_chunk(const float* G, int64_t ldg, int64_t c0, int64_t c1, int64_t m, const float* A, const float* B,
+                   int64_t r, float s, float* gA, float* gbp) {
+  const int64_t w = block_cols(r, (WA ? 1 : 0) + (WB ? 1 : 0));
+  const int64_t vstride = r * kLanes;
+  std::vector<float> vacc(WA ? static_cast<size_t>(kPanelRows * vstride) : 0);
+  for (int64_t p0 = c0; p0 < c1; p0 += kPanelRows) {
+    const int64_t p1 = std::min(p0 + kPanelRows, c1);
+    if (WA) std::fill(vacc.begin(), vacc.end(), 0.0f);
+    for (int64_t j0 = 0; j0 < m; j0 += w) {
+      const int64_t j1 = std::min(j0 + w, m);
+      for (int64_t i = p0; i < p1; i += 2) {
+        const int rows = static_cast<int>(std::min<int64_t>(2, p1 - i));
+        for (int64_t k = 0; k < r; k += 4) {
+          const int kg = static_cast<int>(std::min<int64_t>(4, r - k));
+          project_kernel<WA, WB>(rows, kg)(G + i * ldg, ldg, WB ? A + i * r + k : nullptr, r,
+                                           WA ? B + k * m : nullptr, WB ? gbp + k * m : nullptr, m, j0, j1,
+                                           WA ? vacc.data() + (i - p0) * vstride + k * kLanes : nullptr, vstride);
+        }
+      }
+    }
+    if (WA) {
+      for (int64_t i = p0; i < p1; ++i) {
+        for (int64_t k = 0; k < r; ++k) gA[i * r + k] = s * lane_sum(vacc.data() + (i - p0) * vstride + k * kLanes);
+      }
+    }
+  }
+}
+
+// Rows i..i+R−1 of a rank-q term, factor columns k..k+KG−1, into the float accumulator
+// rows acc (stride w) for columns [j0, j1) (relative column 0 = j0).
+template <int R, int KG>
+GRADLORA_TARGET void update_micro(float* acc, int64_t w, const float* l, int64_t q, const float* rt, int64_t m,
+                                  int64_t j0, int64_t j1) {
+  __m512 lv[R][KG];
+  for (int ii = 0; ii < R; ++ii) {
+    for (int kk = 0; kk < KG; ++kk) lv[ii][kk] = _mm512_set1_ps(l[ii * q + kk]);
+  }
+  for (int64_t j = j0; j < j1; j += kLanes) {
+    const __mmask16 mask = tail_mask(j1 - j);
+    __m512 rv[KG];
+    for (int kk = 0; kk < KG; ++kk) rv[kk] = _mm512_maskz_loadu_ps(mask, rt + kk * m + j);
+    for (int ii = 0; ii < R; ++ii) {
+      float* out = acc + ii * w + (j - j0);
+      __m512 x = _mm512_maskz_loadu_ps(mask, out);
+      for (int kk = 0; kk < KG; ++kk) x = _mm512_fmadd_ps(lv[ii][kk], rv[kk], x);
+      _mm512_mask_storeu_ps(out, mask, x);
+    }
+  }
+}
+
+using UpdateFn = void (*)(float*, int64_t, const float*, int64_t, const float*, int64_t, int64_t, int64_t);
+
+UpdateFn update_kernel(int rows, int kg) {
+  static const UpdateFn table[4][4] = {
+      {update_micro<1, 1>, update_micro<1, 2>, update_micro<1, 3>, update_micro<1, 4>},
+      {update_micro<2, 1>, update_micro<2, 2>, update_micro<2, 3>, update_micro<2, 4>},
+      {update_micro<3, 1>, update_micro<3, 2>, update_micro<3, 3>, update_micro<3, 4>},
+      {update_micro<4, 1>, update_micro<4, 2>, update_micro<4, 3>, update_micro<4, 4>}};
+  return table[rows - 1][kg - 1];
+}
+
+// out[j] = base[j] + s·acc[j] for one row.
+GRADLORA_TARGET void finish_row(float* out, const float* base, const float* acc, int64_t len, float s) {
+  const __m512 sv = _mm512_set1_ps(s);
+  for (int64_t j = 0; j < len; j += kLanes) {
+    const __mmask16 mask = tail_mask(len - j);
+    const __m512 x = _mm512_fmadd_ps(sv, _mm512_maskz_loadu_ps(mask, acc + j), _mm512_maskz_loadu_ps(mask, base + j));
+    _mm512_mask_storeu_ps(out + j, mask, x);
+  }
+}
+
+// Adds src into dst (len floats).
+GRADLORA_TARGET void add_into(float* dst, const float* src, int64_t len) {
+  for (int64_t j = 0; j < len; j += kLanes) {
+    const __mmask16 mask = tail_mask(len - j);
+    _mm512_mask_storeu_ps(dst + j, mask,
+                          _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst + j), _mm512_maskz_loadu_ps(mask, src + j)));
+  }
+}
+
+bool cpu_has_avx512f() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+
+#endif  // GRADLORA_KERNELS
+
+}  // namespace
+
+bool kernels_available() {
+#ifdef GRADLORA_KERNELS
+  return g_enabled.load(std::memory_order_relaxed) && cpu_has_avx512f();
+#else
+  return false;
+#endif
+}
+
+void set_kernels_enabled(bool enabled) { g_enabled.store(enabled, std::memory_order_relaxed); }
+
+void project(const float* G, int64_t ldg, int64_t n, int64_t m, const float* A, const float* B, int64_t r, float s,
+             float* gA, float* gB) {
+#ifdef GRADLORA_KERNELS
+  if (!kernels_available()) throw std::logic_error("gradlora: the CPU kernels are not available here");
+  const int64_t rows = chunk_rows(n);
+  const int64_t chunks = (n + rows - 1) / rows;
+  const size_t part = static_cast<size_t>(r * m);
+  // Chunk 0 accumulates into gB itself, the others into their own partials.
+  std::vector<float> partials(gB ? part * static_cast<size_t>(chunks - 1) : 0, 0.0f);
+  if (gB) std::fill(gB, gB + part, 0.0f);
+  at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const int64_t c0 = c * rows, c1 = std::min(n, c0 + rows);
+      float* gbp = gB ? (c == 0 ? gB : partials.data() + part * static_cast<size_t>(c - 1)) : nullptr;
+      if (gA && gB) {
+        project_chunk<true, true>(G, ldg, c0, c1, m, A, B, r, s, gA, gbp);
+      } else if (gA) {
+        project_chunk<true, false>(G, ldg, c0, c1, m, A, B, r, s, gA, gbp);
+      } else {
+        project_chunk<false, true>(G, ldg, c0, c1, m, A, B, r, s, gA, gbp);
+      }
+    }
+  });
+  if (!gB) return;
+  // gB = s·(partial 0 + partial 1 + …), in chunk order; columns in parallel.
+  at::parallel_for(0, r, 1, [&](int64_t k_begin, int64_t k_end) {
+    for (int64_t k = k_begin; k < k_end; ++k) {
+      float* row = gB + k * m;
+      for (int64_t c = 1; c < chunks; ++c) add_into(row, partials.data() + part * static_cast<size_t>(c - 1) + k * m, m);
+      if (s != 1.0f) {
+        for (int64_t j = 0; j < m; ++j) row[j] *= s;
+      }
+    }
+  });
+#else
+  (void)G, (void)ldg, (void)n, (void)m, (void)A, (void)B, (void)r, (void)s, (void)gA, (void)gB;
+  throw std::logic_error("gradlora: the CPU kernels are not available here");
+#endif
+}
+
+void add_lowrank(float* P, int64_t ldp, const float* base, int64_t ldb, int64_t n, int64_t m,
+                 const std::vector<Term>& terms, float s) {
+#ifdef GRADLORA_KERNELS
+  if (!kernels_available()) throw std::logic_error("gradlora: the CPU kernels are not available here");
+  int64_t q = 0;
+  for (const Term& t : terms) q += t.q;
+  const int64_t w = block_cols(q, 1);
+  constexpr int64_t kRows = 4;
+  // Row panels: each keeps the terms' block of R in cache while its rows pass.
+  at::parallel_for(0, (n + 63) / 64, 1, [&](int64_t b_begin, int64_t b_end) {
+    std::vector<float> acc(static_cast<size_t>(kRows * w));
+    for (int64_t pb = b_begin; pb < b_end; ++pb) {
+      const int64_t p0 = pb * 64, p1 = std::min(n, p0 + 64);
+      for (int64_t j0 = 0; j0 < m; j0 += w) {
+        const int64_t j1 = std::min(j0 + w, m), len = j1 - j0;
+        for (int64_t i = p0; i < p1; i += kRows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kRows, p1 - i));
+          std::fill(acc.begin(), acc.begin() + rows * w, 0.0f);
+          for (const Term& t : terms) {
+            for (int64_t k = 0; k < t.q; k += 4) {
+              const int kg = static_cast<int>(std::min<int64_t>(4, t.q - k));
+              update_kernel(rows, kg)(acc.data(), w, t.L + i * t.q + k, t.q, t.R + k * m, m, j0, j1);
+            }
+          }
+          for (int ii = 0; ii < rows; ++ii) {
+            finish_row(P + (i + ii) * ldp + j0, base + (i + ii) * ldb + j0, acc.data() + ii * w, len, s);
+          }
+        }
+      }
+    }
+  });
+#else
+  (void)P, (void)ldp, (void)base, (void)ldb, (void)n, (void)m, (void)terms, (void)s;
+  throw std::logic_error("gradlora: the CPU kernels are not available here");
+#endif
+}
+
+}  // namespace gradlora::cpu

@@ -1,0 +1,38 @@
+#pragma once
+// CPU kernels for the low-rank step on float32 matrices with contiguous rows: both factor
+// projections from one pass over G, and a rank-q update of P in one pass over P. They are a
+// CPU specialisation of the functions in maths.h (which call them when they apply and fall
+// back to library calls otherwise); the maths is the same.
+//
+// Results are a function of the inputs alone: the same bits whatever the thread count (rows
+// are split into a fixed number of chunks whose partial sums are added in a fixed order).
+#include <cstdint>
+#include <vector>
+
+namespace gradlora::cpu {
+
+/// True when this CPU runs the kernels (x86-64 with AVX-512F) and they are enabled.
+bool kernels_available();
+
+/// Turns the kernels off (or back on) for this process: the maths then takes the library
+/// path. For benchmarks and tests that compare the two.
+void set_kernels_enabled(bool enabled);
+
+/// gA = s·G·Bᵀ (n×r) when gA is not null, gB = s·Aᵀ·G (r×m) when gB is not null.
+/// G is n×m with row stride ldg; A is n×r and B r×m, both contiguous; gA, gB contiguous.
+void project(const float* G, int64_t ldg, int64_t n, int64_t m, const float* A, const float* B, int64_t r, float s,
+             float* gA, float* gB);
+
+/// One rank-q term L·R of a low-rank update: L n×q and R q×m, both contiguous.
+struct Term {
+  const float* L;
+  const float* R;
+  int64_t q;
+};
+
+/// P ← base + s·Σ L·R over the terms, accumulated in float and rounded once into P.
+/// P and base are n×m with row strides ldp and ldb; base may equal P.
+void add_lowrank(float* P, int64_t ldp, const float* base, int64_t ldb, int64_t n, int64_t m,
+                 const std::vector<Term>& terms, float s);
+
+}  // namespace gradlora::cpu

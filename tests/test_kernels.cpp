@@ -1,0 +1,122 @@
+// The CPU kernels behind lora_factor_grads, galore_project, add_product and lora_write_back,
+// against products computed in double by the library (torch::mm), over shapes that exercise
+// every tail: rows not a multiple of the kernels' row groups, columns not a multiple of the
+// vector width, ranks not a multiple of the factor groups, rows with a stride wider than m,
+// and more than one row chunk. Skipped where the CPU has no such kernels.
+#include "test_util.h"
+
+#include <gradlora/maths.h>
+
+#include <ATen/Parallel.h>
+
+namespace gradlora::testing {
+namespace {
+
+struct Shape {
+  int64_t n, m, r;
+};
+
+const std::vector<Shape> kShapes{{1, 1, 1},    {3, 17, 1},    {5, 33, 3},    {70, 130, 5},
+                                 {129, 515, 8}, {600, 100, 32}, {64, 2048, 7}, {300, 47, 13}};
+
+// max |x − ref| / max |ref|, ref in double.
+double rel_error(const torch::Tensor& x, const torch::Tensor& ref) {
+  const double scale = ref.abs().max().item<double>();
+  return (x.to(torch::kDouble) - ref).abs().max().item<double>() / std::max(scale, 1e-300);
+}
+
+// A float n×m matrix whose rows are `pad` floats wider than m (row stride m + pad).
+torch::Tensor strided_rows(int64_t n, int64_t m, int64_t pad) {
+  return torch::randn({n, m + pad}).narrow(1, pad / 2, m);
+}
+
+class Kernels : public ::testing::TestWithParam<int64_t> {  // param: row padding of G / P
+ protected:
+  void SetUp() override {
+    if (!cpu_kernels_active()) GTEST_SKIP() << "no CPU kernels on this CPU";
+    torch::manual_seed(7);
+  }
+};
+
+TEST_P(Kernels, FactorGradsEqualTheTwoProducts) {
+  for (const Shape& sh : kShapes) {
+    const torch::Tensor G = strided_rows(sh.n, sh.m, GetParam());
+    const torch::Tensor A = torch::randn({sh.n, sh.r}), B = torch::randn({sh.r, sh.m});
+    const double s = 0.37;
+    auto [gA, gB] = lora_factor_grads(G, A, B, s);
+    const torch::Tensor Gd = G.to(torch::kDouble);
+    const double eA = rel_error(gA, torch::mm(Gd, B.to(torch::kDouble).t()) * s);
+    const double eB = rel_error(gB, torch::mm(A.to(torch::kDouble).t(), Gd) * s);
+    EXPECT_LT(eA, 1e-5) << "gA at " << sh.n << "x" << sh.m << " r " << sh.r;
+    EXPECT_LT(eB, 1e-5) << "gB at " << sh.n << "x" << sh.m << " r " << sh.r;
+  }
+}
+
+TEST_P(Kernels, GaloreProjectionsEqualTheProducts) {
+  for (const Shape& sh : kShapes) {
+    const torch::Tensor G = strided_rows(sh.n, sh.m, GetParam());
+    const torch::Tensor Ql = torch::randn({sh.n, sh.r}), Qr = torch::randn({sh.m, sh.r});
+    const torch::Tensor Gd = G.to(torch::kDouble);
+    EXPECT_LT(rel_error(galore_project(Ql, G, true), torch::mm(Ql.to(torch::kDouble).t(), Gd)), 1e-5)
+        << "left at " << sh.n << "x" << sh.m << " r " << sh.r;
+    EXPECT_LT(rel_error(galore_project(Qr, G, false), torch::mm(Gd, Qr.to(torch::kDouble))), 1e-5)
+        << "right at " << sh.n << "x" << sh.m << " r " << sh.r;
+  }
+}
+
+TEST_P(Kernels, WriteBacksEqualTheProducts) {
+  for (const Shape& sh : kShapes) {
+    const double s = -0.61;
+    const torch::Tensor A0 = torch::randn({sh.n, sh.r}), B0 = torch::randn({sh.r, sh.m});
+    const torch::Tensor A1 = A0 + 0.1 * torch::randn({sh.n, sh.r}), B1 = B0 + 0.1 * torch::randn({sh.r, sh.m});
+    const auto d = [](const torch::Tensor& t) { return t.to(torch::kDouble); };
+    const torch::Tensor change = torch::mm(d(A1), d(B1)) - torch::mm(d(A0), d(B0));
+    // In place: P ← P + s·(A1·B1 − A0·B0); the change is compared, P's own rounding aside.
+    torch::Tensor P = strided_rows(sh.n, sh.m, GetParam());
+    const torch::Tensor before = d(P);
+    lora_write_back(P, A0, B0, A1, B1, s);
+    EXPECT_LT(rel_error(d(P) - before, change * s), 2e-5) << "in place at " << sh.n << "x" << sh.m;
+    // From a base: P ← base + s·(…), P's previous values unused.
+    const torch::Tensor base = torch::randn({sh.n, sh.m});
+    torch::Tensor Q = strided_rows(sh.n, sh.m, GetParam());
+    lora_write_back(Q, A0, B0, A1, B1, s, base);
+    EXPECT_LT(rel_error(d(Q) - d(base), change * s), 2e-5) << "from a base at " << sh.n << "x" << sh.m;
+    // add_product, also with a transposed (non-contiguous) right factor.
+    torch::Tensor R = strided_rows(sh.n, sh.m, GetParam());
+    const torch::Tensor Rb = d(R);
+    const torch::Tensor Nt = torch::randn({sh.m, sh.r});
+    add_product(R, A1, Nt.t(), s);
+    EXPECT_LT(rel_error(d(R) - Rb, torch::mm(d(A1), d(Nt).t()) * s), 2e-5) << "add_product at " << sh.n << "x"
+                                                                          << sh.m;
+  }
+}
+
+TEST_P(Kernels, ResultsDoNotDependOnTheThreadCount) {
+  const int threads = at::get_num_threads();
+  const torch::Tensor G = strided_rows(600, 515, GetParam());
+  const torch::Tensor A = torch::randn({600, 9}), B = torch::randn({9, 515});
+  at::set_num_threads(1);
+  auto [a1, b1] = lora_factor_grads(G, A, B, 1.5);
+  at::set_num_threads(2);
+  auto [a2, b2] = lora_factor_grads(G, A, B, 1.5);
+  at::set_num_threads(threads);
+  EXPECT_TRUE(torch::equal(a1, a2));
+  EXPECT_TRUE(torch::equal(b1, b2));
+}
+
+TEST_P(Kernels, LibraryPathAgreesWhenTheKernelsAreOff) {
+  const torch::Tensor G = strided_rows(129, 515, GetParam());
+  const torch::Tensor A = torch::randn({129, 8}), B = torch::randn({8, 515});
+  auto [k1, k2] = lora_factor_grads(G, A, B, 2.0);
+  set_cpu_kernels_enabled(false);
+  EXPECT_FALSE(cpu_kernels_active());
+  auto [l1, l2] = lora_factor_grads(G, A, B, 2.0);
+  set_cpu_kernels_enabled(true);
+  EXPECT_LT(rel_error(k1, l1.to(torch::kDouble)), 1e-5);
+  EXPECT_LT(rel_error(k2, l2.to(torch::kDouble)), 1e-5);
+}
+
+INSTANTIATE_TEST_SUITE_P(RowPadding, Kernels, ::testing::Values<int64_t>(0, 5));
+
+}  // namespace
+}  // namespace gradlora::testing
