@@ -1,0 +1,214 @@
+// The optimizer step against the machine's roofline, every figure taken in the same run.
+//
+//   gradlora_bench_roofline --threads=2 --repeats=11 --json=out/roofline.json
+//
+// For each shape and rank, each repeat times, one after the other (interleaved, so that a
+// change in the machine's state touches every column alike):
+//   pass    one `W += c·G` over the n×m weight: reads G and W, writes W (3·n·m floats), the
+//           traffic a low-rank step cannot avoid: T_mem
+//   sgemm   a 2048³ torch::mm: the machine's dense matrix rate as LibTorch reaches it
+//   each method's step (inner AdamW, the gradient already in .grad), with gradlora's CPU
+//   kernels and, as `<method>/library`, with them turned off (the library calls they replace)
+//   torch::optim::AdamW's step on the same full-rank parameter
+// and reports medians. A method's arithmetic (flops per step, below) at the sgemm rate is
+// T_flop; the roofline is max(T_mem, T_flop):
+//   lora, random   2·n·m·r per projection, two of them, + 2·n·m·2r for the rank-2r write-back
+//   galore         2·n·m·r for Qᵀ·G + 2·n·m·r for the write-back (between refreshes)
+//   additive       none worth counting: block sums and broadcasts
+// galore's refresh (the SVD) is timed apart: steps with update_proj_gap 1 minus steps
+// between refreshes, per refresh and amortised over the default gap.
+#include <gradlora/gradlora.h>
+
+#include "bench_args.h"
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct Options {
+  int threads = 0;
+  int repeats = 11;
+  std::string shapes = "2048x2048,2048x5632,4096x4096,4096x11008";
+  std::string ranks = "8,32";
+  std::string methods = "lora,random,additive,galore";
+  std::string json;
+  int library = 1;  // also time each method with the CPU kernels off
+};
+
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  for (std::string item; std::getline(ss, item, sep);) {
+    if (!item.empty()) out.push_back(item);
+  }
+  return out;
+}
+
+double ms_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+template <typename Fn>
+double time_ms(Fn&& fn) {
+  const auto t0 = std::chrono::steady_clock::now();
+  fn();
+  return ms_since(t0);
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+double flops_of(const std::string& method, int64_t n, int64_t m, int64_t r) {
+  const double nm = static_cast<double>(n) * static_cast<double>(m), rr = static_cast<double>(r);
+  if (method == "lora" || method == "random") return 2 * (2 * nm * rr) + 2 * nm * 2 * rr;
+  if (method == "galore") return 2 * nm * rr + 2 * nm * rr;
+  return 0.0;
+}
+
+std::unique_ptr<gradlora::LowRankOptimizer> make_opt(torch::Tensor& p, const std::string& method, int64_t r,
+                                                     int64_t gap = 0) {
+  gradlora::Config cfg;
+  cfg.log_report = false;
+  cfg.optimizer.type = gradlora::InnerType::adamw;
+  gradlora::Target t;
+  t.match = "w";
+  t.method = gradlora::Method(method);
+  t.rank = r;
+  if (gap > 0) t.options["update_proj_gap"] = gap;
+  cfg.targets.push_back(t);
+  torch::OrderedDict<std::string, torch::Tensor> params;
+  params.insert("w", p);
+  return std::make_unique<gradlora::LowRankOptimizer>(params, cfg);
+}
+
+struct Column {
+  std::string name;    // lora, lora/library, adamw, ...
+  std::string method;  // lora, ..., adamw
+  bool kernels = true;
+  std::vector<double> ms;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o;
+  gradlora::bench::Args args("gradlora_bench_roofline");
+  args.add("--threads", o.threads)
+      .add("--repeats", o.repeats)
+      .add("--shapes", o.shapes)
+      .add("--ranks", o.ranks)
+      .add("--methods", o.methods)
+      .add("--library", o.library)
+      .add("--json", o.json);
+  args.parse(argc, argv);
+  if (o.threads > 0) at::set_num_threads(o.threads);
+  torch::NoGradGuard no_grad;
+  const bool kernels = gradlora::cpu_kernels_active();
+  std::printf("threads %d, CPU kernels %s, median of %d interleaved repeats\n", at::get_num_threads(),
+              kernels ? "on" : "unavailable", o.repeats);
+  std::printf("%-11s %3s %-16s %9s %8s %8s %9s %9s %9s %8s\n", "shape", "r", "column", "step ms", "pass ms",
+              "sgemm GF", "roof ms", "/roof", "/pass", "/AdamW");
+  std::ostringstream js;
+  js << "{\"threads\": " << at::get_num_threads() << ", \"kernels\": " << (kernels ? "true" : "false")
+     << ", \"torch_version\": \"" << TORCH_VERSION << "\", \"repeats\": " << o.repeats << ", \"rows\": [";
+  bool first_row = true;
+
+  const torch::Tensor X = torch::randn({2048, 2048}), Y = torch::randn({2048, 2048});
+  torch::Tensor Z = torch::empty({2048, 2048});
+  for (const std::string& shape : split(o.shapes, ',')) {
+    const auto nm = split(shape, 'x');
+    const int64_t n = std::stoll(nm.at(0)), m = std::stoll(nm.at(1));
+    torch::manual_seed(1234);
+    torch::Tensor p = torch::randn({n, m}).mul_(0.02).requires_grad_(true);
+    p.mutable_grad() = torch::randn({n, m}).mul_(1e-3);
+    torch::Tensor W = torch::randn({n, m});
+    const torch::Tensor G = p.grad();
+    for (const std::string& rs : split(o.ranks, ',')) {
+      const int64_t r = std::stoll(rs);
+      std::vector<Column> cols;
+      std::vector<std::unique_ptr<gradlora::LowRankOptimizer>> opts;
+      for (const std::string& method : split(o.methods, ',')) {
+        opts.push_back(make_opt(p, method, r));
+        cols.push_back({method, method, true, {}});
+        if (o.library && kernels) {
+          opts.push_back(make_opt(p, method, r));
+          cols.push_back({method + "/library", method, false, {}});
+        }
+      }
+      torch::optim::AdamW adamw({p}, torch::optim::AdamWOptions(1e-3));
+      for (size_t c = 0; c < opts.size(); ++c) {  // warm up: state allocated, first refresh done
+        gradlora::set_cpu_kernels_enabled(cols[c].kernels);
+        for (int w = 0; w < 2; ++w) opts[c]->step();
+      }
+      gradlora::set_cpu_kernels_enabled(true);
+      adamw.step();
+      std::vector<double> pass, rate, adam;
+      for (int rep = 0; rep < o.repeats; ++rep) {
+        pass.push_back(time_ms([&] { W.add_(G, 1e-3); }));
+        rate.push_back(2.0 * 2048.0 * 2048.0 * 2048.0 / (time_ms([&] { at::mm_out(Z, X, Y); }) * 1e6));
+        for (size_t c = 0; c < opts.size(); ++c) {
+          gradlora::set_cpu_kernels_enabled(cols[c].kernels);
+          cols[c].ms.push_back(time_ms([&] { opts[c]->step(); }));
+        }
+        gradlora::set_cpu_kernels_enabled(true);
+        adam.push_back(time_ms([&] { adamw.step(); }));
+      }
+      cols.push_back({"adamw", "adamw", true, adam});
+      const double t_pass = median(pass), gflops = median(rate), t_adam = median(adam);
+      for (const Column& c : cols) {
+        const double t = median(c.ms);
+        const double flops = flops_of(c.method, n, m, r);
+        const double t_flop = flops / (gflops * 1e6);
+        const double roof = std::max(t_pass, t_flop);
+        std::printf("%-11s %3lld %-16s %9.2f %8.2f %8.1f %9.2f %9.2f %9.2f %8.3f\n", shape.c_str(),
+                    static_cast<long long>(r), c.name.c_str(), t, t_pass, gflops, roof, t / roof, t / t_pass,
+                    t / t_adam);
+        js << (first_row ? "" : ",") << "\n  {\"n\": " << n << ", \"m\": " << m << ", \"r\": " << r
+           << ", \"column\": \"" << c.name << "\", \"method\": \"" << c.method
+           << "\", \"kernels\": " << (c.kernels ? "true" : "false") << ", \"step_ms\": " << t
+           << ", \"pass_ms\": " << t_pass << ", \"sgemm_gflops\": " << gflops << ", \"flops\": " << flops
+           << ", \"floor_bytes\": " << 3.0 * static_cast<double>(n * m) * 4.0 << ", \"t_flop_ms\": " << t_flop
+           << ", \"roofline_ms\": " << roof << ", \"adamw_ms\": " << t_adam << "}";
+        first_row = false;
+      }
+      std::fflush(stdout);
+    }
+    // galore's refresh: steps that refresh (gap 1) against steps that do not.
+    if (o.methods.find("galore") != std::string::npos) {
+      const int64_t r = std::stoll(split(o.ranks, ',').at(0));
+      auto every = make_opt(p, "galore", r, 1);
+      auto between = make_opt(p, "galore", r);
+      every->step();
+      between->step();
+      std::vector<double> a, b;
+      for (int rep = 0; rep < std::max(3, o.repeats / 3); ++rep) {
+        a.push_back(time_ms([&] { every->step(); }));
+        b.push_back(time_ms([&] { between->step(); }));
+      }
+      const double refresh = median(a) - median(b);
+      std::printf("%-11s %3lld galore refresh (SVD): %.1f ms per refresh, %.2f ms per step amortised over gap 200\n",
+                  shape.c_str(), static_cast<long long>(r), refresh, refresh / 200.0);
+      js << ",\n  {\"n\": " << n << ", \"m\": " << m << ", \"r\": " << r
+         << ", \"column\": \"galore/refresh\", \"method\": \"galore\", \"refresh_ms\": " << refresh
+         << ", \"amortised_ms\": " << refresh / 200.0 << "}";
+    }
+  }
+  js << "\n]}\n";
+  if (!o.json.empty()) {
+    std::ofstream(o.json) << js.str();
+    std::printf("wrote %s\n", o.json.c_str());
+  }
+  return 0;
+}
