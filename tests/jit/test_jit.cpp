@@ -8,6 +8,8 @@
 #include <torch/script.h>
 #include <torch/torch.h>
 
+#include "test_util.h"  // the shared test model
+
 #include <cstdio>
 #include <map>
 #include <memory>
@@ -83,21 +85,17 @@ torch::jit::Module load_scripted_mlp(const MlpWeights& w, const std::string& pat
   return torch::jit::load(path);
 }
 
-/// The same network as a torch::nn module with the same parameter names.
-struct TwinImpl : torch::nn::Module {
-  explicit TwinImpl(const MlpWeights& w)
-      : fc1(register_module("fc1", torch::nn::Linear(kIn, kHidden))),
-        fc2(register_module("fc2", torch::nn::Linear(kHidden, kOut))) {
-    torch::NoGradGuard g;
-    fc1->weight.copy_(w.w1);
-    fc1->bias.copy_(w.b1);
-    fc2->weight.copy_(w.w2);
-    fc2->bias.copy_(w.b2);
-  }
-  torch::Tensor forward(const torch::Tensor& x) { return fc2->forward(torch::tanh(fc1->forward(x))); }
-  torch::nn::Linear fc1, fc2;
-};
-TORCH_MODULE(Twin);
+/// The same network as a torch::nn module with the same parameter names: the shared
+/// test MLP with the weights copied in.
+gradlora::testing::Mlp make_twin(const MlpWeights& w) {
+  gradlora::testing::Mlp twin(std::vector<int64_t>{kIn, kHidden, kOut});
+  torch::NoGradGuard g;
+  twin->fc(1)->weight.copy_(w.w1);
+  twin->fc(1)->bias.copy_(w.b1);
+  twin->fc(2)->weight.copy_(w.w2);
+  twin->fc(2)->bias.copy_(w.b2);
+  return twin;
+}
 
 struct Data {
   torch::Tensor x, y;
@@ -424,7 +422,7 @@ TEST_P(JitEveryMethod, ScriptedModuleTrainsLikeItsNnTwin) {
   const Data d = make_data(22);
   TempFile file("mlp");
   torch::jit::Module m = load_scripted_mlp(w0, file.path);
-  Twin twin(w0);
+  gradlora::testing::Mlp twin = make_twin(w0);
 
   Config c = base_config();
   c.targets.push_back(target("fc*.weight", method, 2, 4.0));
