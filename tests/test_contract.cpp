@@ -37,7 +37,7 @@ std::string yaml_for(const std::string& method, double alpha = 4.0, bool fused =
       method, alpha, extra, fused ? "true" : "false");
 }
 
-std::vector<torch::Tensor> weights(Mlp2& m) {
+std::vector<torch::Tensor> weights(Mlp& m) {
   std::vector<torch::Tensor> v;
   for (const auto& p : m->parameters()) v.push_back(p.detach().clone());
   return v;
@@ -67,7 +67,7 @@ void expect_same(const std::map<std::string, torch::Tensor>& a, const std::map<s
   }
 }
 
-void train(Mlp2& m, LowRankOptimizer& opt, int from, int to) {
+void train(Mlp& m, LowRankOptimizer& opt, int from, int to) {
   for (int i = from; i < to; ++i) {
     opt.zero_grad();
     auto [x, y] = batch(i, torch::kDouble);
@@ -97,7 +97,7 @@ class Contract : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(Contract, ModelUnchangedUntilTheFirstStep) {
   for (bool fused : {false, true}) {
-    Mlp2 m = make_mlp(torch::kDouble);
+    Mlp m = make_mlp(torch::kDouble);
     const auto w0 = weights(m);
     LowRankOptimizer opt(m->named_parameters(), quiet(yaml_for(GetParam(), 4.0, fused)));
     expect_same(w0, weights(m), "after construction");
@@ -105,12 +105,12 @@ TEST_P(Contract, ModelUnchangedUntilTheFirstStep) {
     torch::mse_loss(m->forward(x), y).backward();
     expect_same(w0, weights(m), "after backward");
     opt.step();
-    EXPECT_GT(max_abs_diff(w0[0], m->fc1->weight), 0.0) << "the first step must move fc1.weight";
+    EXPECT_GT(max_abs_diff(w0[0], m->fc(1)->weight), 0.0) << "the first step must move fc1.weight";
   }
 }
 
 TEST_P(Contract, SkippedNonFiniteStepChangesNothing) {
-  Mlp2 m = make_mlp(torch::kDouble);
+  Mlp m = make_mlp(torch::kDouble);
   LowRankOptimizer opt(m->named_parameters(), quiet(yaml_for(GetParam())));
   train(m, opt, 0, 3);
   const auto w = weights(m);
@@ -119,12 +119,12 @@ TEST_P(Contract, SkippedNonFiniteStepChangesNothing) {
   opt.zero_grad();
   auto [x, y] = batch(3, torch::kDouble);
   torch::mse_loss(m->forward(x), y).backward();
-  m->fc1->weight.mutable_grad()[1][2] = std::numeric_limits<double>::quiet_NaN();
+  m->fc(1)->weight.mutable_grad()[1][2] = std::numeric_limits<double>::quiet_NaN();
   opt.step();
   EXPECT_EQ(opt.projector("fc1.weight").steps(), steps);
   EXPECT_GE(opt.skipped_count(), 1);
   // fc2 and the biases may step; fc1 and its state must be exactly as they were.
-  EXPECT_TRUE(torch::equal(w[0], m->fc1->weight));
+  EXPECT_TRUE(torch::equal(w[0], m->fc(1)->weight));
   for (const auto& kv : state(opt)) {
     if (kv.first.rfind("fc1.weight/", 0) == 0) EXPECT_TRUE(torch::equal(kv.second, s.at(kv.first))) << kv.first;
   }
@@ -133,7 +133,7 @@ TEST_P(Contract, SkippedNonFiniteStepChangesNothing) {
 TEST_P(Contract, FusedEqualsUnfused) {
   std::vector<torch::Tensor> out[2];
   for (bool fused : {false, true}) {
-    Mlp2 m = make_mlp(torch::kDouble);
+    Mlp m = make_mlp(torch::kDouble);
     LowRankOptimizer opt(m->named_parameters(), quiet(yaml_for(GetParam(), 4.0, fused)));
     train(m, opt, 0, 6);
     out[fused] = weights(m);
@@ -142,12 +142,12 @@ TEST_P(Contract, FusedEqualsUnfused) {
 }
 
 TEST_P(Contract, CheckpointRoundTripContinuesBitIdentically) {
-  Mlp2 a = make_mlp(torch::kDouble);
+  Mlp a = make_mlp(torch::kDouble);
   LowRankOptimizer opt_a(a->named_parameters(), quiet(yaml_for(GetParam())));
   train(a, opt_a, 0, 3);
   const std::string bytes = saved(opt_a);
   // A fresh model and optimizer, given the weights and the checkpoint.
-  Mlp2 b = make_mlp(torch::kDouble, 12, 16, 6, /*seed=*/99);
+  Mlp b = make_mlp(torch::kDouble, 12, 16, 6, /*seed=*/99);
   {
     torch::NoGradGuard guard;
     auto pa = a->parameters(), pb = b->parameters();
@@ -164,11 +164,11 @@ TEST_P(Contract, CheckpointRoundTripContinuesBitIdentically) {
 
 TEST_P(Contract, CheckpointWithOtherSettingsIsRefusedAndChangesNothing) {
   if (GetParam() == "full") GTEST_SKIP() << "full has no settings beyond the inner rule's";
-  Mlp2 a = make_mlp(torch::kDouble);
+  Mlp a = make_mlp(torch::kDouble);
   LowRankOptimizer opt_a(a->named_parameters(), quiet(yaml_for(GetParam(), /*alpha=*/4.0)));
   train(a, opt_a, 0, 2);
   const std::string bytes = saved(opt_a);
-  Mlp2 b = make_mlp(torch::kDouble);
+  Mlp b = make_mlp(torch::kDouble);
   LowRankOptimizer opt_b(b->named_parameters(), quiet(yaml_for(GetParam(), /*alpha=*/6.0)));
   train(b, opt_b, 0, 1);
   const auto before = state(opt_b);
@@ -196,13 +196,13 @@ TEST_P(Contract, FootprintKnownBeforeConstructionIsWhatTheProjectorHolds) {
     if ((e.find("writeback") != std::string::npos || e.find("fan_in") != std::string::npos) && !info.low_rank) continue;
     for (const auto dtype : {torch::kFloat, torch::kDouble, torch::kBFloat16}) {
       SCOPED_TRACE(GetParam() + e + " " + c10::toString(dtype));
-      Mlp2 m = make_mlp(dtype);
+      Mlp m = make_mlp(dtype);
       const std::string yaml = fmt::format("targets: [{{match: fc1.weight, method: {}{}{}}}]", GetParam(),
                                            info.low_rank ? ", rank: 3" : "", e);
       const Config c = quiet(yaml);
       LowRankOptimizer opt(m->named_parameters(), c);
       const auto [bytes, trainable] =
-          info.footprint(ProjectorContext{"fc1.weight", m->fc1->weight, c.targets[0], c.seed});
+          info.footprint(ProjectorContext{"fc1.weight", m->fc(1)->weight, c.targets[0], c.seed});
       const ParamReport& r = opt.report().params[0];
       EXPECT_EQ(bytes, r.persistent_bytes);
       EXPECT_EQ(trainable, r.trainable);
@@ -211,7 +211,7 @@ TEST_P(Contract, FootprintKnownBeforeConstructionIsWhatTheProjectorHolds) {
 }
 
 TEST(ContractMemory, StateThatDoesNotFitIsRefusedNamingTheTargetAndTheBytes) {
-  Mlp2 m = make_mlp();
+  Mlp m = make_mlp();
   const std::string yaml =
       "optimizer: {type: adam, amsgrad: true}\n"
       "targets: [{match: fc1.weight, method: lora, rank: 12, writeback: exact}, {match: '*.bias', method: full}]";

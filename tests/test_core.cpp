@@ -71,7 +71,7 @@ std::string lora_config(InnerType t, Init init) {
 /// `module_scale` lets a test break the module side's scale on purpose. Both sides run on `device`.
 std::pair<double, double> run_equivalence(InnerType t, Init init, torch::ScalarType dtype, int steps,
                                           double module_scale, torch::Device device = torch::kCPU) {
-  Mlp2 model = make_mlp(dtype, device);
+  Mlp model = make_mlp(dtype, device);
   LowRankOptimizer opt(model->named_parameters(), quiet(lora_config(t, init)));
   torch::optim::StepLR sched(opt, /*step_size=*/7, /*gamma=*/0.5);
 
@@ -81,10 +81,10 @@ std::pair<double, double> run_equivalence(InnerType t, Init init, torch::ScalarT
   auto [A1, B1] = opt.factors("fc1.weight");
   auto [A2, B2] = opt.factors("fc2.weight");
   // The implicit base of symmetric init: P0 = P − s·A0·B0.
-  ref.W1 = model->fc1->weight.detach() - module_scale * torch::mm(A1, B1).to(dtype);
-  ref.W2 = model->fc2->weight.detach() - module_scale * torch::mm(A2, B2).to(dtype);
-  ref.b1 = model->fc1->bias.detach().clone();
-  ref.b2 = model->fc2->bias.detach().clone();
+  ref.W1 = model->fc(1)->weight.detach() - module_scale * torch::mm(A1, B1).to(dtype);
+  ref.W2 = model->fc(2)->weight.detach() - module_scale * torch::mm(A2, B2).to(dtype);
+  ref.b1 = model->fc(1)->bias.detach().clone();
+  ref.b2 = model->fc(2)->bias.detach().clone();
   auto split = [&](const torch::Tensor& f, torch::Tensor& leaf, torch::Tensor& offset) {
     const torch::Tensor v = f.clone().to(dtype);
     offset = init == Init::symmetric ? v : torch::zeros_like(v);
@@ -113,7 +113,7 @@ std::pair<double, double> run_equivalence(InnerType t, Init init, torch::ScalarT
     ref_sched.step();
     const torch::Tensor W1 = ref.W1 + module_scale * torch::mm(ref.a1(), ref.b1f());
     const torch::Tensor W2 = ref.W2 + module_scale * torch::mm(ref.a2(), ref.b2f());
-    wgap = std::max({wgap, max_abs_diff(model->fc1->weight, W1), max_abs_diff(model->fc2->weight, W2)});
+    wgap = std::max({wgap, max_abs_diff(model->fc(1)->weight, W1), max_abs_diff(model->fc(2)->weight, W2)});
     auto [a1, b1] = opt.factors("fc1.weight");
     auto [a2, b2] = opt.factors("fc2.weight");
     fgap = std::max({fgap, max_abs_diff(a1, ref.a1()), max_abs_diff(b1, ref.b1f()), max_abs_diff(a2, ref.a2()),
@@ -163,7 +163,7 @@ class FullParity : public ::testing::TestWithParam<torch::Device> {};
 namespace {
 
 // One step on batch i through model a with `opt` and model b with `ref`.
-void step_both(Mlp2& a, torch::optim::Optimizer& opt, Mlp2& b, torch::optim::Optimizer& ref, int64_t i,
+void step_both(Mlp& a, torch::optim::Optimizer& opt, Mlp& b, torch::optim::Optimizer& ref, int64_t i,
                torch::Device device) {
   auto [x, y] = batch(i, torch::kFloat, device);
   opt.zero_grad();
@@ -179,7 +179,7 @@ void step_both(Mlp2& a, torch::optim::Optimizer& opt, Mlp2& b, torch::optim::Opt
 TEST_P(FullParity, AdamWBitForBit) {
   const torch::Device device = GetParam();
   GRADLORA_SKIP_IF_UNAVAILABLE(device);
-  Mlp2 a = make_mlp(torch::kFloat, device), b = make_mlp(torch::kFloat, device);
+  Mlp a = make_mlp(torch::kFloat, device), b = make_mlp(torch::kFloat, device);
   LowRankOptimizer opt(a->named_parameters(),
                        quiet("optimizer: {type: adamw, lr: 0.02, weight_decay: 0.05, amsgrad: true}\ndefault: full"));
   torch::optim::AdamW ref(b->parameters(), torch::optim::AdamWOptions(0.02).weight_decay(0.05).amsgrad(true));
@@ -193,7 +193,7 @@ TEST_P(FullParity, AdamWBitForBit) {
 TEST_P(FullParity, SgdNesterovBitForBit) {
   const torch::Device device = GetParam();
   GRADLORA_SKIP_IF_UNAVAILABLE(device);
-  Mlp2 a = make_mlp(torch::kFloat, device), b = make_mlp(torch::kFloat, device);
+  Mlp a = make_mlp(torch::kFloat, device), b = make_mlp(torch::kFloat, device);
   LowRankOptimizer opt(a->named_parameters(),
                        quiet("optimizer: {type: sgd, lr: 0.1, momentum: 0.9, nesterov: true, weight_decay: 0.01}\n"
                              "default: full"));
@@ -213,7 +213,7 @@ INSTANTIATE_TEST_SUITE_P(Devices, FullParity, ::testing::ValuesIn(test_devices()
 // ---- frozen, step 0, schedulers, skipping
 
 TEST(Core, FrozenParametersNeverChange) {
-  Mlp2 m = make_mlp();
+  Mlp m = make_mlp();
   std::map<std::string, torch::Tensor> before;
   for (const auto& kv : m->named_parameters()) before[kv.key()] = kv.value().detach().clone();
   LowRankOptimizer opt(m->named_parameters(),
@@ -237,19 +237,19 @@ TEST(Core, FrozenParametersNeverChange) {
 TEST(Core, ModelUnchangedAtStepZeroForBothInits) {
   for (const char* init : {"zero", "symmetric"}) {
     for (const char* wb : {"incremental", "exact"}) {
-      Mlp2 m = make_mlp();
-      const torch::Tensor w0 = m->fc1->weight.detach().clone();
+      Mlp m = make_mlp();
+      const torch::Tensor w0 = m->fc(1)->weight.detach().clone();
       auto [x, y] = batch(0);
       const torch::Tensor out0 = m->forward(x).detach();
       LowRankOptimizer opt(m->named_parameters(),
                            quiet(fmt::format("optimizer: {{lr: 0.0, weight_decay: 0.0}}\n"
                                              "targets: [{{match: fc1.weight, rank: 4, init: {}, writeback: {}}}]",
                                              init, wb)));
-      EXPECT_TRUE(torch::equal(m->fc1->weight, w0)) << init << " " << wb;
+      EXPECT_TRUE(torch::equal(m->fc(1)->weight, w0)) << init << " " << wb;
       opt.zero_grad();
       torch::mse_loss(m->forward(x), y).backward();
       opt.step();  // lr 0: the factors do not move, so neither may the weight
-      EXPECT_TRUE(torch::equal(m->fc1->weight, w0)) << init << " " << wb;
+      EXPECT_TRUE(torch::equal(m->fc(1)->weight, w0)) << init << " " << wb;
       EXPECT_TRUE(torch::equal(m->forward(x).detach(), out0)) << init << " " << wb;
     }
   }
@@ -257,7 +257,7 @@ TEST(Core, ModelUnchangedAtStepZeroForBothInits) {
 
 TEST(Core, SchedulerReachesTheFactorUpdates) {
   // Inner SGD without momentum: ΔA = −lr·gA, so the factor step tracks the group lr exactly.
-  Mlp2 m = make_mlp(torch::kDouble);
+  Mlp m = make_mlp(torch::kDouble);
   LowRankOptimizer opt(m->named_parameters(), quiet("optimizer: {type: sgd, lr: 0.2}\n"
                                                     "targets: [{match: fc1.weight, rank: 2, init: symmetric}]"));
   torch::optim::StepLR sched(opt, /*step_size=*/1, /*gamma=*/0.25);
@@ -268,7 +268,7 @@ TEST(Core, SchedulerReachesTheFactorUpdates) {
     torch::mse_loss(m->forward(x), y).backward();
     auto [A, B] = opt.factors("fc1.weight");
     const torch::Tensor A0 = A.clone();
-    auto [gA, gB] = lora_factor_grads(m->fc1->weight.grad(), A, B, 1.0);
+    auto [gA, gB] = lora_factor_grads(m->fc(1)->weight.grad(), A, B, 1.0);
     const double lr = opt.param_groups()[0].options().get_lr();  // what the scheduler set
     lrs.insert(lr);
     opt.step();
@@ -280,26 +280,26 @@ TEST(Core, SchedulerReachesTheFactorUpdates) {
 }
 
 TEST(Core, ParametersWithoutGradientAreSkipped) {
-  Mlp2 m = make_mlp();
+  Mlp m = make_mlp();
   LowRankOptimizer opt(m->named_parameters(), quiet("targets: [{match: 'fc*.weight', rank: 2}]\ndefault: full"));
-  const torch::Tensor w2 = m->fc2->weight.detach().clone();
-  const torch::Tensor b2 = m->fc2->bias.detach().clone();
+  const torch::Tensor w2 = m->fc(2)->weight.detach().clone();
+  const torch::Tensor b2 = m->fc(2)->bias.detach().clone();
   auto [x, y] = batch(0);
   torch::mse_loss(m->forward(x), y).backward();
-  m->fc2->weight.mutable_grad() = torch::Tensor();
-  m->fc2->bias.mutable_grad() = torch::Tensor();
-  const torch::Tensor w1 = m->fc1->weight.detach().clone();
+  m->fc(2)->weight.mutable_grad() = torch::Tensor();
+  m->fc(2)->bias.mutable_grad() = torch::Tensor();
+  const torch::Tensor w1 = m->fc(1)->weight.detach().clone();
   opt.step();
-  EXPECT_TRUE(torch::equal(m->fc2->weight, w2));
-  EXPECT_TRUE(torch::equal(m->fc2->bias, b2));
-  EXPECT_FALSE(torch::equal(m->fc1->weight, w1));
+  EXPECT_TRUE(torch::equal(m->fc(2)->weight, w2));
+  EXPECT_TRUE(torch::equal(m->fc(2)->bias, b2));
+  EXPECT_FALSE(torch::equal(m->fc(1)->weight, w1));
   EXPECT_EQ(opt.projector("fc2.weight").steps(), 0);
   EXPECT_EQ(opt.projector("fc1.weight").steps(), 1);
   for (const auto& kv : opt.state_tensors("fc2.weight")) EXPECT_EQ(kv.first.rfind("inner.", 0), std::string::npos);
 }
 
 TEST(Core, ZeroGradClearsEveryGradient) {
-  Mlp2 m = make_mlp();
+  Mlp m = make_mlp();
   LowRankOptimizer opt(m->named_parameters(), quiet("targets: [{match: fc1.weight, rank: 2}]"));
   auto [x, y] = batch(0);
   torch::mse_loss(m->forward(x), y).backward();
@@ -311,7 +311,7 @@ TEST(Core, ZeroGradClearsEveryGradient) {
 }
 
 TEST(Core, PerTargetLearningRatesMakeGroups) {
-  Mlp2 m = make_mlp();
+  Mlp m = make_mlp();
   LowRankOptimizer opt(m->named_parameters(),
                        quiet("optimizer: {lr: 0.01}\n"
                              "targets: [{match: fc1.weight, rank: 2, lr: 0.5}, {match: fc2.weight, rank: 2}]\n"
@@ -325,7 +325,7 @@ TEST(Core, PerTargetLearningRatesMakeGroups) {
 // ---- memory
 
 TEST(Memory, LoraStateHoldsNoFullSizeTensor) {
-  Mlp2 m = make_mlp(torch::kFloat, 12, 16, 6);
+  Mlp m = make_mlp(torch::kFloat, 12, 16, 6);
   LowRankOptimizer opt(m->named_parameters(), quiet("targets: [{match: 'fc*.weight', rank: 2}]"));
   for (int i = 0; i < 3; ++i) {
     auto [x, y] = batch(i);
@@ -347,8 +347,7 @@ TEST(Memory, LoraStateHoldsNoFullSizeTensor) {
 }
 
 TEST(Memory, ReportAt4096SquaredRank8) {
-  torch::OrderedDict<std::string, torch::Tensor> params;
-  params.insert("w", torch::zeros({4096, 4096}));
+  const auto params = single_weight(torch::zeros({4096, 4096}));
   LowRankOptimizer opt(params, quiet("targets: [{match: w, rank: 8}]"));
   const ParamReport& p = opt.report().params.at(0);
   EXPECT_EQ(p.moment_bytes, 2 * 8 * (4096 + 4096) * 4);          // 512 KiB of moments

@@ -22,7 +22,7 @@ struct TrainResult {
 };
 
 TrainResult train(bool fused, int micro_batches, torch::Device device, int steps = 10) {
-  Mlp2 m = make_mlp(torch::kDouble, device);
+  Mlp m = make_mlp(torch::kDouble, device);
   Config c = quiet(std::string(kTargets) + (fused ? "fuse_into_backward: true\n" : ""));
   LowRankOptimizer opt(m->named_parameters(), c);
   torch::optim::StepLR sched(opt, 3, 0.5);
@@ -33,10 +33,10 @@ TrainResult train(bool fused, int micro_batches, torch::Device device, int steps
       torch::mse_loss(m->forward(x), y).backward();
       if (fused) {
         // At most an empty placeholder, never the full gradient.
-        EXPECT_EQ(m->fc1->weight.grad().defined() ? m->fc1->weight.grad().numel() : 0, 0)
+        EXPECT_EQ(m->fc(1)->weight.grad().defined() ? m->fc(1)->weight.grad().numel() : 0, 0)
             << "fused mode must not store the full gradient";
-        EXPECT_EQ(m->fc2->weight.grad().defined() ? m->fc2->weight.grad().numel() : 0, 0);
-        EXPECT_TRUE(m->fc1->bias.grad().defined()) << "full parameters keep their gradient";
+        EXPECT_EQ(m->fc(2)->weight.grad().defined() ? m->fc(2)->weight.grad().numel() : 0, 0);
+        EXPECT_TRUE(m->fc(1)->bias.grad().defined()) << "full parameters keep their gradient";
       }
     }
     opt.step();
@@ -85,20 +85,20 @@ TEST(Fused, ZeroGradDropsUnsteppedProjections) {
   // and the hook must start afresh then too.
   for (bool in_place : {false, true}) {
     SCOPED_TRACE(in_place ? "grad zeroed in place" : "opt.zero_grad()");
-    Mlp2 m = make_mlp();
+    Mlp m = make_mlp();
     LowRankOptimizer opt(m->named_parameters(), quiet("fuse_into_backward: true\n"
                                                       "targets: [{match: fc1.weight, rank: 2, init: symmetric}]"));
-    const torch::Tensor w = m->fc1->weight.detach().clone();
+    const torch::Tensor w = m->fc(1)->weight.detach().clone();
     auto [x, y] = batch(0);
     torch::mse_loss(m->forward(x), y).backward();
     if (in_place) {
-      ASSERT_TRUE(m->fc1->weight.grad().defined());
-      m->fc1->weight.mutable_grad().zero_();
+      ASSERT_TRUE(m->fc(1)->weight.grad().defined());
+      m->fc(1)->weight.mutable_grad().zero_();
     } else {
       opt.zero_grad();
     }
     opt.step();  // nothing pending: nothing moves
-    EXPECT_TRUE(torch::equal(m->fc1->weight, w));
+    EXPECT_TRUE(torch::equal(m->fc(1)->weight, w));
     EXPECT_EQ(opt.projector("fc1.weight").steps(), 0);
   }
 }
@@ -110,7 +110,7 @@ namespace {
 enum class Zero { optimizer_base, module, none };
 
 std::vector<torch::Tensor> zeroed_between_backwards(bool fused, Zero zero) {
-  Mlp2 m = make_mlp(torch::kDouble);
+  Mlp m = make_mlp(torch::kDouble);
   LowRankOptimizer opt(m->named_parameters(),
                        quiet(std::string(kTargets) + (fused ? "fuse_into_backward: true\n" : "")));
   torch::optim::Optimizer& base = opt;  // what a generic training loop holds
@@ -150,12 +150,12 @@ TEST(Fused, ZeroGradThroughTheBaseClassDropsEarlierBackwards) {
 }
 
 TEST(Fused, GradientsFlowNormallyAfterTheOptimizerIsGone) {
-  Mlp2 m = make_mlp();
+  Mlp m = make_mlp();
   {
     LowRankOptimizer opt(m->named_parameters(), quiet("fuse_into_backward: true\n"
                                                       "targets: [{match: fc1.weight, rank: 2}]"));
   }
   auto [x, y] = batch(0);
   torch::mse_loss(m->forward(x), y).backward();
-  EXPECT_TRUE(m->fc1->weight.grad().defined());
+  EXPECT_TRUE(m->fc(1)->weight.grad().defined());
 }

@@ -13,8 +13,7 @@ namespace {
 torch::Tensor random_sgd_delta(const torch::Tensor& P_init, const torch::Tensor& G, double lr, uint64_t seed,
                                const std::string& extra = "") {
   torch::Tensor P = P_init.clone();
-  torch::OrderedDict<std::string, torch::Tensor> params;
-  params.insert("w", P);
+  const auto params = single_weight(P);
   LowRankOptimizer opt(params, quiet(fmt::format("seed: {}\noptimizer: {{type: sgd, lr: {}}}\n"
                                                  "targets: [{{match: w, method: random, rank: 2, alpha: 4{}}}]",
                                                  seed, lr, extra)));
@@ -135,8 +134,7 @@ struct RandomRun {
   torch::Tensor P;
   std::unique_ptr<LowRankOptimizer> opt;
   RandomRun(const torch::Tensor& P0, const std::string& extra, const std::string& inner) : P(P0.clone()) {
-    torch::OrderedDict<std::string, torch::Tensor> params;
-    params.insert("w", P);
+    const auto params = single_weight(P);
     opt = std::make_unique<LowRankOptimizer>(
         params, quiet(fmt::format("seed: 21\noptimizer: {}\n"
                                   "targets: [{{match: w, method: random, rank: {}, alpha: 3{}}}]",
@@ -209,7 +207,7 @@ TEST(Random, TransferReexpressesTheMomentsInTheNewProjection) {
 namespace {
 
 std::vector<torch::Tensor> train_weights(const std::string& yaml, int steps, torch::ScalarType dtype = torch::kFloat) {
-  Mlp2 m = make_mlp(dtype);
+  Mlp m = make_mlp(dtype);
   LowRankOptimizer opt(m->named_parameters(), quiet(yaml));
   for (int i = 0; i < steps; ++i) {
     auto [x, y] = batch(i, dtype);
@@ -258,7 +256,7 @@ TEST(Random, ResampleOptionsAreDeterministicAndDistinct) {
 }
 
 TEST(Random, ProjectionsAreNotStoredWhenResampledEveryStep) {
-  Mlp2 m = make_mlp();
+  Mlp m = make_mlp();
   LowRankOptimizer opt(m->named_parameters(), quiet("targets: [{match: fc1.weight, method: random, rank: 2}]"));
   auto [x, y] = batch(0);
   torch::mse_loss(m->forward(x), y).backward();
@@ -309,8 +307,7 @@ TEST_P(Additive, SgdStepIsTheClosedForm) {
   torch::Tensor P = torch::randn({6, 5}, torch::kDouble).to(device);
   const torch::Tensor P0 = P.clone();
   const torch::Tensor G = torch::randn({6, 5}, torch::kDouble).to(device);
-  torch::OrderedDict<std::string, torch::Tensor> params;
-  params.insert("w", P);
+  const auto params = single_weight(P);
   LowRankOptimizer opt(params,
                        quiet("optimizer: {type: sgd, lr: 0.1}\ntargets: [{match: w, method: additive, rank: 1}]"));
   P.mutable_grad() = G.clone();
@@ -337,7 +334,7 @@ TEST_P(Additive, MatchesAutogradThroughTheExplicitParameterisation) {
   for (int64_t r : {2, 3, 5}) {  // 16x12 and 6x16: 2 divides all, 3 and 5 leave truncated blocks
     for (auto dtype : {torch::kFloat, torch::kDouble}) {
       const auto o = torch::TensorOptions().dtype(dtype).device(device);
-      Mlp2 m = make_mlp(dtype, device);
+      Mlp m = make_mlp(dtype, device);
       LowRankOptimizer opt(
           m->named_parameters(),
           quiet(fmt::format("optimizer: {{type: adamw, lr: 0.01, weight_decay: 0.1}}\n"
@@ -345,8 +342,8 @@ TEST_P(Additive, MatchesAutogradThroughTheExplicitParameterisation) {
                             r, 2 * r)));
       // Module side: W = W0 + s·(A·J + J'·B) with A, B trained by torch::optim::AdamW.
       const double s = 2.0;
-      torch::Tensor W1 = m->fc1->weight.detach().clone(), W2 = m->fc2->weight.detach().clone();
-      torch::Tensor b1 = m->fc1->bias.detach().clone(), b2 = m->fc2->bias.detach().clone();
+      torch::Tensor W1 = m->fc(1)->weight.detach().clone(), W2 = m->fc(2)->weight.detach().clone();
+      torch::Tensor b1 = m->fc(1)->bias.detach().clone(), b2 = m->fc(2)->bias.detach().clone();
       const int64_t n1 = W1.size(0), m1 = W1.size(1), n2 = W2.size(0), m2 = W2.size(1);
       torch::Tensor A1 = torch::zeros({n1, r}, o).requires_grad_(), B1 = torch::zeros({r, m1}, o).requires_grad_();
       torch::Tensor A2 = torch::zeros({n2, r}, o).requires_grad_(), B2 = torch::zeros({r, m2}, o).requires_grad_();
@@ -366,12 +363,12 @@ TEST_P(Additive, MatchesAutogradThroughTheExplicitParameterisation) {
         torch::mse_loss(out, y).backward();
         ref.step();
         torch::NoGradGuard ng;
-        gap = std::max({gap, max_abs_diff(m->fc1->weight, W1 + s * (torch::mm(A1, J1) + torch::mm(J1p, B1))),
-                        max_abs_diff(m->fc2->weight, W2 + s * (torch::mm(A2, J2) + torch::mm(J2p, B2)))});
+        gap = std::max({gap, max_abs_diff(m->fc(1)->weight, W1 + s * (torch::mm(A1, J1) + torch::mm(J1p, B1))),
+                        max_abs_diff(m->fc(2)->weight, W2 + s * (torch::mm(A2, J2) + torch::mm(J2p, B2)))});
       }
       EXPECT_LE(gap, dtype == torch::kDouble ? 1e-11 : 1e-5) << "r=" << r;
       // rank(ΔP) ≤ 2r
-      const torch::Tensor d = m->fc1->weight.detach().to(torch::kDouble) - W1.to(torch::kDouble);
+      const torch::Tensor d = m->fc(1)->weight.detach().to(torch::kDouble) - W1.to(torch::kDouble);
       EXPECT_LE(numerical_rank(d, dtype == torch::kDouble ? 1e-9 : 1e-4), 2 * r) << "r=" << r;
     }
   }
@@ -380,7 +377,7 @@ TEST_P(Additive, MatchesAutogradThroughTheExplicitParameterisation) {
 INSTANTIATE_TEST_SUITE_P(Devices, Additive, ::testing::ValuesIn(test_devices()), DeviceName());
 
 TEST(Additive, ReportShowsTheAdditiveNumbers) {
-  Mlp2 m = make_mlp();
+  Mlp m = make_mlp();
   LowRankOptimizer opt(m->named_parameters(), quiet("targets: [{match: fc1.weight, method: additive, rank: 3}]"));
   const ParamReport& p = opt.report().params[0];
   EXPECT_EQ(p.trainable, 3 * (16 + 12));

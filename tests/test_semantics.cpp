@@ -14,8 +14,7 @@ struct Lone {
   torch::Tensor P;
   std::unique_ptr<LowRankOptimizer> opt;
   Lone(const torch::Tensor& P0, const std::string& yaml) : P(P0.clone()) {
-    torch::OrderedDict<std::string, torch::Tensor> params;
-    params.insert("w", P);
+    const auto params = single_weight(P);
     opt = std::make_unique<LowRankOptimizer>(params, quiet(yaml));
   }
   void step(const torch::Tensor& G) {
@@ -198,7 +197,7 @@ TEST_P(MaxGradNorm, EqualsClipGradNormThenAnUnfusedStep) {
   // gradients, then step(). SGD: a wrong scale shows (Adam would hide a constant one).
   const ClipCase& c = GetParam();
   const double max_norm = 0.05;
-  Mlp2 ref = make_mlp(torch::kDouble), got = make_mlp(torch::kDouble);
+  Mlp ref = make_mlp(torch::kDouble), got = make_mlp(torch::kDouble);
   LowRankOptimizer ref_opt(ref->named_parameters(), quiet(clip_yaml({c.fc1, false, 1}, std::nullopt)));
   LowRankOptimizer got_opt(got->named_parameters(), quiet(clip_yaml(c, max_norm)));
   for (int step = 0; step < 4; ++step) {
@@ -231,7 +230,7 @@ INSTANTIATE_TEST_SUITE_P(
 TEST(MaxGradNormFused, AccumulationIsRefusedNamingTheParameterAndChangesNothing) {
   // In fused mode the hook sees each micro-batch's gradient only: the norm of their sum
   // is unknowable from the projections, so step() refuses before changing anything.
-  Mlp2 m = make_mlp(torch::kDouble);
+  Mlp m = make_mlp(torch::kDouble);
   LowRankOptimizer opt(m->named_parameters(), quiet(clip_yaml({"method: lora, rank: 3", true, 2}, 0.05)));
   std::vector<torch::Tensor> before;
   for (const auto& p : m->parameters()) before.push_back(p.detach().clone());

@@ -1,6 +1,8 @@
 #pragma once
-// Shared helpers of the core tests: a small MLP, a fixed data set, quiet
-// configs, and the devices the equivalence tests run on.
+// Shared helpers of the tests: the test model (an MLP of any depth, optionally with a
+// side branch; a lone weight), a fixed data set, quiet configs, and the devices the
+// equivalence tests run on.
+#include <ATen/CPUGeneratorImpl.h>
 #include <fmt/format.h>
 #include <gradlora/gradlora.h>
 #include <gtest/gtest.h>
@@ -54,26 +56,67 @@ struct CaseAndDeviceName {
 
 namespace gradlora::testing {
 
-struct Mlp2Impl : torch::nn::Module {
-  Mlp2Impl(int64_t in, int64_t hidden, int64_t out)
-      : fc1(register_module("fc1", torch::nn::Linear(in, hidden))),
-        fc2(register_module("fc2", torch::nn::Linear(hidden, out))) {}
-  torch::Tensor forward(const torch::Tensor& x) { return fc2->forward(torch::tanh(fc1->forward(x))); }
-  torch::nn::Linear fc1, fc2;
-};
-TORCH_MODULE(Mlp2);
+/// The tests' MLP: Linear layers fc1 … fcN through widths[0] → widths[1] → … → widths[N], tanh
+/// between them, and optionally a side branch `extra` from the last layer's input to the output,
+/// which a forward pass adds or leaves out (a parameter that some passes do not use).
+/// Parameters in the order fc1.weight, fc1.bias, …, fcN.bias, extra.weight, extra.bias.
+struct MlpImpl : torch::nn::Module {
+  explicit MlpImpl(const std::vector<int64_t>& widths, bool side_branch = false) {
+    TORCH_CHECK(widths.size() >= 2, "an MLP needs an input and an output width");
+    for (size_t i = 0; i + 1 < widths.size(); ++i) {
+      layers.push_back(register_module("fc" + std::to_string(i + 1), torch::nn::Linear(widths[i], widths[i + 1])));
+    }
+    if (side_branch) {
+      extra = register_module("extra", torch::nn::Linear(widths[widths.size() - 2], widths.back()));
+    }
+  }
+  torch::Tensor forward(const torch::Tensor& x, bool use_extra = false) {
+    torch::Tensor h = x;
+    for (size_t i = 0; i + 1 < layers.size(); ++i) h = torch::tanh(layers[i]->forward(h));
+    torch::Tensor out = layers.back()->forward(h);
+    return use_extra ? out + extra->forward(h) : out;
+  }
+  /// Layer fc`i` (counted from 1, as in its name).
+  torch::nn::Linear fc(size_t i) const { return layers.at(i - 1); }
 
-/// A deterministic MLP (seeded) in the given dtype, initialised on the CPU and then
-/// moved to `device` (so every device starts from the same weights).
-inline Mlp2 make_mlp(torch::ScalarType dtype = torch::kFloat, int64_t in = 12, int64_t hidden = 16, int64_t out = 6,
-                     uint64_t seed = 1, torch::Device device = torch::kCPU) {
+  std::vector<torch::nn::Linear> layers;
+  torch::nn::Linear extra{nullptr};
+};
+TORCH_MODULE(Mlp);
+
+/// A deterministic MLP (seeded) with the given widths in the given dtype, initialised on the
+/// CPU and then moved to `device` (so every device starts from the same weights). The layers
+/// draw their initial values in order, fc1 first, `extra` last.
+inline Mlp make_mlp(const std::vector<int64_t>& widths, uint64_t seed, torch::ScalarType dtype = torch::kFloat,
+                    torch::Device device = torch::kCPU, bool side_branch = false) {
   torch::manual_seed(seed);
-  Mlp2 m(in, hidden, out);
+  Mlp m(widths, side_branch);
   m->to(dtype);
   if (!device.is_cpu()) m->to(device);
   return m;
 }
-inline Mlp2 make_mlp(torch::ScalarType dtype, torch::Device device) { return make_mlp(dtype, 12, 16, 6, 1, device); }
+/// The two-layer in → hidden → out case.
+inline Mlp make_mlp(torch::ScalarType dtype = torch::kFloat, int64_t in = 12, int64_t hidden = 16, int64_t out = 6,
+                    uint64_t seed = 1, torch::Device device = torch::kCPU) {
+  return make_mlp({in, hidden, out}, seed, dtype, device);
+}
+inline Mlp make_mlp(torch::ScalarType dtype, torch::Device device) { return make_mlp(dtype, 12, 16, 6, 1, device); }
+
+/// A one-parameter "model": `W` itself (not a copy) under `name`.
+inline torch::OrderedDict<std::string, torch::Tensor> single_weight(const torch::Tensor& W,
+                                                                    const std::string& name = "w") {
+  torch::OrderedDict<std::string, torch::Tensor> d;
+  d.insert(name, W);
+  return d;
+}
+
+/// Standard-normal values of the given shape from their own generator (independent of the
+/// global one), drawn in double on the CPU and then converted to `dtype`.
+inline torch::Tensor seeded_randn(const std::vector<int64_t>& shape, uint64_t seed,
+                                  torch::ScalarType dtype = torch::kDouble) {
+  auto gen = at::detail::createCPUGenerator(seed);
+  return at::randn(shape, gen, torch::TensorOptions().dtype(torch::kDouble)).to(dtype);
+}
 
 /// Batch `i` of a fixed regression data set, drawn on the CPU and then moved to `device`.
 inline std::pair<torch::Tensor, torch::Tensor> batch(int64_t i, torch::ScalarType dtype = torch::kFloat,

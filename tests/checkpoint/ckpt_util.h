@@ -21,8 +21,8 @@
 
 namespace gradlora::ckpt_test {
 
-/// The shared two-layer MLP of the tests (test_util.h).
-using Net = ::gradlora::testing::Mlp2;
+/// The tests' shared MLP (test_util.h), here with two layers.
+using Net = ::gradlora::testing::Mlp;
 
 /// A fresh folder under the system's temporary directory, unique per process and call.
 inline std::string temp_dir(const std::string& prefix) {
@@ -46,15 +46,11 @@ inline void write_bytes(const std::string& path, const std::string& bytes) {
 
 constexpr int64_t kIn = 12, kHidden = 16, kOut = 6;
 
-/// A seeded MLP; a different seed gives different initial weights. Initialised on the
-/// CPU, then moved to `device`.
+/// The shared MLP, kIn → hidden → kOut, seeded; a different seed gives different initial
+/// weights. Initialised on the CPU, then moved to `device`.
 inline Net make_net(uint64_t seed = 1, int64_t hidden = kHidden, torch::ScalarType dtype = torch::kFloat,
                     torch::Device device = torch::kCPU) {
-  torch::manual_seed(seed);
-  Net n(kIn, hidden, kOut);
-  n->to(dtype);
-  if (!device.is_cpu()) n->to(device);
-  return n;
+  return ::gradlora::testing::make_mlp({kIn, hidden, kOut}, seed, dtype, device);
 }
 
 /// Batch `i` of a fixed regression stream (independent of the global generator), drawn on
@@ -67,12 +63,7 @@ inline std::pair<torch::Tensor, torch::Tensor> batch(int64_t i, torch::ScalarTyp
   return {x.to(dtype).to(device), y.to(dtype).to(device)};
 }
 
-/// Parses YAML and switches off the construction log.
-inline Config quiet(const std::string& yaml) {
-  Config c = Config::from_yaml_string(yaml);
-  c.log_report = false;
-  return c;
-}
+using ::gradlora::testing::quiet;
 
 /// Steps [from, to) on the fixed stream, on the model's device. At step `decay_at` every
 /// group's learning rate is halved (a user-side schedule the checkpoint must carry).
@@ -81,7 +72,7 @@ inline void train(Net& net, LowRankOptimizer& opt, int64_t from, int64_t to, int
     if (i == decay_at) {
       for (auto& g : opt.param_groups()) g.options().set_lr(g.options().get_lr() * 0.5);
     }
-    auto [x, y] = batch(i, net->fc1->weight.scalar_type(), net->fc1->weight.device());
+    auto [x, y] = batch(i, net->fc(1)->weight.scalar_type(), net->fc(1)->weight.device());
     opt.zero_grad();
     torch::mse_loss(net->forward(x), y).backward();
     opt.step();

@@ -197,7 +197,7 @@ TEST(Adapter, ExportThenImportReproducesTheWeightChange) {
 
       // Import into the untrained model: the weights become the trained ones.
       Net base = make_net(1);
-      const torch::Tensor b1 = base->fc1->bias.detach().clone();
+      const torch::Tensor b1 = base->fc(1)->bias.detach().clone();
       const auto changed = load_adapter(base->named_parameters(), dir);
       EXPECT_EQ(changed, (std::vector<std::string>{"fc1.weight", "fc2.weight"}));
       for (const char* name : {"fc1.weight", "fc2.weight"}) {
@@ -208,7 +208,7 @@ TEST(Adapter, ExportThenImportReproducesTheWeightChange) {
         EXPECT_GT((W - W0).abs().max().item<double>(), 1e-2) << name << ": training changed little";
         EXPECT_LE((L - W).abs().max().item<double>(), 1e-6) << name;
       }
-      EXPECT_TRUE(torch::equal(base->fc1->bias, b1)) << "biases are not in a LoRA adapter";
+      EXPECT_TRUE(torch::equal(base->fc(1)->bias, b1)) << "biases are not in a LoRA adapter";
       fs::remove_all(dir);
     }
   }
@@ -431,11 +431,11 @@ TEST(Adapter, BadAdaptersThrowAndChangeNothing) {
   export_adapter(opt, dir);
 
   Net narrow = make_net(2, /*hidden=*/10);
-  const torch::Tensor before = narrow->fc2->weight.detach().clone();
+  const torch::Tensor before = narrow->fc(2)->weight.detach().clone();
   std::string msg = adapter_error([&] { load_adapter(narrow->named_parameters(), dir); });
   EXPECT_NE(msg.find("module 'fc1'"), std::string::npos) << msg;
   EXPECT_NE(msg.find("module 'fc2'"), std::string::npos) << msg;
-  EXPECT_TRUE(torch::equal(narrow->fc2->weight, before)) << "fc2 fits no better: nothing may change";
+  EXPECT_TRUE(torch::equal(narrow->fc(2)->weight, before)) << "fc2 fits no better: nothing may change";
 
   torch::OrderedDict<std::string, torch::Tensor> other;
   other.insert("encoder.weight", torch::zeros({16, 12}));

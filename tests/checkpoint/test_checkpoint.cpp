@@ -224,68 +224,76 @@ TEST(Checkpoint, SaveWritesNoTemporaryFileAndReplacesAtomically) {
   fs::remove_all(dir);
 }
 
-TEST(Checkpoint, FailingWriteLeavesPreviousFileLoadable) {
-  const std::string dir = temp_dir("ckpt"), path = dir + "/run.ckpt";
-  const Config cfg = quiet(yaml_of("lora_symmetric", "adam"));
-  Net net = make_net(1);
-  LowRankOptimizer opt(net->named_parameters(), cfg);
-  train(net, opt, 0, 3);
-  save_checkpoint(opt, *net, path);
-  const Snapshot at3 = snapshot(opt, *net);
-  const std::string good = read_bytes(path);
+/// A run trained for `steps` steps and saved to run.ckpt in a fresh folder (removed on
+/// destruction): what a later save that fails must leave in place, loadable.
+struct SavedRun {
+  SavedRun(const char* method, const char* inner, int64_t steps)
+      : dir(temp_dir("ckpt")),
+        path(dir + "/run.ckpt"),
+        cfg(quiet(yaml_of(method, inner))),
+        net(make_net(1)),
+        opt(net->named_parameters(), cfg) {
+    train(net, opt, 0, steps);
+    save_checkpoint(opt, *net, path);
+    saved = snapshot(opt, *net);
+    bytes = read_bytes(path);
+  }
+  ~SavedRun() { fs::remove_all(dir); }
+  SavedRun(const SavedRun&) = delete;
+  SavedRun& operator=(const SavedRun&) = delete;
 
-  train(net, opt, 3, 6);
+  /// A fresh model and optimizer that load the file equal the run as it was saved.
+  void expect_file_loads_as_saved() const {
+    Net net2 = make_net(9);
+    LowRankOptimizer opt2(net2->named_parameters(), cfg);
+    load_checkpoint(opt2, *net2, path);
+    expect_identical(saved, snapshot(opt2, *net2));
+  }
+
+  const std::string dir, path;
+  const Config cfg;
+  Net net;
+  LowRankOptimizer opt;
+  Snapshot saved;
+  std::string bytes;
+};
+
+TEST(Checkpoint, FailingWriteLeavesPreviousFileLoadable) {
+  SavedRun run("lora_symmetric", "adam", 3);
+  train(run.net, run.opt, 3, 6);
   detail::set_write_hook([](size_t written) {
     if (written > 1500) throw std::runtime_error("disk full (simulated)");
   });
   try {
-    save_checkpoint(opt, *net, path);
+    save_checkpoint(run.opt, *run.net, run.path);
     ADD_FAILURE() << "expected CheckpointError";
   } catch (const CheckpointError& e) {
     EXPECT_NE(std::string(e.what()).find("disk full (simulated)"), std::string::npos) << e.what();
-    EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find(run.path), std::string::npos) << e.what();
   }
   detail::set_write_hook(nullptr);
-  EXPECT_EQ(read_bytes(path), good);
+  EXPECT_EQ(read_bytes(run.path), run.bytes);
   size_t files = 0;
-  for (const auto& e : fs::directory_iterator(dir)) files += e.is_regular_file();
+  for (const auto& e : fs::directory_iterator(run.dir)) files += e.is_regular_file();
   EXPECT_EQ(files, 1u) << "the temporary file must be removed";
-
-  Net net2 = make_net(9);
-  LowRankOptimizer opt2(net2->named_parameters(), cfg);
-  load_checkpoint(opt2, *net2, path);
-  expect_identical(at3, snapshot(opt2, *net2));
-  fs::remove_all(dir);
+  run.expect_file_loads_as_saved();
 }
 
 TEST(Checkpoint, ProcessKilledWhileSavingLeavesPreviousFileLoadable) {
-  const std::string dir = temp_dir("ckpt"), path = dir + "/run.ckpt";
-  const Config cfg = quiet(yaml_of("lora_zero", "adam"));
-  Net net = make_net(1);
-  LowRankOptimizer opt(net->named_parameters(), cfg);
-  train(net, opt, 0, 1);
-  save_checkpoint(opt, *net, path);
-  const std::string good = read_bytes(path);
-  const Snapshot at1 = snapshot(opt, *net);
-
-  const int status = run_self({"--gradlora-kill-child", path});
+  SavedRun run("lora_zero", "adam", 1);
+  const int status = run_self({"--gradlora-kill-child", run.path});
   ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) << "child status " << status;
-  EXPECT_EQ(read_bytes(path), good);
+  EXPECT_EQ(read_bytes(run.path), run.bytes);
   // The child died mid-write: its partial temporary file is what is left.
   size_t partial = 0;
-  for (const auto& e : fs::directory_iterator(dir)) {
+  for (const auto& e : fs::directory_iterator(run.dir)) {
     if (e.path().filename().string().rfind("run.ckpt.tmp.", 0) == 0) {
       ++partial;
-      EXPECT_LT(fs::file_size(e.path()), good.size());
+      EXPECT_LT(fs::file_size(e.path()), run.bytes.size());
     }
   }
   EXPECT_EQ(partial, 1u);
-
-  Net net2 = make_net(9);
-  LowRankOptimizer opt2(net2->named_parameters(), cfg);
-  load_checkpoint(opt2, *net2, path);
-  expect_identical(at1, snapshot(opt2, *net2));
-  fs::remove_all(dir);
+  run.expect_file_loads_as_saved();
 }
 
 TEST(Checkpoint, SaveIntoMissingFolderThrowsNamingThePath) {

@@ -233,7 +233,7 @@ TEST_F(Damaged, TensorDataIsRefusedNamingFileAndTensor) {
   Net src = make_net(1);
   LowRankOptimizer src_opt(src->named_parameters(), quiet(kYaml));
   train(src, src_opt, 0, 3);
-  const std::string weight = tensor_bytes(src->fc1->weight);
+  const std::string weight = tensor_bytes(src->fc(1)->weight);
   const size_t w = find_once(good_, weight);
   ASSERT_NE(w, std::string::npos) << "the weight's bytes are stored as one record";
   std::string zeroed = good_;

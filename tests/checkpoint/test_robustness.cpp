@@ -17,16 +17,8 @@ namespace {
 
 namespace fs = std::filesystem;
 
-torch::OrderedDict<std::string, torch::Tensor> one_param(const std::string& name, torch::Tensor value) {
-  torch::OrderedDict<std::string, torch::Tensor> d;
-  d.insert(name, value.set_requires_grad(true));
-  return d;
-}
-
-torch::Tensor seeded_randn(std::vector<int64_t> shape, uint64_t seed, torch::ScalarType dtype = torch::kDouble) {
-  auto gen = at::detail::createCPUGenerator(seed);
-  return at::randn(shape, gen, torch::TensorOptions().dtype(torch::kDouble)).to(dtype);
-}
+using ::gradlora::testing::seeded_randn;
+using ::gradlora::testing::single_weight;
 
 // Captures what spdlog's default logger writes while it lives.
 class LogCapture {
@@ -61,7 +53,7 @@ MergeRun run_merge(const std::string& init, const std::string& writeback, int64_
   torch::Tensor W = seeded_randn({10, 8}, 1);
   const torch::Tensor T = seeded_randn({10, 8}, 2);
   run.W0 = W.clone();
-  auto params = one_param("w", W);
+  auto params = single_weight(W.set_requires_grad(true));
   const Config cfg = quiet(fmt::format(
       "optimizer:\n  type: sgd\n  lr: 0.05\n  momentum: 0.5\ntargets:\n  - match: w\n    method: lora\n    rank: 1\n"
       "    alpha: 2\n    init: {}\n    writeback: {}\n    merge_every: {}\n",
@@ -147,8 +139,8 @@ TEST(NonFinite, SkipLeavesParameterFactorsAndStateUntouchedAndWarns) {
     Net net = make_net(1);
     LowRankOptimizer opt(net->named_parameters(), quiet(fmt::format(kNonFiniteYaml, "skip")));
     train(net, opt, 0, 2);
-    const torch::Tensor w1 = net->fc1->weight.detach().clone(), b2 = net->fc2->bias.detach().clone();
-    const torch::Tensor w2 = net->fc2->weight.detach().clone();
+    const torch::Tensor w1 = net->fc(1)->weight.detach().clone(), b2 = net->fc(2)->bias.detach().clone();
+    const torch::Tensor w2 = net->fc(2)->weight.detach().clone();
     const auto s1 = clone_state(opt, "fc1.weight"), sb2 = clone_state(opt, "fc2.bias");
     const auto [A, B] = opt.factors("fc1.weight");
     const torch::Tensor A0 = A.clone(), B0 = B.clone();
@@ -156,13 +148,13 @@ TEST(NonFinite, SkipLeavesParameterFactorsAndStateUntouchedAndWarns) {
 
     opt.zero_grad();
     backward_on(net, 2);
-    net->fc1->weight.mutable_grad()[3][4] = bad;
-    net->fc2->bias.mutable_grad()[1] = bad;
+    net->fc(1)->weight.mutable_grad()[3][4] = bad;
+    net->fc(2)->bias.mutable_grad()[1] = bad;
     LogCapture log;
     opt.step();
 
-    EXPECT_TRUE(torch::equal(net->fc1->weight, w1));
-    EXPECT_TRUE(torch::equal(net->fc2->bias, b2));
+    EXPECT_TRUE(torch::equal(net->fc(1)->weight, w1));
+    EXPECT_TRUE(torch::equal(net->fc(2)->bias, b2));
     EXPECT_TRUE(torch::equal(opt.factors("fc1.weight").first, A0));
     EXPECT_TRUE(torch::equal(opt.factors("fc1.weight").second, B0));
     EXPECT_TRUE(same_state(s1, clone_state(opt, "fc1.weight")));
@@ -170,7 +162,7 @@ TEST(NonFinite, SkipLeavesParameterFactorsAndStateUntouchedAndWarns) {
     EXPECT_EQ(opt.projector("fc1.weight").steps(), steps);
     EXPECT_EQ(opt.skipped_count(), 2);
     // The other parameters took their step.
-    EXPECT_FALSE(torch::equal(net->fc2->weight, w2));
+    EXPECT_FALSE(torch::equal(net->fc(2)->weight, w2));
     const std::string text = log.text();
     EXPECT_NE(text.find("'fc1.weight'"), std::string::npos) << text;
     EXPECT_NE(text.find("'fc2.bias'"), std::string::npos) << text;
@@ -179,8 +171,8 @@ TEST(NonFinite, SkipLeavesParameterFactorsAndStateUntouchedAndWarns) {
 
     // Training goes on normally with finite gradients.
     train(net, opt, 3, 4);
-    EXPECT_FALSE(torch::equal(net->fc1->weight, w1));
-    EXPECT_TRUE(torch::isfinite(net->fc1->weight).all().item<bool>());
+    EXPECT_FALSE(torch::equal(net->fc(1)->weight, w1));
+    EXPECT_TRUE(torch::isfinite(net->fc(1)->weight).all().item<bool>());
   }
 }
 
@@ -191,7 +183,7 @@ TEST(NonFinite, ErrorThrowsNamingTheParameterAndChangesNothing) {
   const auto before = snapshot(opt, *net);
   opt.zero_grad();
   backward_on(net, 2);
-  net->fc2->weight.mutable_grad()[0][0] = INFINITY;
+  net->fc(2)->weight.mutable_grad()[0][0] = INFINITY;
   try {
     opt.step();
     ADD_FAILURE() << "expected an exception";
@@ -207,9 +199,9 @@ TEST(NonFinite, ErrorThrowsNamingTheParameterAndChangesNothing) {
     if (before[i].first == "step_count") continue;  // step() counts the call; all else is as it was
     EXPECT_TRUE(torch::equal(before[i].second, after[i].second)) << before[i].first;
   }
-  const torch::Tensor w2 = net->fc2->weight.detach().clone();
+  const torch::Tensor w2 = net->fc(2)->weight.detach().clone();
   train(net, opt, 3, 4);
-  EXPECT_FALSE(torch::equal(net->fc2->weight, w2));
+  EXPECT_FALSE(torch::equal(net->fc(2)->weight, w2));
 }
 
 // ---------------------------------------------------------------- bf16
@@ -224,7 +216,7 @@ struct Bf16Run {
 Bf16Run run_small_steps(torch::ScalarType dtype, const std::string& writeback) {
   const torch::Tensor init = seeded_randn({64, 48}, 11).mul_(0.5).to(torch::kBFloat16);
   torch::Tensor W = init.to(dtype);
-  auto params = one_param("w", W);
+  auto params = single_weight(W.set_requires_grad(true));
   const Config cfg =
       quiet(fmt::format("optimizer:\n  type: sgd\n  lr: 1.0e-3\ntargets:\n  - match: w\n    method: lora\n    rank: 4\n"
                         "    writeback: {}\n",

@@ -10,6 +10,8 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include "test_util.h"  // the shared test model
+
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -66,25 +68,13 @@ std::string read_text(const std::string& path) {
   return ss.str();
 }
 
-struct Mlp3Impl : torch::nn::Module {
-  Mlp3Impl()
-      : fc1(register_module("fc1", torch::nn::Linear(kIn, kHidden))),
-        fc2(register_module("fc2", torch::nn::Linear(kHidden, kHidden))),
-        fc3(register_module("fc3", torch::nn::Linear(kHidden, kOut))) {}
-  torch::Tensor forward(const torch::Tensor& x) {
-    return fc3->forward(torch::tanh(fc2->forward(torch::tanh(fc1->forward(x)))));
-  }
-  torch::nn::Linear fc1, fc2, fc3;
-};
-TORCH_MODULE(Mlp3);
+using ::gradlora::testing::Mlp;
 
-/// Model initialised from `seed`: ranks use different seeds on purpose, so that
-/// only the broadcast from rank 0 can make them agree with the reference.
-Mlp3 make_model(uint64_t seed, torch::ScalarType dtype) {
-  torch::manual_seed(seed);
-  Mlp3 m;
-  m->to(dtype);
-  return m;
+/// The three-layer kIn → kHidden → kHidden → kOut MLP, initialised from `seed`: ranks use
+/// different seeds on purpose, so that only the broadcast from rank 0 can make them agree
+/// with the reference.
+Mlp make_model(uint64_t seed, torch::ScalarType dtype) {
+  return ::gradlora::testing::make_mlp({kIn, kHidden, kHidden, kOut}, seed, dtype);
 }
 
 /// Batch of step k (the full batch; identical in every process).
@@ -110,16 +100,14 @@ Config config_for(const std::string& weight_method, int64_t rank, const std::str
            (weight_method == "full" ? "" : ", rank: " + std::to_string(rank)) +
            "}\n  - {match: '*.bias', method: full}\n";
   }
-  Config c = Config::from_yaml_string(yaml);
-  c.log_report = false;
-  return c;
+  return ::gradlora::testing::quiet(yaml);
 }
 
 const char* kSgd = "{type: sgd, lr: 0.1, momentum: 0.9, weight_decay: 0.01}";
 const char* kAdamW = "{type: adamw, lr: 0.02, weight_decay: 0.1}";
 
 /// Trains for kSteps on rows [begin, end) of every batch; returns the parameters.
-std::vector<torch::Tensor> train(Mlp3& model, LowRankOptimizer& opt, int64_t begin, int64_t end,
+std::vector<torch::Tensor> train(Mlp& model, LowRankOptimizer& opt, int64_t begin, int64_t end,
                                  torch::ScalarType dtype) {
   for (int k = 0; k < kSteps; ++k) {
     auto [x, y] = full_batch(k, dtype);
@@ -138,7 +126,7 @@ std::vector<torch::Tensor> train(Mlp3& model, LowRankOptimizer& opt, int64_t beg
 int equivalence_rank(int rank, int world, const std::string& method, const std::string& inner, torch::ScalarType dtype,
                      int64_t bucket_bytes, const std::string& out_dir) {
   auto pg = process_group_from_env(std::chrono::seconds(30));
-  Mlp3 model = make_model(100 + static_cast<uint64_t>(rank), dtype);
+  Mlp model = make_model(100 + static_cast<uint64_t>(rank), dtype);
   LowRankOptimizer opt(model->named_parameters(), config_for(method, 2, inner));
   DataParallelOptions o;
   o.bucket_bytes = bucket_bytes;
@@ -171,7 +159,7 @@ void check_equivalence(const EquivalenceCase& c) {
   ASSERT_EQ(rc, 0) << "a rank failed (see its stderr above)";
 
   // Reference: one process, the full batch, no communication, rank 0's initial model.
-  Mlp3 model = make_model(100, c.dtype);
+  Mlp model = make_model(100, c.dtype);
   LowRankOptimizer opt(model->named_parameters(), config_for(c.method, 2, c.inner));
   std::vector<torch::Tensor> ref = train(model, opt, 0, kBatch, c.dtype);
 
@@ -219,7 +207,7 @@ TEST(Distributed, BytesPerStepAreTheLowRankPayload) {
       kWorld,
       [&](int rank, int world) {
         auto pg = process_group_from_env(std::chrono::seconds(30));
-        Mlp3 model = make_model(7, torch::kFloat);
+        Mlp model = make_model(7, torch::kFloat);
         LowRankOptimizer opt(model->named_parameters(), config_for("lora", 4, kSgd));
         DataParallel dp(opt, pg);
         auto [x, y] = full_batch(0, torch::kFloat);
@@ -259,27 +247,11 @@ TEST(Distributed, BytesPerStepAreTheLowRankPayload) {
 
 // ------------------------------------------------- unused parameters
 
-/// Mlp3 with a side branch `extra` (kHidden -> kOut) that a forward pass takes or not.
-struct BranchNetImpl : torch::nn::Module {
-  BranchNetImpl()
-      : fc1(register_module("fc1", torch::nn::Linear(kIn, kHidden))),
-        fc2(register_module("fc2", torch::nn::Linear(kHidden, kHidden))),
-        fc3(register_module("fc3", torch::nn::Linear(kHidden, kOut))),
-        extra(register_module("extra", torch::nn::Linear(kHidden, kOut))) {}
-  torch::Tensor forward(const torch::Tensor& x, bool use_extra) {
-    const torch::Tensor h = torch::tanh(fc2->forward(torch::tanh(fc1->forward(x))));
-    torch::Tensor out = fc3->forward(h);
-    return use_extra ? out + extra->forward(h) : out;
-  }
-  torch::nn::Linear fc1, fc2, fc3, extra;
-};
-TORCH_MODULE(BranchNet);
-
-BranchNet make_branch_net(uint64_t seed) {
-  torch::manual_seed(seed);
-  BranchNet m;
-  m->to(torch::kDouble);
-  return m;
+/// The model of make_model with a side branch `extra` (kHidden -> kOut) that a forward pass
+/// takes or not, in double.
+Mlp make_branch_net(uint64_t seed) {
+  return ::gradlora::testing::make_mlp({kIn, kHidden, kHidden, kOut}, seed, torch::kDouble, torch::kCPU,
+                                       /*side_branch=*/true);
 }
 
 /// Which ranks take the branch at step k.
@@ -306,12 +278,10 @@ Config branch_config(const std::string& x_method, bool fused) {
                      "}\n"
                      "  - {match: '*.bias', method: full}\n";
   if (fused) yaml += "fuse_into_backward: true\n";
-  Config c = Config::from_yaml_string(yaml);
-  c.log_report = false;
-  return c;
+  return ::gradlora::testing::quiet(yaml);
 }
 
-std::vector<torch::Tensor> params_of(const BranchNet& m) {
+std::vector<torch::Tensor> params_of(const Mlp& m) {
   std::vector<torch::Tensor> out;
   for (const auto& p : m->parameters()) out.push_back(p.detach().clone());
   return out;
@@ -326,7 +296,7 @@ double max_diff(const torch::Tensor& a, const torch::Tensor& b) { return (a - b)
 /// `mean_over_present` the average is instead taken over the ranks that have a
 /// gradient only: the wrong formula the test must be able to tell apart.
 std::vector<torch::Tensor> reference_run(const std::string& x_method, Schedule sched, bool mean_over_present) {
-  BranchNet model = make_branch_net(100);
+  Mlp model = make_branch_net(100);
   LowRankOptimizer opt(model->named_parameters(), branch_config(x_method, false));
   const int64_t per = kBatch / kWorld;
   const auto params = model->parameters();
@@ -360,7 +330,7 @@ std::vector<torch::Tensor> reference_run(const std::string& x_method, Schedule s
 /// state of extra.weight before and after training, and per step the bytes sent.
 int branch_rank(int rank, const std::string& x_method, bool fused, Schedule sched, const std::string& out_dir) {
   auto pg = process_group_from_env(std::chrono::seconds(30));
-  BranchNet model = make_branch_net(100 + static_cast<uint64_t>(rank));
+  Mlp model = make_branch_net(100 + static_cast<uint64_t>(rank));
   LowRankOptimizer opt(model->named_parameters(), branch_config(x_method, fused));
   DataParallelOptions o;
   o.timeout = std::chrono::seconds(30);
@@ -530,7 +500,7 @@ TEST(Distributed, DifferentConfigFailsOnEveryRankNamingTheKey) {
       kWorld,
       [&](int rank, int) {
         auto pg = process_group_from_env(std::chrono::seconds(30));
-        Mlp3 model = make_model(7, torch::kFloat);
+        Mlp model = make_model(7, torch::kFloat);
         LowRankOptimizer opt(model->named_parameters(), config_for("lora", rank == 0 ? 2 : 4, kSgd));
         DataParallelOptions o;
         o.timeout = std::chrono::seconds(20);
@@ -559,7 +529,7 @@ TEST(Distributed, GaloreIsRejectedBecauseItsProjectorIsLocal) {
       1,
       [&](int, int) {
         auto pg = process_group_from_env(std::chrono::seconds(30));
-        Mlp3 model = make_model(7, torch::kFloat);
+        Mlp model = make_model(7, torch::kFloat);
         LowRankOptimizer opt(model->named_parameters(), config_for("galore", 2, kSgd));
         try {
           DataParallel dp(opt, pg);
@@ -671,7 +641,7 @@ TEST(Launcher, ExceptionInARankGivesStatusOneAndAllRanksSeeTheirEnvironment) {
 }
 
 TEST(Distributed, FingerprintNamesWhatMustAgree) {
-  Mlp3 model = make_model(7, torch::kFloat);
+  Mlp model = make_model(7, torch::kFloat);
   LowRankOptimizer a(model->named_parameters(), config_for("lora", 2, kSgd));
   Config same = config_for("lora", 2, kSgd);
   same.log_report = true;  // not part of what must agree

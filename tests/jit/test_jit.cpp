@@ -8,6 +8,8 @@
 #include <torch/script.h>
 #include <torch/torch.h>
 
+#include "test_util.h"  // the shared test model
+
 #include <cstdio>
 #include <map>
 #include <memory>
@@ -51,15 +53,17 @@ struct MlpWeights {
   }
 };
 
+/// Gives `m` the method forward(self, x) that returns `result`, a TorchScript expression.
+void define_forward(torch::jit::Module& m, const std::string& result) {
+  m.define("def forward(self, x):\n    return " + result + "\n");
+}
+
 torch::jit::Module scripted_linear(const std::shared_ptr<torch::jit::CompilationUnit>& cu, const torch::Tensor& w,
                                    const torch::Tensor& b) {
   torch::jit::Module m("Linear", cu, /*shouldMangle=*/true);
   m.register_parameter("weight", w.clone().requires_grad_(true), /*is_buffer=*/false);
   m.register_parameter("bias", b.clone().requires_grad_(true), /*is_buffer=*/false);
-  m.define(R"JIT(
-def forward(self, x):
-    return torch.addmm(self.bias, x, self.weight.t())
-)JIT");
+  define_forward(m, "torch.addmm(self.bias, x, self.weight.t())");
   return m;
 }
 
@@ -70,10 +74,7 @@ torch::jit::Module build_scripted_mlp(const MlpWeights& w) {
   torch::jit::Module m("Mlp", cu, /*shouldMangle=*/true);
   m.register_module("fc1", scripted_linear(cu, w.w1, w.b1));
   m.register_module("fc2", scripted_linear(cu, w.w2, w.b2));
-  m.define(R"JIT(
-def forward(self, x):
-    return self.fc2.forward(torch.tanh(self.fc1.forward(x)))
-)JIT");
+  define_forward(m, "self.fc2.forward(torch.tanh(self.fc1.forward(x)))");
   return m;
 }
 
@@ -83,21 +84,17 @@ torch::jit::Module load_scripted_mlp(const MlpWeights& w, const std::string& pat
   return torch::jit::load(path);
 }
 
-/// The same network as a torch::nn module with the same parameter names.
-struct TwinImpl : torch::nn::Module {
-  explicit TwinImpl(const MlpWeights& w)
-      : fc1(register_module("fc1", torch::nn::Linear(kIn, kHidden))),
-        fc2(register_module("fc2", torch::nn::Linear(kHidden, kOut))) {
-    torch::NoGradGuard g;
-    fc1->weight.copy_(w.w1);
-    fc1->bias.copy_(w.b1);
-    fc2->weight.copy_(w.w2);
-    fc2->bias.copy_(w.b2);
-  }
-  torch::Tensor forward(const torch::Tensor& x) { return fc2->forward(torch::tanh(fc1->forward(x))); }
-  torch::nn::Linear fc1, fc2;
-};
-TORCH_MODULE(Twin);
+/// The same network as a torch::nn module with the same parameter names: the shared
+/// test MLP with the weights copied in.
+gradlora::testing::Mlp make_twin(const MlpWeights& w) {
+  gradlora::testing::Mlp twin(std::vector<int64_t>{kIn, kHidden, kOut});
+  torch::NoGradGuard g;
+  twin->fc(1)->weight.copy_(w.w1);
+  twin->fc(1)->bias.copy_(w.b1);
+  twin->fc(2)->weight.copy_(w.w2);
+  twin->fc(2)->bias.copy_(w.b2);
+  return twin;
+}
 
 struct Data {
   torch::Tensor x, y;
@@ -106,6 +103,17 @@ Data make_data(uint64_t seed) {
   torch::manual_seed(seed);
   return {torch::randn({kBatch, kIn}), torch::randn({kBatch, kOut})};
 }
+
+/// What a test on the scripted MLP starts from: initial weights drawn from `seed`, data
+/// from seed + 1, and the module saved to a file and loaded back with torch::jit::load.
+struct ScriptedMlp {
+  explicit ScriptedMlp(uint64_t seed)
+      : w0(MlpWeights::random(seed)), d(make_data(seed + 1)), file("mlp"), m(load_scripted_mlp(w0, file.path)) {}
+  const MlpWeights w0;
+  const Data d;
+  const TempFile file;
+  torch::jit::Module m;
+};
 
 torch::Tensor forward(torch::jit::Module& m, const torch::Tensor& x) { return m.forward({x}).toTensor(); }
 
@@ -163,26 +171,18 @@ torch::jit::Module build_encoder(int64_t d) {
     torch::jit::Module layer("EncoderLayer", cu, true);
     layer.register_module("self_attn", attn);
     layer.register_module("linear1", lin);
-    layer.define(R"JIT(
-def forward(self, x):
-    h = torch.relu(torch.addmm(self.self_attn.in_proj_bias, x, self.self_attn.in_proj_weight.t()))
-    return x + self.linear1.forward(h)
-)JIT");
+    define_forward(layer,
+                   "x + self.linear1.forward(torch.relu(torch.addmm(self.self_attn.in_proj_bias, x, "
+                   "self.self_attn.in_proj_weight.t())))");
     layers.register_module(std::to_string(i), layer);
   }
   torch::jit::Module encoder("Encoder", cu, true);
   encoder.register_module("layers", layers);
-  encoder.define(R"JIT(
-def forward(self, x):
-    return getattr(self.layers, "1").forward(getattr(self.layers, "0").forward(x))
-)JIT");
+  define_forward(encoder, R"(getattr(self.layers, "1").forward(getattr(self.layers, "0").forward(x)))");
   torch::jit::Module root("Model", cu, true);
   root.register_module("encoder", encoder);
   root.register_parameter("logit_scale", torch::ones({1}).requires_grad_(), false);
-  root.define(R"JIT(
-def forward(self, x):
-    return self.encoder.forward(x) * self.logit_scale
-)JIT");
+  define_forward(root, "self.encoder.forward(x) * self.logit_scale");
   return root;
 }
 
@@ -319,10 +319,7 @@ class JitLoraEquivalence : public ::testing::TestWithParam<LoraCase> {};
 /// A and B are leaf tensors that autograd differentiates and torch::optim updates.
 TEST_P(JitLoraEquivalence, EqualsExplicitModuleSideLora) {
   const LoraCase pc = GetParam();
-  const MlpWeights w0 = MlpWeights::random(5);
-  const Data d = make_data(6);
-  TempFile file("mlp");
-  torch::jit::Module m = load_scripted_mlp(w0, file.path);
+  ScriptedMlp mlp(5);
 
   Config c = base_config();
   if (pc.inner == InnerType::sgd) {
@@ -335,7 +332,7 @@ TEST_P(JitLoraEquivalence, EqualsExplicitModuleSideLora) {
   c.targets.push_back(target("fc2.weight", Method::lora, 2, 1.0));  // s = 0.5
   c.targets.push_back(target("fc1.bias", Method::full));
   for (auto& t : c.targets) t.init = pc.init;
-  const auto params = gradlora::named_parameters(m);
+  const auto params = gradlora::named_parameters(mlp.m);
   LowRankOptimizer opt(params, c);
   EXPECT_EQ(opt.method_of("fc2.bias"), Method::frozen);
 
@@ -351,13 +348,13 @@ TEST_P(JitLoraEquivalence, EqualsExplicitModuleSideLora) {
   auto [A1i, B1i] = opt.factors("fc1.weight");
   auto [A2i, B2i] = opt.factors("fc2.weight");
   const torch::Tensor oA1 = offset(A1i), oB1 = offset(B1i), oA2 = offset(A2i), oB2 = offset(B2i);
-  torch::Tensor lA1 = start(A1i), lB1 = start(B1i), lA2 = start(A2i), lB2 = start(B2i), b1 = leaf(w0.b1);
+  torch::Tensor lA1 = start(A1i), lB1 = start(B1i), lA2 = start(A2i), lB2 = start(B2i), b1 = leaf(mlp.w0.b1);
   auto A1 = [&] { return oA1 + lA1; };
   auto B1 = [&] { return oB1 + lB1; };
   auto A2 = [&] { return oA2 + lA2; };
   auto B2 = [&] { return oB2 + lB2; };
-  const torch::Tensor P01 = (w0.w1 - s1 * A1i.mm(B1i)).detach();
-  const torch::Tensor P02 = (w0.w2 - s2 * A2i.mm(B2i)).detach();
+  const torch::Tensor P01 = (mlp.w0.w1 - s1 * A1i.mm(B1i)).detach();
+  const torch::Tensor P02 = (mlp.w0.w2 - s2 * A2i.mm(B2i)).detach();
   std::unique_ptr<torch::optim::Optimizer> ref;
   if (pc.inner == InnerType::sgd) {
     ref = std::make_unique<torch::optim::SGD>(std::vector<torch::Tensor>{lA1, lB1, b1, lA2, lB2},
@@ -369,19 +366,19 @@ TEST_P(JitLoraEquivalence, EqualsExplicitModuleSideLora) {
   auto ref_forward = [&](const torch::Tensor& x) {
     torch::Tensor W1 = P01 + s1 * A1().mm(B1());
     torch::Tensor W2 = P02 + s2 * A2().mm(B2());
-    return torch::addmm(w0.b2, torch::tanh(torch::addmm(b1, x, W1.t())), W2.t());
+    return torch::addmm(mlp.w0.b2, torch::tanh(torch::addmm(b1, x, W1.t())), W2.t());
   };
 
-  m.train();
+  mlp.m.train();
   const int steps = 6;
   for (int i = 0; i < steps; ++i) {
     opt.zero_grad();
-    torch::Tensor loss = torch::mse_loss(forward(m, d.x), d.y);
+    torch::Tensor loss = torch::mse_loss(forward(mlp.m, mlp.d.x), mlp.d.y);
     loss.backward();
     opt.step();
 
     ref->zero_grad();
-    torch::Tensor ref_loss = torch::mse_loss(ref_forward(d.x), d.y);
+    torch::Tensor ref_loss = torch::mse_loss(ref_forward(mlp.d.x), mlp.d.y);
     ref_loss.backward();
     ref->step();
     EXPECT_NEAR(loss.item<double>(), ref_loss.item<double>(), 1e-5) << "step " << i;
@@ -395,11 +392,11 @@ TEST_P(JitLoraEquivalence, EqualsExplicitModuleSideLora) {
   EXPECT_LE(max_abs_diff(params["fc1.weight"], P01 + s1 * A1().mm(B1())), tol);
   EXPECT_LE(max_abs_diff(params["fc2.weight"], P02 + s2 * A2().mm(B2())), tol);
   EXPECT_LE(max_abs_diff(params["fc1.bias"], b1), tol);
-  EXPECT_TRUE(torch::equal(params["fc2.bias"], w0.b2)) << "frozen fc2.bias changed";
-  EXPECT_LE(max_abs_diff(forward(m, d.x), ref_forward(d.x)), tol);
+  EXPECT_TRUE(torch::equal(params["fc2.bias"], mlp.w0.b2)) << "frozen fc2.bias changed";
+  EXPECT_LE(max_abs_diff(forward(mlp.m, mlp.d.x), ref_forward(mlp.d.x)), tol);
   // The weights did move (the comparison is not between two untouched networks).
-  EXPECT_GT(max_abs_diff(params["fc1.weight"], w0.w1), 1e-3);
-  EXPECT_GT(max_abs_diff(params["fc2.weight"], w0.w2), 1e-3);
+  EXPECT_GT(max_abs_diff(params["fc1.weight"], mlp.w0.w1), 1e-3);
+  EXPECT_GT(max_abs_diff(params["fc2.weight"], mlp.w0.w2), 1e-3);
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, JitLoraEquivalence,
@@ -420,11 +417,8 @@ class JitEveryMethod : public ::testing::TestWithParam<Method> {};
 /// difference between the two kinds of module.
 TEST_P(JitEveryMethod, ScriptedModuleTrainsLikeItsNnTwin) {
   const Method method = GetParam();
-  const MlpWeights w0 = MlpWeights::random(21);
-  const Data d = make_data(22);
-  TempFile file("mlp");
-  torch::jit::Module m = load_scripted_mlp(w0, file.path);
-  Twin twin(w0);
+  ScriptedMlp mlp(21);
+  gradlora::testing::Mlp twin = make_twin(mlp.w0);
 
   Config c = base_config();
   c.targets.push_back(target("fc*.weight", method, 2, 4.0));
@@ -432,7 +426,7 @@ TEST_P(JitEveryMethod, ScriptedModuleTrainsLikeItsNnTwin) {
     c.targets.back().options["update_proj_gap"] = int64_t{2};  // refresh the projection during the run
   }
   c.targets.push_back(target("*.bias", Method::full));
-  const auto params = gradlora::named_parameters(m);
+  const auto params = gradlora::named_parameters(mlp.m);
   std::unique_ptr<LowRankOptimizer> opt_ptr;
   try {
     opt_ptr = std::make_unique<LowRankOptimizer>(params, c);
@@ -446,11 +440,11 @@ TEST_P(JitEveryMethod, ScriptedModuleTrainsLikeItsNnTwin) {
 
   const auto before = snapshot(params);
   const int steps = 5;
-  train_scripted(m, opt, d, steps);
+  train_scripted(mlp.m, opt, mlp.d, steps);
   twin->train();
   for (int i = 0; i < steps; ++i) {
     twin_opt.zero_grad();
-    torch::mse_loss(twin->forward(d.x), d.y).backward();
+    torch::mse_loss(twin->forward(mlp.d.x), mlp.d.y).backward();
     twin_opt.step();
   }
   const auto twin_params = twin->named_parameters();
@@ -480,11 +474,9 @@ INSTANTIATE_TEST_SUITE_P(Methods, JitEveryMethod,
 /// parameter's gradient accumulator; the TorchScript graph executor's own
 /// autodiff must reach those hooks just as eager autograd does.
 TEST(JitFused, FusedModeOnScriptedModuleEqualsPlainSteps) {
-  const MlpWeights w0 = MlpWeights::random(51);
-  const Data d = make_data(52);
-  TempFile file("mlp");
-  torch::jit::Module plain = load_scripted_mlp(w0, file.path);
-  torch::jit::Module fused = torch::jit::load(file.path);
+  ScriptedMlp mlp(51);
+  torch::jit::Module& plain = mlp.m;
+  torch::jit::Module fused = torch::jit::load(mlp.file.path);
   Config c = base_config();
   c.targets.push_back(target("fc*.weight", Method::lora, 2, 4.0));
   c.targets.push_back(target("fc1.bias", Method::full));
@@ -492,8 +484,8 @@ TEST(JitFused, FusedModeOnScriptedModuleEqualsPlainSteps) {
   c.fuse_into_backward = true;
   LowRankOptimizer fused_opt(gradlora::named_parameters(fused), c);
   const auto before = snapshot(gradlora::named_parameters(fused));
-  train_scripted(plain, plain_opt, d, 4);
-  train_scripted(fused, fused_opt, d, 4);
+  train_scripted(plain, plain_opt, mlp.d, 4);
+  train_scripted(fused, fused_opt, mlp.d, 4);
   const auto plain_params = gradlora::named_parameters(plain);
   for (const auto& kv : gradlora::named_parameters(fused)) {
     EXPECT_LE(max_abs_diff(kv.value(), plain_params[kv.key()]), 1e-6) << kv.key();

@@ -3,7 +3,7 @@
 // linear-regression problem, so that every gradient depends on the trajectory.
 #include <gradlora/gradlora.h>
 
-#include "test_util.h"  // test_devices, GRADLORA_SKIP_IF_UNAVAILABLE
+#include "test_util.h"  // test_devices, GRADLORA_SKIP_IF_UNAVAILABLE, the one-weight model
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
@@ -40,16 +40,10 @@ inline torch::Tensor grad(const torch::Tensor& W, int64_t t) {
 
 /// A seeded n×m weight, on the CPU (move it with .to(device)).
 inline torch::Tensor weight(int64_t n, int64_t m, torch::ScalarType dtype = torch::kDouble, uint64_t seed = 3) {
-  auto gen = at::detail::createCPUGenerator(seed);
-  return at::randn({n, m}, gen, torch::TensorOptions().dtype(torch::kDouble)).mul_(0.5).to(dtype);
+  return testing::seeded_randn({n, m}, seed).mul_(0.5).to(dtype);
 }
 
-/// The parameter list of a one-weight "model" named `w`.
-inline torch::OrderedDict<std::string, torch::Tensor> named(const torch::Tensor& W) {
-  torch::OrderedDict<std::string, torch::Tensor> d;
-  d.insert("w", W);
-  return d;
-}
+using testing::single_weight;  // the parameter list of a one-weight "model" named `w`
 
 /// A quiet config with one target `w` of the given method.
 inline Config config(Method method, InnerType type, double lr, double weight_decay, int64_t rank) {
@@ -66,9 +60,7 @@ inline Config config(Method method, InnerType type, double lr, double weight_dec
   return c;
 }
 
-inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
-  return (a.to(torch::kDouble) - b.to(torch::kDouble)).abs().max().item<double>();
-}
+using testing::max_abs_diff;
 
 /// Round trip through LibTorch's serialize archives (what torch::save / torch::load do).
 inline void copy_state(const torch::optim::Optimizer& from, torch::optim::Optimizer& to) {

@@ -56,8 +56,8 @@ TEST_P(FanInFanOut, MatchesTheSameMethodOnTheUntransposedWeight) {
   torch::Tensor W = weight(kOutDim, kInDim, c.dtype).to(device).requires_grad_();
   torch::Tensor Wt = W.detach().t().contiguous().requires_grad_();
   const torch::Tensor W0 = W.detach().clone();
-  LowRankOptimizer plain(named(W), ffio_config(c, false));
-  LowRankOptimizer ffio(named(Wt), ffio_config(c, true));
+  LowRankOptimizer plain(single_weight(W), ffio_config(c, false));
+  LowRankOptimizer ffio(single_weight(Wt), ffio_config(c, true));
   EXPECT_EQ(ffio.projector("w").rows(), kOutDim);
   EXPECT_EQ(ffio.projector("w").cols(), kInDim);
   for (int64_t t = 0; t < 7; ++t) {
@@ -107,8 +107,8 @@ TEST(FanInFanOut, Bf16ExactWriteBackGoesIntoTheStoredTensor) {
   torch::Tensor W = weight(kOutDim, kInDim, c.dtype).requires_grad_();
   torch::Tensor Wt = W.detach().t().contiguous().requires_grad_();
   const void* storage = Wt.data_ptr();
-  LowRankOptimizer plain(named(W), ffio_config(c, false));
-  LowRankOptimizer ffio(named(Wt), ffio_config(c, true));
+  LowRankOptimizer plain(single_weight(W), ffio_config(c, false));
+  LowRankOptimizer ffio(single_weight(Wt), ffio_config(c, true));
   for (int64_t t = 0; t < 5; ++t) {
     // One gradient for both: a bf16 rounding that differs once would otherwise change every later one.
     W.mutable_grad() = grad(W, t);
@@ -132,15 +132,15 @@ TEST(FanInFanOut, Bf16ExactWriteBackGoesIntoTheStoredTensor) {
 TEST(FanInFanOut, CheckpointSettingsNameIt) {
   const FfioCase c{"lora", Method::lora, Init::zero, WriteBack::incremental, torch::kFloat};
   torch::Tensor W = weight(6, 6, torch::kFloat).requires_grad_();
-  LowRankOptimizer ffio(named(W), ffio_config(c, true));
-  LowRankOptimizer plain(named(W.detach().clone().requires_grad_()), ffio_config(c, false));
+  LowRankOptimizer ffio(single_weight(W), ffio_config(c, true));
+  LowRankOptimizer plain(single_weight(W.detach().clone().requires_grad_()), ffio_config(c, false));
   try {
     copy_state(ffio, plain);
     ADD_FAILURE() << "a fan_in_fan_out checkpoint loaded into an untransposed target";
   } catch (const std::exception& e) {
     EXPECT_NE(std::string(e.what()).find("fan_in_fan_out true"), std::string::npos) << e.what();
   }
-  LowRankOptimizer again(named(W.detach().clone().requires_grad_()), ffio_config(c, true));
+  LowRankOptimizer again(single_weight(W.detach().clone().requires_grad_()), ffio_config(c, true));
   EXPECT_NO_THROW(copy_state(ffio, again));
 }
 

@@ -55,7 +55,7 @@ std::pair<double, double> full_rank_against_sgd(int64_t n, int64_t m, double mom
   torch::Tensor ref = W.clone();
   Config c = galore_config(InnerType::sgd, lr, wd, std::min(n, m), 1, 1.0, "auto", on_resample);
   c.optimizer.momentum = momentum;
-  LowRankOptimizer opt(named(W), c);
+  LowRankOptimizer opt(single_weight(W), c);
   torch::Tensor buf;
   for (int64_t t = 0; t < 25; ++t) {
     W.mutable_grad() = grad(W, t);
@@ -101,7 +101,7 @@ TEST_P(GaloreSpan, UpdateLiesInSpanOfQ) {
   const auto [n, m, side, left] = GetParam();
   const int64_t r = 2, gap = 3;
   torch::Tensor W = weight(n, m);
-  LowRankOptimizer opt(named(W), galore_config(InnerType::adamw, 1e-2, 0.0, r, gap, 0.25, side));
+  LowRankOptimizer opt(single_weight(W), galore_config(InnerType::adamw, 1e-2, 0.0, r, gap, 0.25, side));
   torch::Tensor Q_prev;
   for (int64_t t = 0; t < 7; ++t) {
     torch::Tensor G = grad(W, t);
@@ -185,7 +185,7 @@ TEST_P(GaloreVsReference, AdamWOver30Steps) {
   const double lr = 2e-2, wd = 0.1, scale = 0.25;
   torch::Tensor W = weight(n, m).to(device);
   torch::Tensor P = W.clone();
-  LowRankOptimizer opt(named(W), galore_config(InnerType::adamw, lr, wd, r, gap, scale, "auto", on_resample));
+  LowRankOptimizer opt(single_weight(W), galore_config(InnerType::adamw, lr, wd, r, gap, scale, "auto", on_resample));
   GaloreReference ref{r, gap, lr, wd, scale};
   ref.left = n < m;
   ref.on_resample = on_resample;
@@ -213,7 +213,7 @@ INSTANTIATE_TEST_SUITE_P(
 TEST(Galore, RankAboveTheSmallerSideIsAConfigError) {
   torch::Tensor W = weight(5, 9);
   try {
-    LowRankOptimizer opt(named(W), galore_config(InnerType::adamw, 1e-3, 0.0, 6, 10, 0.25));
+    LowRankOptimizer opt(single_weight(W), galore_config(InnerType::adamw, 1e-3, 0.0, 6, 10, 0.25));
     ADD_FAILURE() << "expected ConfigError";
   } catch (const ConfigError& e) {
     const std::string msg = e.what();
@@ -223,7 +223,7 @@ TEST(Galore, RankAboveTheSmallerSideIsAConfigError) {
 
 TEST(Galore, NonFiniteGradientAtARefreshKeepsTheProjector) {
   torch::Tensor W = weight(6, 10);
-  LowRankOptimizer opt(named(W), galore_config(InnerType::adamw, 1e-2, 0.0, 2, 2, 0.25));
+  LowRankOptimizer opt(single_weight(W), galore_config(InnerType::adamw, 1e-2, 0.0, 2, 2, 0.25));
   // First step with NaN: no projector can be computed, the step is skipped.
   W.mutable_grad() = torch::full_like(W, std::nan(""));
   torch::Tensor before = W.clone();
@@ -251,7 +251,7 @@ TEST(Galore, NonFiniteGradientAtARefreshKeepsTheProjector) {
 
 TEST(Galore, StateIsLowRankAndReported) {
   torch::Tensor W = weight(16, 40);
-  LowRankOptimizer opt(named(W), galore_config(InnerType::adamw, 1e-3, 0.0, 4, 10, 0.25));
+  LowRankOptimizer opt(single_weight(W), galore_config(InnerType::adamw, 1e-3, 0.0, 4, 10, 0.25));
   run(opt, W, 0, 2);
   int64_t numel = 0;
   for (const auto& kv : opt.state_tensors("w")) {
@@ -271,10 +271,10 @@ TEST(Galore, CheckpointRoundTripContinuesIdentically) {
   const int64_t n = 7, m = 12;
   torch::Tensor W1 = weight(n, m);
   Config c = galore_config(InnerType::adamw, 1e-2, 0.05, 3, 4, 0.5, "auto", OnResample::transfer);
-  LowRankOptimizer a(named(W1), c);
+  LowRankOptimizer a(single_weight(W1), c);
   run(a, W1, 0, 6);
   torch::Tensor W2 = W1.clone();
-  LowRankOptimizer b(named(W2), c);
+  LowRankOptimizer b(single_weight(W2), c);
   method_testing::copy_state(a, b);
   run(a, W1, 6, 6);  // crosses a refresh (steps 8) with moment transfer
   run(b, W2, 6, 6);
@@ -291,7 +291,7 @@ TEST(Galore, FusedMicroBatchesShareOneProjector) {
   torch::Tensor P = W.detach().clone();
   Config c = galore_config(InnerType::sgd, lr, 0.0, r, gap, scale);
   c.fuse_into_backward = true;
-  LowRankOptimizer opt(named(W), c);
+  LowRankOptimizer opt(single_weight(W), c);
   torch::Tensor Q;
   for (int64_t t = 0; t < 6; ++t) {
     opt.zero_grad();
@@ -309,7 +309,7 @@ TEST(Galore, FusedMicroBatchesShareOneProjector) {
 TEST(Galore, Bf16WeightsKeepAnFp32Master) {
   torch::Tensor W = weight(8, 12, torch::kBFloat16);
   const torch::Tensor W0 = W.clone();
-  LowRankOptimizer opt(named(W), galore_config(InnerType::adamw, 1e-3, 0.0, 2, 5, 1.0));
+  LowRankOptimizer opt(single_weight(W), galore_config(InnerType::adamw, 1e-3, 0.0, 2, 5, 1.0));
   for (int64_t t = 0; t < 10; ++t) {
     W.mutable_grad() = grad(W, t);
     opt.step();

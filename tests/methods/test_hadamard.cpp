@@ -46,7 +46,7 @@ TEST_P(HadamardVsAutograd, Over25Steps) {
   const bool sgd = type == InnerType::sgd;
   const double lr = sgd ? 0.1 : 1e-2, wd = 0.01, s = alpha / r;
   torch::Tensor W = weight(n, m, dtype).to(device).requires_grad_();
-  LowRankOptimizer opt(named(W), hadamard_config(lr, wd, r, alpha, init, type));
+  LowRankOptimizer opt(single_weight(W), hadamard_config(lr, wd, r, alpha, init, type));
 
   // The module-side reference: P = P0 − s·W1₀⊙W2₀ + s·(A1·B1)⊙(A2·B2), so the model is
   // unchanged at step 0 for either init, each factor offset + leaf with LibTorch's optimizer
@@ -110,7 +110,7 @@ TEST(Hadamard, UpdateRankExceedsRButNotRSquared) {
   const int64_t n = 12, m = 10, r = 2;
   torch::Tensor W = weight(n, m).requires_grad_();
   const torch::Tensor W0 = W.detach().clone();
-  LowRankOptimizer opt(named(W), hadamard_config(5e-2, 0.0, r, 2.0, Init::zero));
+  LowRankOptimizer opt(single_weight(W), hadamard_config(5e-2, 0.0, r, 2.0, Init::zero));
   for (int64_t t = 0; t < 30; ++t) step(opt, W, t);
   torch::Tensor S = torch::linalg_svdvals(W.detach() - W0);
   const int64_t rank = (S > 1e-9 * S[0].item<double>()).sum().item<int64_t>();
@@ -120,7 +120,7 @@ TEST(Hadamard, UpdateRankExceedsRButNotRSquared) {
 
 TEST(Hadamard, ReportNotesTheRowPanels) {
   torch::Tensor W = weight(12, 10);
-  LowRankOptimizer opt(named(W), hadamard_config(1e-3, 0.0, 2, 2.0, Init::zero));
+  LowRankOptimizer opt(single_weight(W), hadamard_config(1e-3, 0.0, 2, 2.0, Init::zero));
   const ParamReport& p = opt.report().params.at(0);
   EXPECT_EQ(p.trainable, 2 * 2 * (12 + 10));
   EXPECT_NE(p.note.find("row panels for the 12x10 products"), std::string::npos) << p.note;
@@ -136,10 +136,10 @@ TEST(Hadamard, ReportNotesTheRowPanels) {
 TEST(Hadamard, CheckpointRoundTripContinuesIdentically) {
   torch::Tensor W1 = weight(9, 6).requires_grad_();
   const Config c = hadamard_config(1e-2, 0.01, 2, 4.0, Init::symmetric);
-  LowRankOptimizer a(named(W1), c);
+  LowRankOptimizer a(single_weight(W1), c);
   for (int64_t t = 0; t < 5; ++t) step(a, W1, t);
   torch::Tensor W2 = W1.detach().clone().requires_grad_();
-  LowRankOptimizer b(named(W2), c);
+  LowRankOptimizer b(single_weight(W2), c);
   method_testing::copy_state(a, b);
   for (int64_t t = 5; t < 10; ++t) {
     step(a, W1, t);
