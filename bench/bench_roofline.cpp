@@ -118,8 +118,8 @@ int main(int argc, char** argv) {
   const bool kernels = gradlora::cpu_kernels_active();
   std::printf("threads %d, CPU kernels %s, median of %d interleaved repeats\n", at::get_num_threads(),
               kernels ? "on" : "unavailable", o.repeats);
-  std::printf("%-11s %3s %-16s %9s %8s %8s %9s %9s %9s %8s\n", "shape", "r", "column", "step ms", "pass ms",
-              "sgemm GF", "roof ms", "/roof", "/pass", "/AdamW");
+  std::printf("%-11s %3s %-16s %9s %8s %8s %9s %9s %9s %8s\n", "shape", "r", "column", "step ms", "pass ms", "sgemm GF",
+              "roof ms", "/roof", "/pass", "/AdamW");
   std::ostringstream js;
   js << "{\"threads\": " << at::get_num_threads() << ", \"kernels\": " << (kernels ? "true" : "false")
      << ", \"torch_version\": \"" << TORCH_VERSION << "\", \"repeats\": " << o.repeats << ", \"rows\": [";

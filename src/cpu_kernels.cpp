@@ -57,8 +57,8 @@ GRADLORA_TARGET inline __mmask16 tail_mask(int64_t left) {
 //   acc[ii][kk] (16 lane partials in vacc, row stride vstride) += G[i+ii, j]·B[k+kk, j]
 //   gb[kk][j] += A[i+ii, k+kk]·G[i+ii, j]
 template <int R, int KG, bool WA, bool WB>
-GRADLORA_TARGET void project_micro(const float* g, int64_t ldg, const float* a, int64_t lda, const float* b,
-                                   float* gb, int64_t m, int64_t j0, int64_t j1, float* vacc, int64_t vstride) {
+GRADLORA_TARGET void project_micro(const float* g, int64_t ldg, const float* a, int64_t lda, const float* b, float* gb,
+                                   int64_t m, int64_t j0, int64_t j1, float* vacc, int64_t vstride) {
   __m512 acc[R][KG];
   __m512 av[R][KG];
   for (int ii = 0; ii < R; ++ii) {
@@ -95,11 +95,10 @@ using ProjectFn = void (*)(const float*, int64_t, const float*, int64_t, const f
 
 template <bool WA, bool WB>
 ProjectFn project_kernel(int rows, int kg) {
-  static const ProjectFn table[2][4] = {
-      {project_micro<1, 1, WA, WB>, project_micro<1, 2, WA, WB>, project_micro<1, 3, WA, WB>,
-       project_micro<1, 4, WA, WB>},
-      {project_micro<2, 1, WA, WB>, project_micro<2, 2, WA, WB>, project_micro<2, 3, WA, WB>,
-       project_micro<2, 4, WA, WB>}};
+  static const ProjectFn table[2][4] = {{project_micro<1, 1, WA, WB>, project_micro<1, 2, WA, WB>,
+                                         project_micro<1, 3, WA, WB>, project_micro<1, 4, WA, WB>},
+                                        {project_micro<2, 1, WA, WB>, project_micro<2, 2, WA, WB>,
+                                         project_micro<2, 3, WA, WB>, project_micro<2, 4, WA, WB>}};
   return table[rows - 1][kg - 1];
 }
 
@@ -119,8 +118,8 @@ void project_chunk(const float* G, int64_t ldg, int64_t c0, int64_t c1, int64_t 
         const int rows = static_cast<int>(std::min<int64_t>(2, p1 - i));
         for (int64_t k = 0; k < r; k += 4) {
           const int kg = static_cast<int>(std::min<int64_t>(4, r - k));
-          project_kernel<WA, WB>(rows, kg)(G + i * ldg, ldg, WB ? A + i * r + k : nullptr, r,
-                                           WA ? B + k * m : nullptr, WB ? gbp + k * m : nullptr, m, j0, j1,
+          project_kernel<WA, WB>(rows, kg)(G + i * ldg, ldg, WB ? A + i * r + k : nullptr, r, WA ? B + k * m : nullptr,
+                                           WB ? gbp + k * m : nullptr, m, j0, j1,
                                            WA ? vacc.data() + (i - p0) * vstride + k * kLanes : nullptr, vstride);
         }
       }
@@ -232,7 +231,8 @@ void project(const float* G, int64_t ldg, int64_t n, int64_t m, const float* A, 
   at::parallel_for(0, r, 1, [&](int64_t k_begin, int64_t k_end) {
     for (int64_t k = k_begin; k < k_end; ++k) {
       float* row = gB + k * m;
-      for (int64_t c = 1; c < chunks; ++c) add_into(row, partials.data() + part * static_cast<size_t>(c - 1) + k * m, m);
+      for (int64_t c = 1; c < chunks; ++c)
+        add_into(row, partials.data() + part * static_cast<size_t>(c - 1) + k * m, m);
       if (s != 1.0f) {
         for (int64_t j = 0; j < m; ++j) row[j] *= s;
       }

@@ -16,7 +16,7 @@ struct Shape {
   int64_t n, m, r;
 };
 
-const std::vector<Shape> kShapes{{1, 1, 1},    {3, 17, 1},    {5, 33, 3},    {70, 130, 5},
+const std::vector<Shape> kShapes{{1, 1, 1},     {3, 17, 1},     {5, 33, 3},    {70, 130, 5},
                                  {129, 515, 8}, {600, 100, 32}, {64, 2048, 7}, {300, 47, 13}};
 
 // max |x − ref| / max |ref|, ref in double.
@@ -86,8 +86,7 @@ TEST_P(Kernels, WriteBacksEqualTheProducts) {
     const torch::Tensor Rb = d(R);
     const torch::Tensor Nt = torch::randn({sh.m, sh.r});
     add_product(R, A1, Nt.t(), s);
-    EXPECT_LT(rel_error(d(R) - Rb, torch::mm(d(A1), d(Nt).t()) * s), 2e-5) << "add_product at " << sh.n << "x"
-                                                                          << sh.m;
+    EXPECT_LT(rel_error(d(R) - Rb, torch::mm(d(A1), d(Nt).t()) * s), 2e-5) << "add_product at " << sh.n << "x" << sh.m;
   }
 }
 
