@@ -1,5 +1,5 @@
 // The method registry: every method's MethodInfo, the option accessors, and
-// make_projector. A new method adds its file and one line here.
+// make_projector. A new method adds its file and one line here (README, "Adding a method").
 #include "methods.h"
 
 #include <gradlora/method.h>
