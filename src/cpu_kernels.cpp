@@ -184,6 +184,51 @@ GRADLORA_TARGET void add_into(float* dst, const float* src, int64_t len) {
   }
 }
 
+// One row of the additive block sums: gb_row += g (the row i mod r of gB's partial), and the
+// row's sums by column class j mod r, through 16-lane accumulators (r | 16: lanes fold onto
+// classes; 16 | r: r/16 accumulators in rotation).
+GRADLORA_TARGET void additive_row(const float* g, int64_t m, int64_t r, float* gb_row, float* ga_row) {
+  const int64_t nacc = r >= kLanes ? r / kLanes : 1;
+  __m512 acc[8];
+  float lanes[8 * kLanes];
+  for (int64_t a = 0; a < nacc; ++a) acc[a] = _mm512_setzero_ps();
+  int64_t a = 0;
+  for (int64_t j = 0; j < m; j += kLanes) {
+    const __mmask16 mask = tail_mask(m - j);
+    const __m512 gv = _mm512_maskz_loadu_ps(mask, g + j);
+    _mm512_mask_storeu_ps(gb_row + j, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, gb_row + j), gv));
+    acc[a] = _mm512_add_ps(acc[a], gv);
+    if (++a == nacc) a = 0;
+  }
+  for (int64_t b = 0; b < nacc; ++b) _mm512_storeu_ps(lanes + b * kLanes, acc[b]);
+  if (r >= kLanes) {
+    for (int64_t k = 0; k < r; ++k) ga_row[k] = lanes[k];
+  } else {
+    for (int64_t k = 0; k < r; ++k) {
+      float sum = 0.0f;
+      for (int64_t l = k; l < kLanes; l += r) sum += lanes[l];
+      ga_row[k] = sum;
+    }
+  }
+}
+
+// One row of the additive write-back: P[j] += s·(a[j mod r] + b[j]).
+GRADLORA_TARGET void additive_update_row(float* p, int64_t m, int64_t r, const float* a, const float* b, float s) {
+  const int64_t nacc = r >= kLanes ? r / kLanes : 1;
+  float pattern[8 * kLanes];
+  for (int64_t l = 0; l < nacc * kLanes; ++l) pattern[l] = a[l % r];
+  __m512 t[8];
+  for (int64_t c = 0; c < nacc; ++c) t[c] = _mm512_loadu_ps(pattern + c * kLanes);
+  const __m512 sv = _mm512_set1_ps(s);
+  int64_t c = 0;
+  for (int64_t j = 0; j < m; j += kLanes) {
+    const __mmask16 mask = tail_mask(m - j);
+    const __m512 x = _mm512_add_ps(t[c], _mm512_maskz_loadu_ps(mask, b + j));
+    _mm512_mask_storeu_ps(p + j, mask, _mm512_fmadd_ps(sv, x, _mm512_maskz_loadu_ps(mask, p + j)));
+    if (++c == nacc) c = 0;
+  }
+}
+
 bool cpu_has_avx512f() {
   static const bool has = __builtin_cpu_supports("avx512f");
   return has;
@@ -277,6 +322,50 @@ void add_lowrank(float* P, int64_t ldp, const float* base, int64_t ldb, int64_t 
   });
 #else
   (void)P, (void)ldp, (void)base, (void)ldb, (void)n, (void)m, (void)terms, (void)s;
+  throw std::logic_error("gradlora: the CPU kernels are not available here");
+#endif
+}
+
+bool additive_rank_ok(int64_t r) { return r > 0 && ((kLanes % r == 0) || (r % kLanes == 0 && r <= 8 * kLanes)); }
+
+void additive_project(const float* G, int64_t ldg, int64_t n, int64_t m, int64_t r, float* gA, float* gB) {
+#ifdef GRADLORA_KERNELS
+  if (!kernels_available() || !additive_rank_ok(r)) throw std::logic_error("gradlora: no CPU kernel for this case");
+  const int64_t rows = chunk_rows(n);
+  const int64_t chunks = (n + rows - 1) / rows;
+  const size_t part = static_cast<size_t>(r * m);
+  std::vector<float> partials(part * static_cast<size_t>(chunks - 1), 0.0f);
+  std::fill(gB, gB + part, 0.0f);
+  at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      float* gbp = c == 0 ? gB : partials.data() + part * static_cast<size_t>(c - 1);
+      for (int64_t i = c * rows; i < std::min(n, (c + 1) * rows); ++i) {
+        additive_row(G + i * ldg, m, r, gbp + (i % r) * m, gA + i * r);
+      }
+    }
+  });
+  at::parallel_for(0, r, 1, [&](int64_t k_begin, int64_t k_end) {
+    for (int64_t k = k_begin; k < k_end; ++k) {
+      for (int64_t c = 1; c < chunks; ++c) {
+        add_into(gB + k * m, partials.data() + part * static_cast<size_t>(c - 1) + k * m, m);
+      }
+    }
+  });
+#else
+  (void)G, (void)ldg, (void)n, (void)m, (void)r, (void)gA, (void)gB;
+  throw std::logic_error("gradlora: the CPU kernels are not available here");
+#endif
+}
+
+void additive_update(float* P, int64_t ldp, int64_t n, int64_t m, int64_t r, const float* dA, const float* dB,
+                     float s) {
+#ifdef GRADLORA_KERNELS
+  if (!kernels_available() || !additive_rank_ok(r)) throw std::logic_error("gradlora: no CPU kernel for this case");
+  at::parallel_for(0, n, 16, [&](int64_t i_begin, int64_t i_end) {
+    for (int64_t i = i_begin; i < i_end; ++i) additive_update_row(P + i * ldp, m, r, dA + i * r, dB + (i % r) * m, s);
+  });
+#else
+  (void)P, (void)ldp, (void)n, (void)m, (void)r, (void)dA, (void)dB, (void)s;
   throw std::logic_error("gradlora: the CPU kernels are not available here");
 #endif
 }

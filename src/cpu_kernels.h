@@ -35,4 +35,16 @@ struct Term {
 void add_lowrank(float* P, int64_t ldp, const float* base, int64_t ldb, int64_t n, int64_t m,
                  const std::vector<Term>& terms, float s);
 
+/// True when the additive kernels below take rank r: r divides 16 or 16 divides r.
+bool additive_rank_ok(int64_t r);
+
+/// Block sums of the additive form: gA[i,k] = Σ_{j ≡ k (mod r)} G[i,j] (n×r) and
+/// gB[k,j] = Σ_{i ≡ k (mod r)} G[i,j] (r×m), from one pass over G (row stride ldg).
+void additive_project(const float* G, int64_t ldg, int64_t n, int64_t m, int64_t r, float* gA, float* gB);
+
+/// P[i,j] += s·(dA[i, j mod r] + dB[i mod r, j]) in one pass over P (row stride ldp);
+/// dA n×r, dB r×m contiguous.
+void additive_update(float* P, int64_t ldp, int64_t n, int64_t m, int64_t r, const float* dA, const float* dB,
+                     float s);
+
 }  // namespace gradlora::cpu

@@ -150,6 +150,11 @@ torch::Tensor column_blocks(const torch::Tensor& X, int64_t q, int64_t r) {
 
 std::pair<torch::Tensor, torch::Tensor> additive_factor_grads(const torch::Tensor& G, int64_t r) {
   const int64_t n = G.size(0), m = G.size(1);
+  if (cpu::additive_rank_ok(r) && kernels_serve({&G}, {})) {  // one pass over G for both sums
+    torch::Tensor gA = torch::empty({n, r}, G.options()), gB = torch::empty({r, m}, G.options());
+    cpu::additive_project(G.data_ptr<float>(), G.stride(0), n, m, r, gA.data_ptr<float>(), gB.data_ptr<float>());
+    return {gA, gB};
+  }
   const int64_t q = m / r, t = m % r;  // full column blocks, width of the last one
   const int64_t p = n / r, u = n % r;  // full row blocks, height of the last one
   torch::Tensor gA = q > 0 ? column_blocks(G, q, r).sum(1) : torch::zeros({n, r}, G.options());
@@ -161,6 +166,11 @@ std::pair<torch::Tensor, torch::Tensor> additive_factor_grads(const torch::Tenso
 
 void additive_write_back(torch::Tensor& P2d, const torch::Tensor& dA, const torch::Tensor& dB, double s) {
   const int64_t n = P2d.size(0), m = P2d.size(1), r = dA.size(1);
+  if (cpu::additive_rank_ok(r) && kernels_serve({&P2d}, {&dA, &dB})) {  // one pass over P
+    cpu::additive_update(P2d.data_ptr<float>(), P2d.stride(0), n, m, r, dA.data_ptr<float>(), dB.data_ptr<float>(),
+                         static_cast<float>(s));
+    return;
+  }
   const int64_t q = m / r, t = m % r;
   const int64_t p = n / r, u = n % r;
   const torch::Tensor a = dA.scalar_type() == P2d.scalar_type() ? dA : dA.to(P2d.scalar_type());

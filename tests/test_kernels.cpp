@@ -115,6 +115,43 @@ TEST_P(Kernels, LibraryPathAgreesWhenTheKernelsAreOff) {
   EXPECT_LT(rel_error(k2, l2.to(torch::kDouble)), 1e-5);
 }
 
+// The additive form's sums and write-back, against loops over the definitions (in double).
+TEST_P(Kernels, AdditiveSumsAndWriteBackEqualTheirDefinitions) {
+  for (const int64_t r : {1, 2, 4, 8, 16, 32}) {
+    for (const auto& [n, m] : {std::pair<int64_t, int64_t>{37, 50}, {130, 515}, {600, 33}}) {
+      const torch::Tensor G = strided_rows(n, m, GetParam());
+      auto [gA, gB] = additive_factor_grads(G, r);
+      const torch::Tensor Gd = G.to(torch::kDouble).contiguous();
+      torch::Tensor refA = torch::zeros({n, r}, torch::kDouble), refB = torch::zeros({r, m}, torch::kDouble);
+      auto g = Gd.accessor<double, 2>();
+      auto a = refA.accessor<double, 2>();
+      auto b = refB.accessor<double, 2>();
+      for (int64_t i = 0; i < n; ++i) {
+        for (int64_t j = 0; j < m; ++j) {
+          a[i][j % r] += g[i][j];
+          b[i % r][j] += g[i][j];
+        }
+      }
+      EXPECT_LT(rel_error(gA, refA), 1e-5) << "gA, r " << r << " at " << n << "x" << m;
+      EXPECT_LT(rel_error(gB, refB), 1e-5) << "gB, r " << r << " at " << n << "x" << m;
+      const torch::Tensor dA = torch::randn({n, r}), dB = torch::randn({r, m});
+      torch::Tensor P = strided_rows(n, m, GetParam());
+      const torch::Tensor before = P.to(torch::kDouble);
+      additive_write_back(P, dA, dB, 0.3);
+      torch::Tensor change = torch::zeros({n, m}, torch::kDouble);
+      auto c = change.accessor<double, 2>();
+      const torch::Tensor dAd = dA.to(torch::kDouble), dBd = dB.to(torch::kDouble);
+      auto da = dAd.accessor<double, 2>();
+      auto db = dBd.accessor<double, 2>();
+      for (int64_t i = 0; i < n; ++i) {
+        for (int64_t j = 0; j < m; ++j) c[i][j] = 0.3 * (da[i][j % r] + db[i % r][j]);
+      }
+      EXPECT_LT(rel_error(P.to(torch::kDouble) - before, change), 1e-5)
+          << "write-back, r " << r << " at " << n << "x" << m;
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(RowPadding, Kernels, ::testing::Values<int64_t>(0, 5));
 
 }  // namespace
