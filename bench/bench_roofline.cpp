@@ -15,8 +15,9 @@
 //   lora, random   2·n·m·r per projection, two of them, + 2·n·m·2r for the rank-2r write-back
 //   galore         2·n·m·r for Qᵀ·G + 2·n·m·r for the write-back (between refreshes)
 //   additive       none worth counting: block sums and broadcasts
-// galore's refresh (the SVD) is timed apart: steps with update_proj_gap 1 minus steps
-// between refreshes, per refresh and amortised over the default gap.
+// galore's refresh is timed apart (--refresh=0 skips it): steps with update_proj_gap 1 minus
+// steps between refreshes, per refresh and amortised over the default gap, for the SVD and
+// for `projector: randomized`, with the share of the top-r energy the randomized Q captures.
 #include <gradlora/gradlora.h>
 
 #include "bench_args.h"
@@ -43,6 +44,7 @@ struct Options {
   std::string methods = "lora,random,additive,galore";
   std::string json;
   int library = 1;  // also time each method with the CPU kernels off
+  int refresh = 1;  // time galore's refresh
 };
 
 std::vector<std::string> split(const std::string& s, char sep) {
@@ -78,7 +80,7 @@ double flops_of(const std::string& method, int64_t n, int64_t m, int64_t r) {
 }
 
 std::unique_ptr<gradlora::LowRankOptimizer> make_opt(torch::Tensor& p, const std::string& method, int64_t r,
-                                                     int64_t gap = 0) {
+                                                     int64_t gap = 0, const std::string& projector = "") {
   gradlora::Config cfg;
   cfg.log_report = false;
   cfg.optimizer.type = gradlora::InnerType::adamw;
@@ -87,6 +89,7 @@ std::unique_ptr<gradlora::LowRankOptimizer> make_opt(torch::Tensor& p, const std
   t.method = gradlora::Method(method);
   t.rank = r;
   if (gap > 0) t.options["update_proj_gap"] = gap;
+  if (!projector.empty()) t.options["projector"] = projector;
   cfg.targets.push_back(t);
   torch::OrderedDict<std::string, torch::Tensor> params;
   params.insert("w", p);
@@ -111,6 +114,7 @@ int main(int argc, char** argv) {
       .add("--ranks", o.ranks)
       .add("--methods", o.methods)
       .add("--library", o.library)
+      .add("--refresh", o.refresh)
       .add("--json", o.json);
   args.parse(argc, argv);
   if (o.threads > 0) at::set_num_threads(o.threads);
@@ -185,24 +189,34 @@ int main(int argc, char** argv) {
       }
       std::fflush(stdout);
     }
-    // galore's refresh: steps that refresh (gap 1) against steps that do not.
-    if (o.methods.find("galore") != std::string::npos) {
+    // galore's refresh: steps that refresh (gap 1) against steps that do not, for the SVD and
+    // the randomized range finder; and the share of the top-r energy ‖Qᵀ·G‖² (or ‖G·Q‖²)
+    // that the randomized Q captures, against the SVD's Q.
+    if (o.refresh && o.methods.find("galore") != std::string::npos) {
       const int64_t r = std::stoll(split(o.ranks, ',').at(0));
-      auto every = make_opt(p, "galore", r, 1);
       auto between = make_opt(p, "galore", r);
-      every->step();
       between->step();
-      std::vector<double> a, b;
-      for (int rep = 0; rep < std::max(3, o.repeats / 3); ++rep) {
-        a.push_back(time_ms([&] { every->step(); }));
-        b.push_back(time_ms([&] { between->step(); }));
+      std::vector<double> b;
+      for (int rep = 0; rep < 3; ++rep) b.push_back(time_ms([&] { between->step(); }));
+      double energy_svd = 0.0;
+      for (const std::string projector : {"svd", "randomized"}) {
+        auto every = make_opt(p, "galore", r, 1, projector);
+        std::vector<double> a;
+        for (int rep = 0; rep < (projector == "svd" ? 1 : 3); ++rep) a.push_back(time_ms([&] { every->step(); }));
+        const torch::Tensor Q = every->state_tensors("w").at("Q");
+        const torch::Tensor PQ = Q.size(0) == n ? torch::mm(Q.t(), G) : torch::mm(G, Q);
+        const double energy = PQ.square().sum().item<double>();
+        if (projector == "svd") energy_svd = energy;
+        const double refresh = median(a) - median(b);
+        std::printf(
+            "%-11s %3lld galore refresh (%s): %.1f ms per refresh, %.2f ms per step over gap 200; top-r "
+            "energy captured %.4f of the SVD's\n",
+            shape.c_str(), static_cast<long long>(r), projector.c_str(), refresh, refresh / 200.0, energy / energy_svd);
+        js << ",\n  {\"n\": " << n << ", \"m\": " << m << ", \"r\": " << r << ", \"column\": \"galore/refresh/"
+           << projector << "\", \"method\": \"galore\", \"refresh_ms\": " << refresh
+           << ", \"amortised_ms\": " << refresh / 200.0 << ", \"energy_vs_svd\": " << energy / energy_svd << "}";
       }
-      const double refresh = median(a) - median(b);
-      std::printf("%-11s %3lld galore refresh (SVD): %.1f ms per refresh, %.2f ms per step amortised over gap 200\n",
-                  shape.c_str(), static_cast<long long>(r), refresh, refresh / 200.0);
-      js << ",\n  {\"n\": " << n << ", \"m\": " << m << ", \"r\": " << r
-         << ", \"column\": \"galore/refresh\", \"method\": \"galore\", \"refresh_ms\": " << refresh
-         << ", \"amortised_ms\": " << refresh / 200.0 << "}";
+      std::fflush(stdout);
     }
   }
   js << "\n]}\n";

@@ -33,6 +33,9 @@ class GaloreProjector final : public Projector {
     scale_ = option_double(t, "scale");
     const std::string& side = option_text(t, "proj_side");
     left_ = side == "left" || (side == "auto" && n_ < m_);
+    randomized_ = option_text(t, "projector") == "randomized";
+    oversample_ = option_int(t, "oversample");
+    power_iters_ = option_int(t, "power_iters");
     const auto opts = factor_options(ctx_.param);
     torch::NoGradGuard guard;
     Q_ = torch::zeros({left_ ? n_ : m_, r_}, opts);
@@ -108,9 +111,20 @@ class GaloreProjector final : public Projector {
 
   int64_t trainable() const override { return N_.numel(); }
 
+  // The randomized finder's options give Q its meaning only when it is used: with the SVD the
+  // settings text is what it was before they existed, so older checkpoints still load.
+  std::string settings() const override {
+    std::string s = Projector::settings();
+    if (!randomized_) s = s.substr(0, s.find(", projector "));
+    return s;
+  }
+
   std::string note() const override {
-    std::string s = fmt::format("scale={:g}, {} projector Q {}x{}, SVD every {} steps, on_resample {}", scale_,
-                                left_ ? "left" : "right", Q_.size(0), r_, gap_, to_string(on_resample_of(ctx_.target)));
+    std::string s = fmt::format("scale={:g}, {} projector Q {}x{}, {} every {} steps, on_resample {}", scale_,
+                                left_ ? "left" : "right", Q_.size(0), r_, randomized_ ? "refresh" : "SVD", gap_,
+                                to_string(on_resample_of(ctx_.target)));
+    if (randomized_)
+      s += fmt::format(", randomized range finder (oversample {}, {} power iterations)", oversample_, power_iters_);
     if (r_ == std::min(n_, m_)) s += ", rank = min(n, m): exact full-rank projection, no state saving";
     if (weight_.has_master()) s += ", fp32 master copy";
     return s;
@@ -119,6 +133,31 @@ class GaloreProjector final : public Projector {
  private:
   torch::Tensor project_with(const torch::Tensor& Q, const torch::Tensor& X) const {
     return galore_project(Q, X, left_);
+  }
+
+  // The randomized range finder (Halko, Martinsson & Tropp 2011, SIAM Review 53(2),
+  // algorithms 4.4 and 5.1) on H = g (left) or gᵀ (right): Y = H·Ω for a Gaussian Ω of
+  // r + oversample columns drawn from (seed, name, refresh), `power_iters` rounds of
+  // Y ← H·(Hᵀ·Y) with re-orthonormalisation, then the SVD of the small Yᵀ·H. Every
+  // product with g goes through galore_project (one pass over g each).
+  torch::Tensor randomized_projector(const torch::Tensor& g) const {
+    const int64_t h = left_ ? n_ : m_, w = left_ ? m_ : n_;
+    const int64_t k = std::min({r_ + oversample_, h, w});
+    auto mul = [&](const torch::Tensor& X) {  // H·X, h×k
+      return left_ ? galore_project(X, g, false) : galore_project(X, g, true).t().contiguous();
+    };
+    auto tmul = [&](const torch::Tensor& Y) {  // Hᵀ·Y, w×k
+      return left_ ? galore_project(Y, g, true).t().contiguous() : galore_project(Y, g, false);
+    };
+    auto orth = [](const torch::Tensor& X) { return std::get<0>(torch::linalg_qr(X)).contiguous(); };
+    const uint64_t refresh = static_cast<uint64_t>(steps_ / gap_);
+    const torch::Tensor omega =
+        seeded_normal({w, k}, 1.0, derive_seed(ctx_.seed, ctx_.name, (uint64_t{1} << 32) + refresh), g.options());
+    torch::Tensor Y = orth(mul(omega));
+    for (int64_t i = 0; i < power_iters_; ++i) Y = orth(mul(orth(tmul(Y))));
+    torch::Tensor Ub, S, Vh;
+    std::tie(Ub, S, Vh) = torch::linalg_svd(tmul(Y).t(), /*full_matrices=*/false);  // Yᵀ·H, k×w
+    return torch::mm(Y, Ub.narrow(1, 0, r_));
   }
 
   // Top-r singular vectors of g on the projector's side, or undefined when they cannot be
@@ -134,9 +173,14 @@ class GaloreProjector final : public Projector {
     for (const auto dtype : {g.scalar_type(), torch::kDouble}) {
       if (!why.empty() && dtype == g.scalar_type()) break;  // already fp64: nothing to retry
       try {
-        torch::Tensor U, S, Vh;
-        std::tie(U, S, Vh) = torch::linalg_svd(g.to(dtype), /*full_matrices=*/false);
-        torch::Tensor Q = left_ ? U.narrow(1, 0, r_) : Vh.narrow(0, 0, r_).t();
+        torch::Tensor Q;
+        if (randomized_) {
+          Q = randomized_projector(g.to(dtype));
+        } else {
+          torch::Tensor U, S, Vh;
+          std::tie(U, S, Vh) = torch::linalg_svd(g.to(dtype), /*full_matrices=*/false);
+          Q = left_ ? U.narrow(1, 0, r_) : Vh.narrow(0, 0, r_).t();
+        }
         if (finite(Q)) {
           if (!why.empty()) {
             spdlog::warn("gradlora: galore: parameter '{}' ({} steps taken): SVD in {} failed ({}); used fp64",
@@ -178,9 +222,9 @@ class GaloreProjector final : public Projector {
     });
   }
 
-  int64_t r_ = 1, gap_ = 1;
+  int64_t r_ = 1, gap_ = 1, oversample_ = 0, power_iters_ = 0;
   double scale_ = 1.0;
-  bool left_ = true;
+  bool left_ = true, randomized_ = false;
   WeightTarget weight_;
   torch::Tensor Q_, N_, pending_;
 };
@@ -197,7 +241,15 @@ MethodInfo galore() {
       {"proj_side",
        std::string("auto"),
        "side of G the projector multiplies (auto: the smaller)",
-       {"auto", "left", "right"}},
+       {"auto", "left", "right"},
+       std::nullopt},
+      {"projector",
+       std::string("svd"),
+       "how a refresh finds Q: svd (the exact top-r singular vectors) | randomized (a range finder on G·Ω)",
+       {"svd", "randomized"},
+       std::nullopt},
+      {"oversample", int64_t{8}, "randomized: columns of the sketch beyond the rank", {}, 0.0},
+      {"power_iters", int64_t{2}, "randomized: power iterations (each two more passes over G)", {}, 0.0},
   };
   m.default_on_resample = OnResample::keep;  // GaLore's own behaviour
   m.footprint = [](const ProjectorContext& ctx) {
