@@ -44,7 +44,6 @@ void additive_project(const float* G, int64_t ldg, int64_t n, int64_t m, int64_t
 
 /// P[i,j] += s·(dA[i, j mod r] + dB[i mod r, j]) in one pass over P (row stride ldp);
 /// dA n×r, dB r×m contiguous.
-void additive_update(float* P, int64_t ldp, int64_t n, int64_t m, int64_t r, const float* dA, const float* dB,
-                     float s);
+void additive_update(float* P, int64_t ldp, int64_t n, int64_t m, int64_t r, const float* dA, const float* dB, float s);
 
 }  // namespace gradlora::cpu
