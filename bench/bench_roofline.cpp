@@ -204,7 +204,7 @@ int main(int argc, char** argv) {
         std::vector<double> a;
         for (int rep = 0; rep < (projector == "svd" ? 1 : 3); ++rep) a.push_back(time_ms([&] { every->step(); }));
         const torch::Tensor Q = every->state_tensors("w").at("Q");
-        const torch::Tensor PQ = Q.size(0) == n ? torch::mm(Q.t(), G) : torch::mm(G, Q);
+        const torch::Tensor PQ = n < m ? torch::mm(Q.t(), G) : torch::mm(G, Q);  // proj_side auto
         const double energy = PQ.square().sum().item<double>();
         if (projector == "svd") energy_svd = energy;
         const double refresh = median(a) - median(b);

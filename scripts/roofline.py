@@ -1,0 +1,138 @@
+#!/usr/bin/python3
+"""Runs gradlora_bench_roofline at each thread count and renders its tables.
+
+    cmake --build build --target gradlora_bench_roofline
+    scripts/roofline.py --build build --threads 1,2 --update-docs
+
+Writes out/roofline/t<N>.json (the benchmark's run file, plus the load average before and
+after the run) and, with --update-docs, replaces the part of docs/performance.md between
+<!-- roofline:begin --> and <!-- roofline:end --> with tables rendered from those files.
+--render-only renders from the files already written. Standard library only.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ["lora", "random", "galore", "additive"]
+
+
+def cpu_model():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def run(args, threads, path):
+    exe = os.path.join(args.build, "bench", "gradlora_bench_roofline")
+    cmd = [exe, f"--threads={threads}", f"--repeats={args.repeats}", f"--json={path}.tmp"]
+    if args.shapes:
+        cmd.append(f"--shapes={args.shapes}")
+    if not args.refresh:
+        cmd.append("--refresh=0")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
+    before = os.getloadavg()
+    print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
+    subprocess.run(cmd, env=env, check=True)
+    after = os.getloadavg()
+    data = json.load(open(path + ".tmp"))
+    os.remove(path + ".tmp")
+    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    data.update(load_before=before, load_after=after, cpu=cpu_model(), commit=commit,
+                command=" ".join(os.path.relpath(c, ROOT) if c == exe else c for c in cmd[:3]))
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+
+
+def fmt_load(v):
+    return ", ".join(f"{x:.2f}" for x in v)
+
+
+def render(files):
+    md = []
+    for path in files:
+        d = json.load(open(path))
+        rows = [r for r in d["rows"] if "step_ms" in r]
+        md.append(f"#### {d['threads']} thread{'s' if d['threads'] > 1 else ''}")
+        md.append("")
+        md.append(f"{d['cpu']}, LibTorch {d['torch_version']}, CPU kernels {'on' if d['kernels'] else 'unavailable'}, "
+                  f"median of {d['repeats']} interleaved repeats, commit {d['commit']}. Load average (1, 5, 15 min) "
+                  f"before {fmt_load(d['load_before'])}, after {fmt_load(d['load_after'])}.")
+        md.append("")
+        md.append("Each cell: step time in ms, and in brackets its ratio to the roofline max(T_mem, T_flop); "
+                  "`library` is the same step with the CPU kernels off.")
+        md.append("")
+        head = ["shape", "r", "T_mem (pass)", "sgemm", "T_flop lora"]
+        for m in METHODS:
+            head += [m, f"{m} library"]
+        head.append("AdamW")
+        md.append("| " + " | ".join(head) + " |")
+        md.append("|" + "---|" * len(head))
+        keys = sorted({(r["n"], r["m"], r["r"]) for r in rows}, key=lambda k: (k[0] * k[1], k[2]))
+        for n, m, rank in keys:
+            cell = {r["column"]: r for r in rows if (r["n"], r["m"], r["r"]) == (n, m, rank)}
+            any_row = next(iter(cell.values()))
+            lora = cell.get("lora")
+            line = [f"{n}×{m}", str(rank), f"{any_row['pass_ms']:.2f} ms", f"{any_row['sgemm_gflops']:.0f} GFLOPS",
+                    f"{lora['t_flop_ms']:.2f} ms" if lora else "–"]
+            for meth in METHODS:
+                for col in (meth, meth + "/library"):
+                    r = cell.get(col)
+                    line.append(f"{r['step_ms']:.1f} ({r['step_ms'] / r['roofline_ms']:.2f}×)" if r else "–")
+            a = cell.get("adamw")
+            line.append(f"{a['step_ms']:.1f}" if a else "–")
+            md.append("| " + " | ".join(line) + " |")
+        refresh = [r for r in d["rows"] if r["column"].startswith("galore/refresh")]
+        if refresh:
+            md.append("")
+            md.append("galore's refresh (steps with `update_proj_gap: 1` minus steps between refreshes):")
+            md.append("")
+            md.append("| shape | r | projector | per refresh | per step over gap 200 | top-r energy vs the SVD's |")
+            md.append("|---|---|---|---|---|---|")
+            for r in refresh:
+                md.append(f"| {r['n']}×{r['m']} | {r['r']} | {r['column'].split('/')[-1]} | {r['refresh_ms']:.0f} ms "
+                          f"| {r['amortised_ms']:.2f} ms | {r['energy_vs_svd']:.4f} |")
+        md.append("")
+    return "\n".join(md)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--build", default=os.path.join(ROOT, "build"))
+    ap.add_argument("--threads", default="1,2", help="thread counts, comma-separated")
+    ap.add_argument("--repeats", type=int, default=11)
+    ap.add_argument("--shapes", default="", help="e.g. 4096x4096,4096x11008 (default: the benchmark's)")
+    ap.add_argument("--refresh", type=int, default=1, help="0: skip galore's refresh timing")
+    ap.add_argument("--out", default=os.path.join(ROOT, "out", "roofline"))
+    ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("--update-docs", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    files = [os.path.join(args.out, f"t{t}.json") for t in args.threads.split(",")]
+    if not args.render_only:
+        for t, path in zip(args.threads.split(","), files):
+            run(args, int(t), path)
+    md = render(files)
+    print(md)
+    if args.update_docs:
+        doc = os.path.join(ROOT, "docs", "performance.md")
+        text = open(doc).read()
+        begin, end = "<!-- roofline:begin -->", "<!-- roofline:end -->"
+        cmd = "scripts/roofline.py " + " ".join(a for a in sys.argv[1:] if a != "--update-docs")
+        block = f"{begin}\n<!-- written by: {cmd.strip()} -->\n\n{md}\n{end}"
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+        open(doc, "w").write(text)
+        print(f"updated {doc}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
