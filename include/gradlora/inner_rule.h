@@ -25,11 +25,19 @@ class InnerRule {
   /// `lr` and `weight_decay` are the effective values (target overrides applied).
   /// With `decay_params` false the LibTorch optimizer gets no weight decay: the
   /// projector applies `weight_decay` itself (to the weight, or toward an anchor).
+  /// `lr_factors` (empty, or one per parameter) multiplies the learning rate of
+  /// each parameter: params[i] steps with lr·lr_factors[i], here and after set_lr.
   InnerRule(std::vector<torch::Tensor> params, const InnerConfig& cfg, double lr, double weight_decay,
-            bool decay_params = true);
+            bool decay_params = true, std::vector<double> lr_factors = {});
 
+  /// Sets the learning rate (each parameter's is lr times its factor).
   void set_lr(double lr);
-  double lr() const;
+  /// The learning rate set last (before the factors).
+  double lr() const { return lr_; }
+  /// The learning rate params[i] steps with: lr() times its factor.
+  double lr(size_t i) const;
+  /// The learning rate of `param`, one of params() (lr() for any other tensor).
+  double lr_of(const torch::Tensor& param) const;
   /// The configured weight decay (the effective value given at construction).
   double weight_decay() const { return weight_decay_; }
   /// Whether the LibTorch optimizer applies weight_decay() to params() itself.
@@ -65,7 +73,10 @@ class InnerRule {
   bool amsgrad_;
   double weight_decay_;
   bool decay_params_;
+  double lr_ = 0.0;
   std::vector<torch::Tensor> params_;
+  std::vector<double> lr_factors_;  ///< one per parameter
+  std::vector<size_t> group_of_;    ///< the LibTorch parameter group of each parameter
   std::unique_ptr<torch::optim::Optimizer> opt_;
 };
 

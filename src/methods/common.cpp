@@ -47,7 +47,7 @@ void decay_toward(const InnerRule& inner, const std::vector<std::pair<torch::Ten
   for (const auto& [x, x0] : x_and_anchor) {
     const torch::Tensor departure = x - x0;
     if (inner.type() == InnerType::adamw) {
-      torch::Tensor(x).sub_(departure, inner.lr() * wd);
+      torch::Tensor(x).sub_(departure, inner.lr_of(x) * wd);
     } else if (x.grad().defined()) {
       torch::Tensor(x).mutable_grad().add_(departure, wd);
     }

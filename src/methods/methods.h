@@ -43,7 +43,7 @@ void move_moments(OnResample policy, InnerRule& inner, const std::function<void(
 /// Weight decay toward anchors, with the inner rule's semantics, for a projector
 /// whose inner rule gets none (Projector::inner_rule_decays() false): coupled
 /// (sgd, adam) adds wd·(x − x0) to x's gradient; decoupled (adamw) moves x by
-/// −lr·wd·(x − x0) before the inner step, as AdamW's own decay does. Call it in
+/// −lr·wd·(x − x0) (lr: x's own) before the inner step, as AdamW's own decay does. Call it in
 /// commit(), after the factors before the step were remembered, so that the
 /// write-back carries the decay's change too. Nothing when the decay is 0.
 void decay_toward(const InnerRule& inner, const std::vector<std::pair<torch::Tensor, torch::Tensor>>& x_and_anchor);

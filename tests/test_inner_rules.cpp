@@ -1,0 +1,248 @@
+// Learning rates of the inner rule, against references written here: `lr_ratio` of
+// `lora` (LoRA+, Hayou et al. 2024, arXiv 2402.12354).
+#include <gradlora/checkpoint.h>
+#include <gradlora/gradlora.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace gradlora {
+namespace {
+
+// ------------------------------------------------------------------ helpers
+
+torch::OrderedDict<std::string, torch::Tensor> named(const torch::Tensor& W) {
+  torch::OrderedDict<std::string, torch::Tensor> d;
+  d.insert("w", W);
+  return d;
+}
+
+Config one_target(const Method& method, InnerType type, double lr, double wd, int64_t rank) {
+  Config c;
+  c.log_report = false;
+  c.optimizer.type = type;
+  c.optimizer.lr = lr;
+  c.optimizer.weight_decay = wd;
+  Target t;
+  t.match = "w";
+  t.method = method;
+  t.rank = rank;
+  c.targets = {t};
+  return c;
+}
+
+torch::Tensor seeded(int64_t n, int64_t m, uint64_t seed, double scale) {
+  auto gen = at::detail::createCPUGenerator(seed);
+  return at::randn({n, m}, gen, torch::TensorOptions().dtype(torch::kDouble)).mul_(scale);
+}
+
+// The gradient of 0.5/b·‖X·Wᵀ − Y‖² for batch t of a seeded regression problem: it
+// depends on W, so a wrong step changes every later gradient.
+torch::Tensor regression_grad(const torch::Tensor& W, int64_t t) {
+  const int64_t n = W.size(0), m = W.size(1), b = 16;
+  const torch::Tensor X = seeded(b, m, 900 + 2 * static_cast<uint64_t>(t), 1.0);
+  const torch::Tensor Y = seeded(b, n, 901 + 2 * static_cast<uint64_t>(t), 1.0);
+  return torch::mm((torch::mm(X, W.detach().t()) - Y).t(), X).div_(static_cast<double>(b));
+}
+
+double max_abs(const torch::Tensor& a, const torch::Tensor& b) { return (a - b).abs().max().item<double>(); }
+
+// ------------------------------------------------------- lr_ratio (LoRA+)
+
+Config lora_plus(InnerType type, double lr, double wd, double ratio, Init init = Init::zero) {
+  Config c = one_target(Method::lora, type, lr, wd, 3);
+  c.targets[0].init = init;
+  c.targets[0].options["lr_ratio"] = ratio;
+  return c;
+}
+
+// From init zero (A = 0) the first SGD step changes only A (gB = s·Aᵀ·G = 0), by
+// −lr_A·s·G·Bᵀ, so ΔW = −lr_A·s²·G·B0ᵀ·B0 is linear in lr_A: with lr_ratio 16 it is
+// 16 times the change with lr_ratio 1. With W0 = 0 and the exact power-of-two factor
+// the two are equal bit for bit. This alone cannot tell the ratio from a larger lr on
+// both factors; TwoSgdSteps… can.
+TEST(LoraPlus, OneSgdStepFromZeroInitChangesWByTheRatio) {
+  const torch::Tensor G = seeded(10, 7, 11, 1.0);
+  std::map<double, torch::Tensor> change;
+  for (double ratio : {1.0, 16.0}) {
+    torch::Tensor W = torch::zeros({10, 7}, torch::kDouble);
+    LowRankOptimizer opt(named(W), lora_plus(InnerType::sgd, 0.05, 0.0, ratio));
+    const torch::Tensor B0 = opt.factors("w").second.clone();
+    W.mutable_grad() = G.clone();
+    opt.step();
+    EXPECT_TRUE(torch::equal(opt.factors("w").second, B0)) << "B moved at the first step";
+    change[ratio] = W.clone();
+  }
+  const double ratio_seen = (change[16.0].abs().max() / change[1.0].abs().max()).item<double>();
+  std::printf("one SGD step from init zero: max|dW| ratio (lr_ratio 16 over 1) = %.17g\n", ratio_seen);
+  EXPECT_GT(change[1.0].abs().max().item<double>(), 1e-3);
+  EXPECT_TRUE(torch::equal(change[16.0], change[1.0] * 16.0))
+      << "max |dW16 - 16 dW1| = " << max_abs(change[16.0], change[1.0] * 16.0);
+}
+
+// Two SGD steps on fixed gradients G1, G2, with the parameter group's lr halved between
+// them (what a scheduler does to it): A steps with lr_ratio·lr, B with lr.
+//   A1 = −ρ·η1·s·G1·B0ᵀ,          B1 = B0 (A0 = 0)
+//   A2 = A1 − ρ·η2·s·G2·B1ᵀ,      B2 = B1 − η2·s·A1ᵀ·G2
+//   W2 = W0 + s·A2·B2
+// B2 − B0 is proportional to ρ (through A1) but not to ρ²: applying the ratio to both
+// factors gives a ρ² there and ρ³ in W2; applying it to B only leaves A1 unscaled.
+TEST(LoraPlus, TwoSgdStepsGiveEachFactorItsLearningRateAndSchedulersScaleBoth) {
+  const int64_t n = 10, m = 7;
+  const double lr = 0.05, rho = 16.0, s = 1.0;
+  const torch::Tensor W0 = seeded(n, m, 5, 0.5), G1 = seeded(n, m, 12, 1.0), G2 = seeded(n, m, 13, 1.0);
+  torch::Tensor W = W0.clone();
+  LowRankOptimizer opt(named(W), lora_plus(InnerType::sgd, lr, 0.0, rho));
+  const torch::Tensor B0 = opt.factors("w").second.clone();
+  W.mutable_grad() = G1.clone();
+  opt.step();
+  opt.param_groups()[0].options().set_lr(lr * 0.5);
+  W.mutable_grad() = G2.clone();
+  opt.step();
+
+  const double eta1 = lr, eta2 = lr * 0.5;
+  const torch::Tensor A1 = -rho * eta1 * s * torch::mm(G1, B0.t());
+  const torch::Tensor B1 = B0;
+  const torch::Tensor A2 = A1 - rho * eta2 * s * torch::mm(G2, B1.t());
+  const torch::Tensor B2 = B1 - eta2 * s * torch::mm(A1.t(), G2);
+  const torch::Tensor W2 = W0 + s * torch::mm(A2, B2);
+  const auto [A, B] = opt.factors("w");
+  const double dA = max_abs(A, A2), dB = max_abs(B, B2), dW = max_abs(W, W2);
+  std::printf(
+      "two SGD steps, lr_ratio 16, group lr halved after the first: max|A - ref| %.3g, max|B - ref| %.3g, max|W - ref| "
+      "%.3g "
+      "(|B2 - B0| = %.3g)\n",
+      dA, dB, dW, (B2 - B0).abs().max().item<double>());
+  EXPECT_GT((B2 - B0).abs().max().item<double>(), 1e-2);  // B moved: the second step sees its lr
+  EXPECT_LT(dA, 1e-12);
+  EXPECT_LT(dB, 1e-12);
+  EXPECT_LT(dW, 1e-12);
+}
+
+// AdamW (LibTorch's: decay before the update, eps after the bias correction) over 12
+// steps of a regression whose gradient depends on W, lr_ratio 4, weight decay 0.05 (the
+// inner rule decays each factor with its own lr), against the factors written out here.
+// Adam is invariant to a gradient's scale, so the ratio shows only through the step size
+// and the decay.
+TEST(LoraPlus, AdamWFactorsFollowTheirOwnLearningRates) {
+  const int64_t n = 9, m = 6;
+  const double lr = 1e-2, wd = 0.05, rho = 4.0, b1 = 0.9, b2 = 0.999, eps = 1e-8, s = 1.0;
+  torch::Tensor W = seeded(n, m, 6, 0.5);
+  const torch::Tensor W0 = W.clone();
+  LowRankOptimizer opt(named(W), lora_plus(InnerType::adamw, lr, wd, rho));
+  torch::Tensor A = opt.factors("w").first.clone(), B = opt.factors("w").second.clone();
+  const torch::Tensor A0 = A.clone(), B0 = B.clone();
+  torch::Tensor mA = torch::zeros_like(A), vA = torch::zeros_like(A), mB = torch::zeros_like(B),
+                vB = torch::zeros_like(B);
+  auto adamw = [&](torch::Tensor& x, torch::Tensor& mx, torch::Tensor& vx, const torch::Tensor& g, double lr_x,
+                   int64_t k) {
+    x = x * (1 - lr_x * wd);
+    mx = b1 * mx + (1 - b1) * g;
+    vx = b2 * vx + (1 - b2) * g * g;
+    const double bc1 = 1 - std::pow(b1, k), bc2 = 1 - std::pow(b2, k);
+    x = x - (lr_x / bc1) * mx / (vx.sqrt() / std::sqrt(bc2) + eps);
+  };
+  torch::Tensor P = W0.clone();
+  for (int64_t k = 1; k <= 12; ++k) {
+    W.mutable_grad() = regression_grad(W, k);
+    opt.step();
+    const torch::Tensor G = regression_grad(P, k);
+    const torch::Tensor gA = s * torch::mm(G, B.t()), gB = s * torch::mm(A.t(), G);
+    adamw(A, mA, vA, gA, rho * lr, k);
+    adamw(B, mB, vB, gB, lr, k);
+    P = W0 + s * (torch::mm(A, B) - torch::mm(A0, B0));
+  }
+  const double dA = max_abs(opt.factors("w").first, A), dB = max_abs(opt.factors("w").second, B);
+  const double dW = max_abs(W, P);
+  std::printf("AdamW, lr_ratio 4, 12 steps: max|A - ref| %.3g, max|B - ref| %.3g, max|W - ref| %.3g (moved %.3g)\n", dA,
+              dB, dW, max_abs(W, W0));
+  EXPECT_GT(max_abs(W, W0), 1e-2);
+  EXPECT_LT(dA, 1e-12);
+  EXPECT_LT(dB, 1e-12);
+  EXPECT_LT(dW, 1e-12);
+}
+
+Config yaml_config(const std::string& target_extra) {
+  return Config::from_yaml_string(
+      "optimizer: {type: sgd, lr: 0.1}\nlog_report: false\ntargets:\n  - {match: w, method: lora, rank: 2" +
+      target_extra + "}\n");
+}
+
+void expect_config_error(const std::string& target_extra, const std::vector<std::string>& fragments) {
+  SCOPED_TRACE(target_extra);
+  try {
+    yaml_config(target_extra);
+    ADD_FAILURE() << "expected ConfigError";
+  } catch (const ConfigError& e) {
+    for (const auto& f : fragments) EXPECT_NE(std::string(e.what()).find(f), std::string::npos) << e.what();
+  }
+}
+
+TEST(LoraPlus, RatioIsAValidatedOptionOfLoraOnly) {
+  EXPECT_DOUBLE_EQ(option_double(yaml_config("").targets[0], "lr_ratio"), 1.0);
+  EXPECT_DOUBLE_EQ(option_double(yaml_config(", lr_ratio: 16").targets[0], "lr_ratio"), 16.0);
+  EXPECT_DOUBLE_EQ(option_double(yaml_config(", lr_ratio: 0.5").targets[0], "lr_ratio"), 0.5);
+  expect_config_error(", lr_ratio: 0", {"targets[0].lr_ratio", "> 0", "got 0"});
+  expect_config_error(", lr_ratio: -2", {"targets[0].lr_ratio", "got -2"});
+  expect_config_error(", lr_ratio: fast", {"targets[0].lr_ratio", "fast"});
+  expect_config_error(", lr_ratio: .nan", {"targets[0].lr_ratio"});
+  try {
+    Config::from_yaml_string("targets:\n  - {match: w, method: galore, rank: 2, lr_ratio: 16}\n");
+    ADD_FAILURE() << "expected ConfigError";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("targets[0].lr_ratio': unknown key"), std::string::npos) << e.what();
+  }
+  Config c = one_target(Method::galore, InnerType::sgd, 0.1, 0.0, 2);  // the same from code
+  c.targets[0].options["lr_ratio"] = 16.0;
+  try {
+    c.validate();
+    ADD_FAILURE() << "expected ConfigError";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("method 'galore' has no option 'lr_ratio'"), std::string::npos) << e.what();
+  }
+  // It is part of what data-parallel ranks compare.
+  bool described = false;
+  for (const auto& [k, v] : describe_target(yaml_config(", lr_ratio: 16").targets[0])) {
+    if (k == "lr_ratio") described = v == "16";
+  }
+  EXPECT_TRUE(described);
+}
+
+TEST(LoraPlus, ACheckpointWithAnotherRatioIsRefused) {
+  const std::string path =
+      (std::filesystem::temp_directory_path() / ("gradlora_lora_plus_" + std::to_string(::getpid()) + ".ckpt"))
+          .string();
+  torch::Tensor W = seeded(6, 5, 7, 0.5);
+  LowRankOptimizer opt(named(W), lora_plus(InnerType::adamw, 1e-2, 0.0, 16.0));
+  W.mutable_grad() = regression_grad(W, 0);
+  opt.step();
+  save_checkpoint(opt, path);
+  for (double ratio : {1.0, 8.0}) {
+    torch::Tensor W2 = W.clone();
+    LowRankOptimizer other(named(W2), lora_plus(InnerType::adamw, 1e-2, 0.0, ratio));
+    try {
+      load_checkpoint(other, path);
+      ADD_FAILURE() << "expected CheckpointError for lr_ratio " << ratio;
+    } catch (const CheckpointError& e) {
+      EXPECT_NE(std::string(e.what()).find("lr_ratio 16"), std::string::npos) << e.what();
+    }
+  }
+  torch::Tensor W3 = W.clone();
+  LowRankOptimizer same(named(W3), lora_plus(InnerType::adamw, 1e-2, 0.0, 16.0));
+  EXPECT_NO_THROW(load_checkpoint(same, path));
+  std::filesystem::remove(path);
+}
+
+}  // namespace
+}  // namespace gradlora
