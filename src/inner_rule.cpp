@@ -23,6 +23,55 @@ using torch::optim::SGDParamState;
 
 const char* const kAdamFields[] = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
 
+/// The AdamW of transformers' optimization.py, which galore_torch's GaLoreAdamW also is
+/// (decoupled decay after Loshchilov & Hutter, arXiv 1711.05101, in that code's order).
+/// Per parameter x with gradient g, at its step t:
+///   m ← β1·m + (1 − β1)·g,  v ← β2·v + (1 − β2)·g²
+///   x ← x − lr·√(1 − β2ᵗ)/(1 − β1ᵗ) · m/(√v + ε)   (ε added to √v before the bias correction)
+///   x ← x − lr·wd·x                                (the decay after the update, of the new x)
+/// LibTorch's AdamW divides by √v/√(1 − β2ᵗ) + ε instead and decays x before the update.
+/// The state is LibTorch's AdamWParamState (step, exp_avg, exp_avg_sq), so InnerRule
+/// reads, saves and loads it as it does AdamW's.
+class HfAdamW final : public torch::optim::Optimizer {
+ public:
+  HfAdamW(std::vector<OptimizerParamGroup> groups, const AdamWOptions& defaults)
+      : Optimizer(std::move(groups), std::make_unique<AdamWOptions>(defaults)) {}
+
+  torch::Tensor step(LossClosure closure = nullptr) override {
+    torch::NoGradGuard no_grad;
+    torch::Tensor loss;
+    if (closure) {
+      torch::AutoGradMode enable(true);
+      loss = closure();
+    }
+    for (auto& group : param_groups_) {
+      const auto& o = static_cast<const AdamWOptions&>(group.options());
+      const double b1 = std::get<0>(o.betas()), b2 = std::get<1>(o.betas());
+      for (auto& x : group.params()) {
+        if (!x.grad().defined()) continue;
+        const torch::Tensor& g = x.grad();
+        auto& slot = state_[compat::optimizer_state_key(x)];
+        if (!slot) {
+          auto fresh = std::make_unique<AdamWParamState>();
+          fresh->step(0);
+          fresh->exp_avg(torch::zeros_like(x, torch::MemoryFormat::Preserve));
+          fresh->exp_avg_sq(torch::zeros_like(x, torch::MemoryFormat::Preserve));
+          slot = std::move(fresh);
+        }
+        auto& s = static_cast<AdamWParamState&>(*slot);
+        s.step(s.step() + 1);
+        s.exp_avg().mul_(b1).add_(g, 1.0 - b1);
+        s.exp_avg_sq().mul_(b2).addcmul_(g, g, 1.0 - b2);
+        const double t = static_cast<double>(s.step());
+        const double step_size = o.lr() * std::sqrt(1.0 - std::pow(b2, t)) / (1.0 - std::pow(b1, t));
+        x.add_(s.exp_avg() / s.exp_avg_sq().sqrt().add_(o.eps()), -step_size);
+        if (o.weight_decay() > 0.0) x.add_(x, -o.lr() * o.weight_decay());
+      }
+    }
+    return loss;
+  }
+};
+
 /// A LibTorch optimizer of type `Opt` over `params`: one parameter group when every
 /// factor is 1, else one group per parameter whose learning rate is lr·factor.
 template <typename Opt, typename Options>
@@ -88,6 +137,11 @@ InnerRule::InnerRule(std::vector<torch::Tensor> params, const InnerConfig& cfg, 
                                                 .eps(cfg.eps)
                                                 .weight_decay(weight_decay)
                                                 .amsgrad(cfg.amsgrad));
+      break;
+    case InnerType::adamw_hf:
+      opt_ = make_rule<HfAdamW>(
+          params_, lr_factors_, grouped,
+          AdamWOptions(lr).betas({cfg.betas[0], cfg.betas[1]}).eps(cfg.eps).weight_decay(weight_decay));
       break;
   }
 }

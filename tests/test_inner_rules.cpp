@@ -1,5 +1,6 @@
-// Learning rates of the inner rule, against references written here: `lr_ratio` of
-// `lora` (LoRA+, Hayou et al. 2024, arXiv 2402.12354).
+// Learning rates and update rules of the inner rule, against references written here:
+// `lr_ratio` of `lora` (LoRA+, Hayou et al. 2024, arXiv 2402.12354) and `optimizer.type:
+// adamw_hf` (the AdamW of transformers and galore_torch).
 #include <gradlora/checkpoint.h>
 #include <gradlora/gradlora.h>
 #include <gtest/gtest.h>
@@ -57,6 +58,26 @@ torch::Tensor regression_grad(const torch::Tensor& W, int64_t t) {
 }
 
 double max_abs(const torch::Tensor& a, const torch::Tensor& b) { return (a - b).abs().max().item<double>(); }
+
+// One AdamW step of the transformers / galore_torch kind on x (in place), written from its
+// formulas: eps added to √v before the bias correction, decay of the updated x after.
+struct HfAdamRef {
+  double lr, wd, b1 = 0.9, b2 = 0.999, eps = 1e-3;
+  torch::Tensor m, v;
+  int64_t k = 0;
+  void step(torch::Tensor& x, const torch::Tensor& g, double lr_x) {
+    if (!m.defined()) {
+      m = torch::zeros_like(x);
+      v = torch::zeros_like(x);
+    }
+    ++k;
+    m = b1 * m + (1 - b1) * g;
+    v = b2 * v + (1 - b2) * g * g;
+    const double step_size = lr_x * std::sqrt(1 - std::pow(b2, k)) / (1 - std::pow(b1, k));
+    x = x - step_size * m / (v.sqrt() + eps);
+    x = x - lr_x * wd * x;
+  }
+};
 
 // ------------------------------------------------------- lr_ratio (LoRA+)
 
@@ -242,6 +263,97 @@ TEST(LoraPlus, ACheckpointWithAnotherRatioIsRefused) {
   LowRankOptimizer same(named(W3), lora_plus(InnerType::adamw, 1e-2, 0.0, 16.0));
   EXPECT_NO_THROW(load_checkpoint(same, path));
   std::filesystem::remove(path);
+}
+
+// ------------------------------------------------------------- adamw_hf
+
+// A `full` parameter: the rule itself, 25 steps, against HfAdamRef. eps = 1e-3 makes where
+// eps enters matter (with eps after the bias correction the steps differ by up to ~3 %).
+TEST(AdamwHf, FullParameterFollowsTheFormulas) {
+  const double lr = 1e-2, wd = 0.1;
+  torch::Tensor W = seeded(9, 6, 8, 0.5);
+  Config c = one_target(Method::full, InnerType::adamw_hf, lr, wd, 1);
+  c.optimizer.eps = 1e-3;
+  LowRankOptimizer opt(named(W), c);
+  torch::Tensor P = W.clone();
+  const torch::Tensor W0 = W.clone();
+  HfAdamRef ref{lr, wd};
+  for (int64_t t = 0; t < 25; ++t) {
+    W.mutable_grad() = regression_grad(W, t);
+    opt.step();
+    ref.step(P, regression_grad(P, t), lr);
+  }
+  const double d = max_abs(W, P);
+  std::printf("adamw_hf, full parameter, 25 steps: max|W - ref| = %.3g (moved %.3g)\n", d, max_abs(W, W0));
+  EXPECT_GT(max_abs(W, W0), 0.05);
+  EXPECT_LT(d, 1e-12);
+  EXPECT_EQ(opt.state_tensors("w").count("inner.0.exp_avg_sq"), 1u);
+  EXPECT_LT(max_abs(opt.state_tensors("w").at("inner.0.exp_avg_sq"), ref.v), 1e-12);
+}
+
+// `lora` with adamw_hf and lr_ratio 2, 25 steps: init zero (the rule decays A and B
+// itself, after the update) and init symmetric (the projector decays each factor's
+// departure from its start, after the update), against the factors written out here.
+class AdamwHfLora : public ::testing::TestWithParam<Init> {};
+
+TEST_P(AdamwHfLora, FactorsFollowTheFormulas) {
+  const Init init = GetParam();
+  const double lr = 1e-2, wd = 0.1, rho = 2.0, s = 1.0;
+  torch::Tensor W = seeded(9, 6, 9, 0.5);
+  Config c = lora_plus(InnerType::adamw_hf, lr, wd, rho, init);
+  c.optimizer.eps = 1e-3;
+  LowRankOptimizer opt(named(W), c);
+  const torch::Tensor W0 = W.clone();
+  torch::Tensor A = opt.factors("w").first.clone(), B = opt.factors("w").second.clone();
+  const torch::Tensor A0 = A.clone(), B0 = B.clone();
+  // Zero init decays toward 0; symmetric toward the start: the decay acts on x − x0.
+  const bool to_start = init == Init::symmetric;
+  HfAdamRef refA{lr, wd}, refB{lr, wd};
+  torch::Tensor P = W0.clone();
+  for (int64_t t = 0; t < 25; ++t) {
+    W.mutable_grad() = regression_grad(W, t);
+    opt.step();
+    const torch::Tensor G = regression_grad(P, t);
+    const torch::Tensor gA = s * torch::mm(G, B.t()), gB = s * torch::mm(A.t(), G);
+    torch::Tensor dA = A - (to_start ? A0 : torch::zeros_like(A)), dB = B - (to_start ? B0 : torch::zeros_like(B));
+    refA.step(dA, gA, rho * lr);
+    refB.step(dB, gB, lr);
+    A = dA + (to_start ? A0 : torch::zeros_like(A));
+    B = dB + (to_start ? B0 : torch::zeros_like(B));
+    P = W0 + s * (torch::mm(A, B) - torch::mm(A0, B0));
+  }
+  const double eA = max_abs(opt.factors("w").first, A), eB = max_abs(opt.factors("w").second, B);
+  const double eW = max_abs(W, P);
+  std::printf(
+      "adamw_hf, lora init %s, lr_ratio 2, 25 steps: max|A - ref| %.3g, max|B - ref| %.3g, max|W - ref| %.3g "
+      "(moved %.3g)\n",
+      to_string(init), eA, eB, eW, max_abs(W, W0));
+  EXPECT_GT(max_abs(W, W0), 0.01);
+  EXPECT_LT(eA, 1e-12);
+  EXPECT_LT(eB, 1e-12);
+  EXPECT_LT(eW, 1e-12);
+}
+
+INSTANTIATE_TEST_SUITE_P(Inits, AdamwHfLora, ::testing::Values(Init::zero, Init::symmetric),
+                         [](const ::testing::TestParamInfo<Init>& i) { return std::string(to_string(i.param)); });
+
+TEST(AdamwHf, ConfigNamesTheTypeAndRefusesAmsgrad) {
+  const Config c = Config::from_yaml_string("optimizer: {type: adamw_hf}\ntargets: []\n");
+  EXPECT_EQ(c.optimizer.type, InnerType::adamw_hf);
+  EXPECT_EQ(c.optimizer.effective_weight_decay(), 0.0);  // transformers' and galore_torch's default
+  try {
+    Config::from_yaml_string("optimizer: {type: adamw_hf, amsgrad: true}\ntargets: []\n");
+    ADD_FAILURE() << "expected ConfigError";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("optimizer.amsgrad"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("adamw_hf"), std::string::npos) << e.what();
+  }
+  try {
+    Config::from_yaml_string("optimizer: {type: adamw_tf}\ntargets: []\n");
+    ADD_FAILURE() << "expected ConfigError";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("adamw_hf"), std::string::npos) << e.what();  // listed among the choices
+  }
 }
 
 }  // namespace

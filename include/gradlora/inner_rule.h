@@ -1,8 +1,9 @@
 #pragma once
 /// \file inner_rule.h
-/// The inner update rule: LibTorch's own SGD / Adam / AdamW over a handful of
-/// tensors (the factors of one parameter, or a `full` parameter itself), with a
-/// stable, version-independent handle on its per-tensor state.
+/// The inner update rule: LibTorch's own SGD / Adam / AdamW, or the
+/// transformers-style AdamW (`adamw_hf`), over a handful of tensors (the factors
+/// of one parameter, or a `full` parameter itself), with a stable,
+/// version-independent handle on its per-tensor state.
 
 #include <gradlora/config.h>
 
@@ -42,6 +43,12 @@ class InnerRule {
   double weight_decay() const { return weight_decay_; }
   /// Whether the LibTorch optimizer applies weight_decay() to params() itself.
   bool decays_params() const { return decay_params_; }
+  /// Whether the weight decay is decoupled (x ← x − lr·wd·x: adamw, adamw_hf) rather
+  /// than coupled (the L2 gradient wd·x added to x's gradient: sgd, adam).
+  bool decoupled_decay() const { return type_ == InnerType::adamw || type_ == InnerType::adamw_hf; }
+  /// Whether a decoupled decay acts after the update (adamw_hf, as transformers and
+  /// galore_torch) rather than before it (adamw, as LibTorch).
+  bool decays_after_update() const { return type_ == InnerType::adamw_hf; }
   /// One step of the LibTorch optimizer: tensors without a .grad are skipped.
   void step();
   /// Forgets all moments and step counts.

@@ -29,7 +29,7 @@ class LoraProjector final : public FactorProjector {
     if (!exact_) remember_factors();
     // Symmetric init: decay pulls the factors toward their start A0, B0, so the
     // weight toward P0 (decaying A and B toward 0 would pull P toward P0 − s·A0·B0).
-    if (A0_.defined()) decay_toward(inner, {{A_, A0_}, {B_, B0_}});
+    if (A0_.defined()) decay_toward(inner, {{A_, A0_}, {B_, B0_}}, /*after_step=*/false);
   }
 
   // LoRA+ (Hayou et al. 2024, arXiv 2402.12354): A (n×r, PEFT's lora_B) steps with
@@ -40,6 +40,7 @@ class LoraProjector final : public FactorProjector {
   bool inner_rule_decays() const override { return ctx_.target.init != Init::symmetric; }
 
   void write_back(InnerRule& inner) override {
+    if (A0_.defined()) decay_toward(inner, {{A_, A0_}, {B_, B0_}}, /*after_step=*/true);
     torch::Tensor P2 = param2d();
     if (exact_) {
       // P = P0 + s·(A·B − A0·B0), rounded once into P's dtype; no n×m temporary.
