@@ -357,6 +357,64 @@ TEST(AdamwHf, ConfigNamesTheTypeAndRefusesAmsgrad) {
   }
 }
 
+// Every method with adamw_hf (weight decay on, so each decay path runs): a run resumed from
+// a checkpoint continues bit for bit, and the checkpoint does not load under adamw.
+TEST(AdamwHf, EveryMethodResumesBitForBitAndRecordsTheRule) {
+  const std::string path =
+      (std::filesystem::temp_directory_path() / ("gradlora_adamw_hf_" + std::to_string(::getpid()) + ".ckpt")).string();
+  struct Case {
+    Method method;
+    Init init;
+    std::map<std::string, OptionValue> options;
+  };
+  const std::vector<Case> cases = {
+      {Method::lora, Init::zero, {{"lr_ratio", 4.0}}},
+      {Method::lora, Init::symmetric, {}},
+      {Method::random, Init::zero, {{"resample_every", int64_t{2}}}},
+      {Method::additive, Init::zero, {}},
+      {Method::galore, Init::zero, {{"update_proj_gap", int64_t{2}}}},
+      {Method::hadamard, Init::symmetric, {}},
+      {Method::full, Init::zero, {}},
+  };
+  for (const auto& k : cases) {
+    SCOPED_TRACE(to_string(k.method) + std::string(" init ") + to_string(k.init));
+    Config c = one_target(k.method, InnerType::adamw_hf, 1e-2, 0.1, 2);
+    c.targets[0].init = k.init;
+    c.targets[0].options = k.options;
+    torch::Tensor W = seeded(8, 6, 10, 0.5);
+    LowRankOptimizer opt(named(W), c);
+    for (int64_t t = 0; t < 3; ++t) {
+      W.mutable_grad() = regression_grad(W, t);
+      opt.step();
+    }
+    save_checkpoint(opt, path);
+    torch::Tensor W2 = W.clone();
+    for (int64_t t = 3; t < 6; ++t) {
+      W.mutable_grad() = regression_grad(W, t);
+      opt.step();
+    }
+    LowRankOptimizer resumed(named(W2), c);
+    load_checkpoint(resumed, path);
+    for (int64_t t = 3; t < 6; ++t) {
+      W2.mutable_grad() = regression_grad(W2, t);
+      resumed.step();
+    }
+    EXPECT_TRUE(torch::equal(W, W2)) << "max |W - W_resumed| = " << max_abs(W, W2);
+    Config other = c;
+    other.optimizer.type = InnerType::adamw;
+    torch::Tensor W3 = W.clone();
+    LowRankOptimizer wrong(named(W3), other);
+    try {
+      load_checkpoint(wrong, path);
+      ADD_FAILURE() << "expected CheckpointError";
+    } catch (const CheckpointError& e) {
+      EXPECT_NE(std::string(e.what()).find("'adamw_hf' in the checkpoint, 'adamw' here"), std::string::npos)
+          << e.what();
+    }
+  }
+  std::filesystem::remove(path);
+}
+
 // ---------------------------------------- galore with adamw_hf vs the fixture
 
 // splitmix64 (Steele, Lea & Flood 2014) as uniform doubles in [-1, 1): the generator of
