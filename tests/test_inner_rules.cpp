@@ -63,6 +63,7 @@ double max_abs(const torch::Tensor& a, const torch::Tensor& b) { return (a - b).
 // One AdamW step of the transformers / galore_torch kind on x (in place), written from its
 // formulas: eps added to √v before the bias correction, decay of the updated x after.
 struct HfAdamRef {
+  HfAdamRef(double lr_, double wd_) : lr(lr_), wd(wd_) {}
   double lr, wd, b1 = 0.9, b2 = 0.999, eps = 1e-3;
   torch::Tensor m, v;
   int64_t k = 0;
