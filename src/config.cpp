@@ -27,8 +27,8 @@ const char* const kInits[] = {"zero", "symmetric"};
 const Init kInitValues[] = {Init::zero, Init::symmetric};
 const char* const kWriteBacks[] = {"auto", "incremental", "exact"};
 const WriteBack kWriteBackValues[] = {WriteBack::automatic, WriteBack::incremental, WriteBack::exact};
-const char* const kInnerTypes[] = {"sgd", "adam", "adamw"};
-const InnerType kInnerTypeValues[] = {InnerType::sgd, InnerType::adam, InnerType::adamw};
+const char* const kInnerTypes[] = {"sgd", "adam", "adamw", "adamw_hf"};
+const InnerType kInnerTypeValues[] = {InnerType::sgd, InnerType::adam, InnerType::adamw, InnerType::adamw_hf};
 const char* const kOnResample[] = {"keep", "reset", "transfer"};
 const OnResample kOnResampleValues[] = {OnResample::keep, OnResample::reset, OnResample::transfer};
 const char* const kOnNonFinite[] = {"skip", "error"};
@@ -145,6 +145,11 @@ void Config::validate() const {
   }
   check(std::isfinite(o.momentum) && o.momentum >= 0, "optimizer.momentum", "expected a number >= 0", o.momentum);
   check(std::isfinite(o.dampening), "optimizer.dampening", "expected a finite number", o.dampening);
+  if (o.type == InnerType::adamw_hf && o.amsgrad) {
+    throw ConfigError(
+        "config key 'optimizer.amsgrad': optimizer type adamw_hf (the transformers-style AdamW) has no amsgrad "
+        "variant, got true (use type adamw for amsgrad)");
+  }
   if (o.nesterov && (o.momentum <= 0 || o.dampening != 0)) {
     throw ConfigError(fmt::format(
         "config key 'optimizer.nesterov': nesterov needs momentum > 0 and dampening = 0, got momentum {} and "

@@ -185,7 +185,7 @@ LowRankOptimizer::LowRankOptimizer(const torch::OrderedDict<std::string, torch::
     const double lr = t.lr.value_or(config_.optimizer.lr);
     const double wd = t.weight_decay.value_or(config_.optimizer.effective_weight_decay());
     e->inner = std::make_unique<InnerRule>(e->projector->inner_params(), config_.optimizer, lr, wd,
-                                           e->projector->inner_rule_decays());
+                                           e->projector->inner_rule_decays(), e->projector->inner_lr_factors());
   }
 
   // One parameter group per target that matched something, then `default`.

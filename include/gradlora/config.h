@@ -56,8 +56,10 @@ enum class Init { zero, symmetric };
 /// How factor updates reach the weight: rank-r increments, or P = P0 + s·A·B.
 /// `automatic` picks `exact` for bf16/fp16 weights and `incremental` otherwise.
 enum class WriteBack { automatic, incremental, exact };
-/// The inner update rule applied to factors (and to `full` parameters).
-enum class InnerType { sgd, adam, adamw };
+/// The inner update rule applied to factors (and to `full` parameters): LibTorch's
+/// SGD, Adam, AdamW, or `adamw_hf`, the AdamW of transformers and galore_torch
+/// (eps added to √v before the bias correction, decoupled decay after the update).
+enum class InnerType { sgd, adam, adamw, adamw_hf };
 /// What happens to the inner rule's moments when the projection changes.
 enum class OnResample { keep, reset, transfer };
 /// What a step does when a selected gradient holds NaN or Inf.
@@ -85,7 +87,7 @@ struct InnerConfig {
   double lr = 1e-3;
   std::array<double, 2> betas{0.9, 0.999};
   double eps = 1e-8;
-  /// Unset: the rule's own default (AdamW 1e-2, Adam 0, SGD 0).
+  /// Unset: the rule's own default (AdamW 1e-2; Adam, SGD and adamw_hf 0).
   std::optional<double> weight_decay;
   bool amsgrad = false;
   double momentum = 0.0;   ///< sgd

@@ -1,8 +1,9 @@
 #pragma once
 /// \file inner_rule.h
-/// The inner update rule: LibTorch's own SGD / Adam / AdamW over a handful of
-/// tensors (the factors of one parameter, or a `full` parameter itself), with a
-/// stable, version-independent handle on its per-tensor state.
+/// The inner update rule: LibTorch's own SGD / Adam / AdamW, or the
+/// transformers-style AdamW (`adamw_hf`), over a handful of tensors (the factors
+/// of one parameter, or a `full` parameter itself), with a stable,
+/// version-independent handle on its per-tensor state.
 
 #include <gradlora/config.h>
 
@@ -25,15 +26,29 @@ class InnerRule {
   /// `lr` and `weight_decay` are the effective values (target overrides applied).
   /// With `decay_params` false the LibTorch optimizer gets no weight decay: the
   /// projector applies `weight_decay` itself (to the weight, or toward an anchor).
+  /// `lr_factors` (empty, or one per parameter) multiplies the learning rate of
+  /// each parameter: params[i] steps with lr·lr_factors[i], here and after set_lr.
   InnerRule(std::vector<torch::Tensor> params, const InnerConfig& cfg, double lr, double weight_decay,
-            bool decay_params = true);
+            bool decay_params = true, std::vector<double> lr_factors = {});
 
+  /// Sets the learning rate (each parameter's is lr times its factor).
   void set_lr(double lr);
-  double lr() const;
+  /// The learning rate set last (before the factors).
+  double lr() const { return lr_; }
+  /// The learning rate params[i] steps with: lr() times its factor.
+  double lr(size_t i) const;
+  /// The learning rate of `param`, one of params() (lr() for any other tensor).
+  double lr_of(const torch::Tensor& param) const;
   /// The configured weight decay (the effective value given at construction).
   double weight_decay() const { return weight_decay_; }
   /// Whether the LibTorch optimizer applies weight_decay() to params() itself.
   bool decays_params() const { return decay_params_; }
+  /// Whether the weight decay is decoupled (x ← x − lr·wd·x: adamw, adamw_hf) rather
+  /// than coupled (the L2 gradient wd·x added to x's gradient: sgd, adam).
+  bool decoupled_decay() const { return type_ == InnerType::adamw || type_ == InnerType::adamw_hf; }
+  /// Whether a decoupled decay acts after the update (adamw_hf, as transformers and
+  /// galore_torch) rather than before it (adamw, as LibTorch).
+  bool decays_after_update() const { return type_ == InnerType::adamw_hf; }
   /// One step of the LibTorch optimizer: tensors without a .grad are skipped.
   void step();
   /// Forgets all moments and step counts.
@@ -65,7 +80,10 @@ class InnerRule {
   bool amsgrad_;
   double weight_decay_;
   bool decay_params_;
+  double lr_ = 0.0;
   std::vector<torch::Tensor> params_;
+  std::vector<double> lr_factors_;  ///< one per parameter
+  std::vector<size_t> group_of_;    ///< the LibTorch parameter group of each parameter
   std::unique_ptr<torch::optim::Optimizer> opt_;
 };
 

@@ -73,6 +73,9 @@ class Projector {
   /// the projector applies it itself (to the weight, or toward the factors' start)
   /// and the inner rule gets none. The method's MethodInfo::weight_decay_on says which.
   virtual bool inner_rule_decays() const { return true; }
+  /// The learning rate of each of inner_params() as a multiple of the target's
+  /// (its parameter group's, so schedulers scale them all); empty: all 1.
+  virtual std::vector<double> inner_lr_factors() const { return {}; }
   /// Whether fused mode projects this parameter inside backward() (false when the
   /// inner rule needs the full gradient anyway, as for `full`).
   virtual bool fusable() const { return true; }

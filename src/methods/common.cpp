@@ -40,14 +40,15 @@ void move_moments(OnResample policy, InnerRule& inner, const std::function<void(
   }
 }
 
-void decay_toward(const InnerRule& inner, const std::vector<std::pair<torch::Tensor, torch::Tensor>>& x_and_anchor) {
+void decay_toward(const InnerRule& inner, const std::vector<std::pair<torch::Tensor, torch::Tensor>>& x_and_anchor,
+                  bool after_step) {
   const double wd = inner.weight_decay();
-  if (wd == 0.0) return;
+  if (wd == 0.0 || after_step != inner.decays_after_update()) return;
   torch::NoGradGuard guard;
   for (const auto& [x, x0] : x_and_anchor) {
     const torch::Tensor departure = x - x0;
-    if (inner.type() == InnerType::adamw) {
-      torch::Tensor(x).sub_(departure, inner.lr() * wd);
+    if (inner.decoupled_decay()) {
+      torch::Tensor(x).sub_(departure, inner.lr_of(x) * wd);
     } else if (x.grad().defined()) {
       torch::Tensor(x).mutable_grad().add_(departure, wd);
     }

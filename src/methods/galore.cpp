@@ -22,8 +22,8 @@ bool finite(const torch::Tensor& t) { return torch::isfinite(t).all().item<bool>
 /// The inner parameter N has R's shape and is held at zero before each step, so
 /// the inner rule's step is its update ΔN, and P ← P + scale·Q·ΔN (or ΔN·Qᵀ).
 /// Weight decay acts on P (the inner rule sees N = 0 and decays nothing):
-/// adamw decoupled, P ← (1 − lr·wd)·P; sgd/adam coupled, R += wd·Qᵀ·P, the
-/// projection of the L2 term's gradient.
+/// adamw decoupled, P ← (1 − lr·wd)·P before the update (adamw_hf after it, as
+/// galore_torch); sgd/adam coupled, R += wd·Qᵀ·P, the projection of the L2 term's gradient.
 class GaloreProjector final : public Projector {
  public:
   explicit GaloreProjector(ProjectorContext ctx) : Projector(std::move(ctx)) {
@@ -77,7 +77,7 @@ class GaloreProjector final : public Projector {
       pending_ = torch::Tensor();
     }
     const double wd = inner.weight_decay();
-    if (wd != 0.0 && inner.type() != InnerType::adamw) {
+    if (wd != 0.0 && !inner.decoupled_decay()) {
       // Coupled (L2) weight decay: the gradient of wd/2·‖P‖² is wd·P; project it like G.
       torch::Tensor P2 = param2d();
       const torch::Tensor P = weight_.target(P2);
@@ -90,13 +90,15 @@ class GaloreProjector final : public Projector {
     torch::Tensor P2 = param2d();
     torch::Tensor& target = weight_.target(P2);
     const double wd = inner.weight_decay();
-    if (wd != 0.0 && inner.type() == InnerType::adamw) target.mul_(1.0 - inner.lr() * wd);
+    const bool decoupled = wd != 0.0 && inner.decoupled_decay();
+    if (decoupled && !inner.decays_after_update()) target.mul_(1.0 - inner.lr() * wd);
     // N was zero before the inner step, so N is now ΔN.
     if (left_) {
       add_product(target, Q_, N_, scale_);
     } else {
       add_product(target, N_, Q_.t(), scale_);
     }
+    if (decoupled && inner.decays_after_update()) target.mul_(1.0 - inner.lr() * wd);  // adamw_hf: after
     weight_.publish(P2);
     N_.zero_();
     release_grad(N_);

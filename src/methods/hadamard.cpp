@@ -61,15 +61,16 @@ class HadamardProjector final : public Projector {
     // Non-zero init: decay pulls each factor toward its start, so the weight toward P0
     // (toward 0 it would pull P toward P0 − s·(A1·B1)⊙(A2·B2) at the start).
     if (!start_.empty()) {
-      decay_toward(inner, {{A1_, start_[0]}, {B1_, start_[1]}, {A2_, start_[2]}, {B2_, start_[3]}});
+      decay_toward(inner, decay_pairs(), /*after_step=*/false);
     }
   }
 
   // Zero init (A1 = 0): the inner rule decays the four factors toward 0, where ΔP = 0.
   bool inner_rule_decays() const override { return start_.empty(); }
 
-  void write_back(InnerRule&) override {
+  void write_back(InnerRule& inner) override {
     torch::NoGradGuard guard;
+    if (!start_.empty()) decay_toward(inner, decay_pairs(), /*after_step=*/true);
     torch::Tensor P2 = param2d();
     hadamard_write_back(weight_.target(P2), {A1p_, B1p_, A2p_, B2p_}, {A1_, B1_, A2_, B2_}, s_);
     weight_.publish(P2);
@@ -105,6 +106,11 @@ class HadamardProjector final : public Projector {
   }
 
  private:
+  // Each factor and its start, the anchor of its decay.
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> decay_pairs() const {
+    return {{A1_, start_[0]}, {B1_, start_[1]}, {A2_, start_[2]}, {B2_, start_[3]}};
+  }
+
   double s_ = 1.0;
   WeightTarget weight_;
   torch::Tensor A1_, B1_, A2_, B2_, A1p_, B1p_, A2p_, B2p_;

@@ -13,6 +13,7 @@ class LoraProjector final : public FactorProjector {
   explicit LoraProjector(ProjectorContext ctx) : FactorProjector(std::move(ctx)) {
     const Target& t = ctx_.target;
     merge_every_ = option_int(t, "merge_every");
+    lr_ratio_ = option_double(t, "lr_ratio");
     torch::NoGradGuard guard;
     A_ = torch::empty({n_, t.rank}, factor_options(ctx_.param));
     B_ = torch::empty({t.rank, m_}, factor_options(ctx_.param));
@@ -28,13 +29,18 @@ class LoraProjector final : public FactorProjector {
     if (!exact_) remember_factors();
     // Symmetric init: decay pulls the factors toward their start A0, B0, so the
     // weight toward P0 (decaying A and B toward 0 would pull P toward P0 − s·A0·B0).
-    if (A0_.defined()) decay_toward(inner, {{A_, A0_}, {B_, B0_}});
+    if (A0_.defined()) decay_toward(inner, {{A_, A0_}, {B_, B0_}}, /*after_step=*/false);
   }
+
+  // LoRA+ (Hayou et al. 2024, arXiv 2402.12354): A (n×r, PEFT's lora_B) steps with
+  // lr_ratio times the target's learning rate, B (r×m, PEFT's lora_A) with it.
+  std::vector<double> inner_lr_factors() const override { return {lr_ratio_, 1.0}; }
 
   // Zero init: the inner rule decays A and B toward 0, as PEFT's AdamW over lora_A, lora_B does.
   bool inner_rule_decays() const override { return ctx_.target.init != Init::symmetric; }
 
   void write_back(InnerRule& inner) override {
+    if (A0_.defined()) decay_toward(inner, {{A_, A0_}, {B_, B0_}}, /*after_step=*/true);
     torch::Tensor P2 = param2d();
     if (exact_) {
       // P = P0 + s·(A·B − A0·B0), rounded once into P's dtype; no n×m temporary.
@@ -76,6 +82,7 @@ class LoraProjector final : public FactorProjector {
     std::string n =
         fmt::format("s={:g}, init {}, writeback {}", s_, to_string(ctx_.target.init), exact_ ? "exact" : "incremental");
     if (merge_every_ > 0) n += fmt::format(", merge every {}", merge_every_);
+    if (lr_ratio_ != 1.0) n += fmt::format(", lr of A x{:g}", lr_ratio_);
     return n;
   }
 
@@ -85,8 +92,11 @@ class LoraProjector final : public FactorProjector {
     const std::string init_std = t.init == Init::symmetric && t.init_std ? fmt::format("{:.17g}", *t.init_std)
                                  : t.init == Init::symmetric             ? "auto"
                                                                          : "-";
-    return fmt::format("scale {:.17g}, init {}, init_std {}, merge_every {}", s_, to_string(t.init), init_std,
-                       merge_every_);
+    std::string s = fmt::format("scale {:.17g}, init {}, init_std {}, merge_every {}", s_, to_string(t.init), init_std,
+                                merge_every_);
+    // Only when set, so that checkpoints saved before the option existed keep their settings text.
+    if (lr_ratio_ != 1.0) s += fmt::format(", lr_ratio {:.17g}", lr_ratio_);
+    return s;
   }
 
  private:
@@ -115,6 +125,7 @@ class LoraProjector final : public FactorProjector {
   }
 
   int64_t merge_every_ = 0;
+  double lr_ratio_ = 1.0;
   torch::Tensor P0_, A0_, B0_;
 };
 
@@ -124,7 +135,8 @@ MethodInfo lora() {
   MethodInfo m;
   m.name = "lora";
   m.weight_decay_on = "the factors A, B (init zero, as PEFT); their departure from A0, B0 (init symmetric)";
-  m.options = {{"merge_every", int64_t{0}, "steps between merge-and-restart (0 = never)", {}, 0.0}};
+  m.options = {{"merge_every", int64_t{0}, "steps between merge-and-restart (0 = never)", {}, 0.0},
+               {"lr_ratio", 1.0, "LoRA+: A's (n x r, PEFT's lora_B) learning rate over the target's", {}, 0.0, true}};
   m.footprint = [](const ProjectorContext& ctx) {
     const ViewSize v = view_size(ctx);
     const int64_t t = ctx.target.rank * (v.n + v.m);  // A, B

@@ -42,11 +42,14 @@ void move_moments(OnResample policy, InnerRule& inner, const std::function<void(
 
 /// Weight decay toward anchors, with the inner rule's semantics, for a projector
 /// whose inner rule gets none (Projector::inner_rule_decays() false): coupled
-/// (sgd, adam) adds wd·(x − x0) to x's gradient; decoupled (adamw) moves x by
-/// −lr·wd·(x − x0) before the inner step, as AdamW's own decay does. Call it in
-/// commit(), after the factors before the step were remembered, so that the
-/// write-back carries the decay's change too. Nothing when the decay is 0.
-void decay_toward(const InnerRule& inner, const std::vector<std::pair<torch::Tensor, torch::Tensor>>& x_and_anchor);
+/// (sgd, adam) adds wd·(x − x0) to x's gradient; decoupled moves x by
+/// −lr·wd·(x − x0) (lr: x's own), before the inner step for adamw and after it for
+/// adamw_hf, as their own decays do. Call it twice: in commit(), after the factors
+/// before the step were remembered, with `after_step` false, and at the start of
+/// write_back() with `after_step` true; each call acts only where the rule's decay
+/// does, and the write-back carries the decay's change. Nothing when the decay is 0.
+void decay_toward(const InnerRule& inner, const std::vector<std::pair<torch::Tensor, torch::Tensor>>& x_and_anchor,
+                  bool after_step);
 
 /// The weight as the methods update it. Incremental: increments go straight into
 /// P. With a master copy (`writeback: exact` for methods whose change is not a

@@ -49,7 +49,7 @@ class RandomProjector final : public FactorProjector {
     }
     remember_factors();
     const double wd = inner.weight_decay();
-    if (wd != 0.0 && inner.type() != InnerType::adamw) {
+    if (wd != 0.0 && !inner.decoupled_decay()) {
       // Coupled (L2) decay of the weight: its gradient wd·P, projected like G, so that
       // with inner SGD E[update] = −lr·(G + wd·P), full SGD's.
       torch::Tensor P2 = param2d();
@@ -66,8 +66,10 @@ class RandomProjector final : public FactorProjector {
     torch::Tensor P2 = param2d();
     torch::Tensor& target = weight_.target(P2);
     const double wd = inner.weight_decay();
-    if (wd != 0.0 && inner.type() == InnerType::adamw) target.mul_(1.0 - inner.lr() * wd);  // decoupled
+    const bool decoupled = wd != 0.0 && inner.decoupled_decay();
+    if (decoupled && !inner.decays_after_update()) target.mul_(1.0 - inner.lr() * wd);  // adamw: before
     lora_write_back(target, A_prev_, B_prev_, A_, B_, s_);
+    if (decoupled && inner.decays_after_update()) target.mul_(1.0 - inner.lr() * wd);  // adamw_hf: after
     weight_.publish(P2);
     forget_factors();
     FactorProjector::discard();
