@@ -165,12 +165,14 @@ UpdateFn update_kernel(int rows, int kg) {
   return table[rows - 1][kg - 1];
 }
 
-// out[j] = base[j] + s·acc[j] for one row.
-GRADLORA_TARGET void finish_row(float* out, const float* base, const float* acc, int64_t len, float s) {
-  const __m512 sv = _mm512_set1_ps(s);
+// out[j] = beta·base[j] + s·acc[j] for one row.
+GRADLORA_TARGET void finish_row(float* out, const float* base, const float* acc, int64_t len, float s, float beta) {
+  const __m512 sv = _mm512_set1_ps(s), bv = _mm512_set1_ps(beta);
   for (int64_t j = 0; j < len; j += kLanes) {
     const __mmask16 mask = tail_mask(len - j);
-    const __m512 x = _mm512_fmadd_ps(sv, _mm512_maskz_loadu_ps(mask, acc + j), _mm512_maskz_loadu_ps(mask, base + j));
+    const __m512 x = _mm512_fmadd_ps(sv, _mm512_maskz_loadu_ps(mask, acc + j),
+                                     beta == 1.0f ? _mm512_maskz_loadu_ps(mask, base + j)
+                                                  : _mm512_mul_ps(bv, _mm512_maskz_loadu_ps(mask, base + j)));
     _mm512_mask_storeu_ps(out + j, mask, x);
   }
 }
@@ -290,7 +292,7 @@ void project(const float* G, int64_t ldg, int64_t n, int64_t m, const float* A, 
 }
 
 void add_lowrank(float* P, int64_t ldp, const float* base, int64_t ldb, int64_t n, int64_t m,
-                 const std::vector<Term>& terms, float s) {
+                 const std::vector<Term>& terms, float s, float beta) {
 #ifdef GRADLORA_KERNELS
   if (!kernels_available()) throw std::logic_error("gradlora: the CPU kernels are not available here");
   int64_t q = 0;
@@ -314,14 +316,14 @@ void add_lowrank(float* P, int64_t ldp, const float* base, int64_t ldb, int64_t 
             }
           }
           for (int ii = 0; ii < rows; ++ii) {
-            finish_row(P + (i + ii) * ldp + j0, base + (i + ii) * ldb + j0, acc.data() + ii * w, len, s);
+            finish_row(P + (i + ii) * ldp + j0, base + (i + ii) * ldb + j0, acc.data() + ii * w, len, s, beta);
           }
         }
       }
     }
   });
 #else
-  (void)P, (void)ldp, (void)base, (void)ldb, (void)n, (void)m, (void)terms, (void)s;
+  (void)P, (void)ldp, (void)base, (void)ldb, (void)n, (void)m, (void)terms, (void)s, (void)beta;
   throw std::logic_error("gradlora: the CPU kernels are not available here");
 #endif
 }

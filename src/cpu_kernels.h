@@ -30,10 +30,11 @@ struct Term {
   int64_t q;
 };
 
-/// P ← base + s·Σ L·R over the terms, accumulated in float and rounded once into P.
-/// P and base are n×m with row strides ldp and ldb; base may equal P.
+/// P ← beta·base + s·Σ L·R over the terms, Σ accumulated in float (beta·base rounded, then
+/// the sum added and rounded once). P and base are n×m with row strides ldp and ldb; base
+/// may equal P.
 void add_lowrank(float* P, int64_t ldp, const float* base, int64_t ldb, int64_t n, int64_t m,
-                 const std::vector<Term>& terms, float s);
+                 const std::vector<Term>& terms, float s, float beta = 1.0f);
 
 /// True when the additive kernels below take rank r: r divides 16 or 16 divides r.
 bool additive_rank_ok(int64_t r);

@@ -63,15 +63,22 @@ void for_each_row_panel(const torch::Tensor& G, torch::ScalarType dtype, int64_t
 }
 
 void add_product(torch::Tensor& P2d, const torch::Tensor& L, const torch::Tensor& R, double s,
-                 const torch::Tensor& base) {
+                 const torch::Tensor& base, double decay) {
   const torch::Tensor b = base.defined() ? base : P2d;
   if (L.size(1) > 0) {
     const torch::Tensor Rc = R.is_contiguous() ? R : R.contiguous();  // Qᵀ of a right projector: r×m, small
     if (kernels_serve({&P2d, &b}, {&L, &Rc})) {
       cpu::add_lowrank(P2d.data_ptr<float>(), P2d.stride(0), b.data_ptr<float>(), b.stride(0), P2d.size(0), P2d.size(1),
-                       {{L.data_ptr<float>(), Rc.data_ptr<float>(), L.size(1)}}, static_cast<float>(s));
+                       {{L.data_ptr<float>(), Rc.data_ptr<float>(), L.size(1)}}, static_cast<float>(s),
+                       static_cast<float>(decay));
       return;
     }
+  }
+  if (decay != 1.0) {  // the library path scales first: P2d ← decay·base, then adds in place
+    if (base.defined()) P2d.copy_(base);
+    P2d.mul_(decay);
+    add_product(P2d, L, R, s);
+    return;
   }
   if (P2d.scalar_type() == L.scalar_type() && b.scalar_type() == L.scalar_type()) {
     if (base.defined()) {
@@ -122,7 +129,7 @@ std::pair<torch::Tensor, torch::Tensor> lora_factor_grads(const torch::Tensor& G
 }
 
 void lora_write_back(torch::Tensor& P2d, const torch::Tensor& A0, const torch::Tensor& B0, const torch::Tensor& A1,
-                     const torch::Tensor& B1, double s, const torch::Tensor& base) {
+                     const torch::Tensor& B1, double s, const torch::Tensor& base, double decay) {
   // A1·B1 − A0·B0 = (A1 − A0)·B1 + A0·(B1 − B0) = [ΔA, A0]·[B1; ΔB]: one rank-2r product.
   const torch::Tensor b = base.defined() ? base : P2d;
   if (A1.size(1) > 0 && kernels_serve({&P2d, &b}, {&A0, &B0, &A1, &B1})) {
@@ -131,12 +138,12 @@ void lora_write_back(torch::Tensor& P2d, const torch::Tensor& A0, const torch::T
     const int64_t r = A1.size(1);
     cpu::add_lowrank(P2d.data_ptr<float>(), P2d.stride(0), b.data_ptr<float>(), b.stride(0), P2d.size(0), P2d.size(1),
                      {{dA.data_ptr<float>(), B1.data_ptr<float>(), r}, {A0.data_ptr<float>(), dB.data_ptr<float>(), r}},
-                     static_cast<float>(s));
+                     static_cast<float>(s), static_cast<float>(decay));
     return;
   }
   torch::Tensor left = torch::cat({A1 - A0, A0}, 1);
   torch::Tensor right = torch::cat({B1, B1 - B0}, 0);
-  add_product(P2d, left, right, s, base);
+  add_product(P2d, left, right, s, base, decay);
 }
 
 namespace {

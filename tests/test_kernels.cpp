@@ -87,6 +87,11 @@ TEST_P(Kernels, WriteBacksEqualTheProducts) {
     const torch::Tensor Nt = torch::randn({sh.m, sh.r});
     add_product(R, A1, Nt.t(), s);
     EXPECT_LT(rel_error(d(R) - Rb, torch::mm(d(A1), d(Nt).t()) * s), 2e-5) << "add_product at " << sh.n << "x" << sh.m;
+    // A decoupled decay folded into the same pass: P ← 0.9·P + s·(A1·B1 − A0·B0).
+    torch::Tensor D = strided_rows(sh.n, sh.m, GetParam());
+    const torch::Tensor Db = d(D);
+    lora_write_back(D, A0, B0, A1, B1, s, {}, 0.9);
+    EXPECT_LT(rel_error(d(D) - 0.9 * Db, change * s), 2e-5) << "with decay at " << sh.n << "x" << sh.m;
   }
 }
 

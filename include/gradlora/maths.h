@@ -28,14 +28,17 @@ void for_each_row_panel(const torch::Tensor& G, torch::ScalarType dtype, int64_t
 /// P2d ← base + s·L·R (or P2d + s·L·R when `base` is undefined), computed in
 /// L's dtype and rounded once into P2d's dtype, without an n×m temporary:
 /// addmm into P2d when the dtypes agree, row panels otherwise.
+/// With `decay` ≠ 1 the base is scaled first: P2d ← decay·base + s·L·R, in the same pass
+/// (a decoupled weight decay folded into the write-back).
 void add_product(torch::Tensor& P2d, const torch::Tensor& L, const torch::Tensor& R, double s,
-                 const torch::Tensor& base = {});
+                 const torch::Tensor& base = {}, double decay = 1.0);
 
 /// P ← P + s·(A1·B1 − A0·B0) = P + s·(ΔA·B1 + A0·ΔB), as one rank-2r `addmm_`
 /// into the n×m view of P (no n×m temporary when dtypes agree).
 /// With `base` defined: P ← base + s·(A1·B1 − A0·B0), rounded once.
+/// `decay` as in add_product.
 void lora_write_back(torch::Tensor& P2d, const torch::Tensor& A0, const torch::Tensor& B0, const torch::Tensor& A1,
-                     const torch::Tensor& B1, double s, const torch::Tensor& base = {});
+                     const torch::Tensor& B1, double s, const torch::Tensor& base = {}, double decay = 1.0);
 
 /// Block sums of the additive form, r need not divide n or m:
 /// gA[i,k] = Σ_{j ≡ k (mod r)} G[i,j] (n×r), gB[k,j] = Σ_{i ≡ k (mod r)} G[i,j] (r×m).

@@ -91,12 +91,13 @@ class GaloreProjector final : public Projector {
     torch::Tensor& target = weight_.target(P2);
     const double wd = inner.weight_decay();
     const bool decoupled = wd != 0.0 && inner.decoupled_decay();
-    if (decoupled && !inner.decays_after_update()) target.mul_(1.0 - inner.lr() * wd);
+    // adamw: P ← (1 − lr·wd)·P + scale·ΔP, in the write-back's one pass over P.
+    const double before = decoupled && !inner.decays_after_update() ? 1.0 - inner.lr() * wd : 1.0;
     // N was zero before the inner step, so N is now ΔN.
     if (left_) {
-      add_product(target, Q_, N_, scale_);
+      add_product(target, Q_, N_, scale_, {}, before);
     } else {
-      add_product(target, N_, Q_.t(), scale_);
+      add_product(target, N_, Q_.t(), scale_, {}, before);
     }
     if (decoupled && inner.decays_after_update()) target.mul_(1.0 - inner.lr() * wd);  // adamw_hf: after
     weight_.publish(P2);

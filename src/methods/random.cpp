@@ -67,8 +67,9 @@ class RandomProjector final : public FactorProjector {
     torch::Tensor& target = weight_.target(P2);
     const double wd = inner.weight_decay();
     const bool decoupled = wd != 0.0 && inner.decoupled_decay();
-    if (decoupled && !inner.decays_after_update()) target.mul_(1.0 - inner.lr() * wd);  // adamw: before
-    lora_write_back(target, A_prev_, B_prev_, A_, B_, s_);
+    // adamw: P ← (1 − lr·wd)·P + the change, in the write-back's one pass over P.
+    const double before = decoupled && !inner.decays_after_update() ? 1.0 - inner.lr() * wd : 1.0;
+    lora_write_back(target, A_prev_, B_prev_, A_, B_, s_, {}, before);
     if (decoupled && inner.decays_after_update()) target.mul_(1.0 - inner.lr() * wd);  // adamw_hf: after
     weight_.publish(P2);
     forget_factors();
