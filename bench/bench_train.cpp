@@ -149,12 +149,16 @@ int run_child(const Options& o) {
   const int64_t setup_rss = proc_status_bytes("VmRSS");
   std::vector<double> times;
   double first_loss = 0, last_loss = 0;
-  bool grads_after_backward = false;  // does any trained weight hold a .grad between backward() and step()?
+  // Does any trained weight hold a full gradient between backward() and step()? (Fused mode
+  // leaves an empty placeholder there, never the n×m gradient.)
+  bool grads_after_backward = false;
   for (int i = 0; i < o.warmup + o.steps; ++i) {
     const auto t0 = std::chrono::steady_clock::now();
     torch::Tensor loss = forward();
     loss.backward();
-    for (const auto& w : W) grads_after_backward = grads_after_backward || w.grad().defined();
+    for (const auto& w : W) {
+      grads_after_backward = grads_after_backward || (w.grad().defined() && w.grad().numel() == w.numel());
+    }
     opt->step();
     // Gradients are released (set to none) in every configuration, as PyTorch's zero_grad(set_to_none=True).
     for (auto& p : trained) p.mutable_grad() = torch::Tensor();

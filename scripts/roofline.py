@@ -48,6 +48,7 @@ def run(args, threads, path):
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     data.update(load_before=before, load_after=after, cpu=cpu_model(), commit=commit,
+                openblas_coretype=os.environ.get("OPENBLAS_CORETYPE", ""),
                 command=" ".join(os.path.relpath(c, ROOT) if c == exe else c for c in cmd[:3]))
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
@@ -64,7 +65,8 @@ def render(files):
         rows = [r for r in d["rows"] if "step_ms" in r]
         md.append(f"#### {d['threads']} thread{'s' if d['threads'] > 1 else ''}")
         md.append("")
-        md.append(f"{d['cpu']}, LibTorch {d['torch_version']}, CPU kernels {'on' if d['kernels'] else 'unavailable'}, "
+        blas = f", OPENBLAS_CORETYPE={d['openblas_coretype']}" if d.get("openblas_coretype") else ""
+        md.append(f"{d['cpu']}, LibTorch {d['torch_version']}{blas}, CPU kernels {'on' if d['kernels'] else 'unavailable'}, "
                   f"median of {d['repeats']} interleaved repeats, commit {d['commit']}. Load average (1, 5, 15 min) "
                   f"before {fmt_load(d['load_before'])}, after {fmt_load(d['load_after'])}.")
         md.append("")
@@ -115,6 +117,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "out", "roofline"))
     ap.add_argument("--render-only", action="store_true")
     ap.add_argument("--update-docs", action="store_true")
+    ap.add_argument("--section", default="roofline", help="marker name in docs/performance.md (roofline:begin)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     files = [os.path.join(args.out, f"t{t}.json") for t in args.threads.split(",")]
@@ -126,8 +129,10 @@ def main():
     if args.update_docs:
         doc = os.path.join(ROOT, "docs", "performance.md")
         text = open(doc).read()
-        begin, end = "<!-- roofline:begin -->", "<!-- roofline:end -->"
-        cmd = "scripts/roofline.py " + " ".join(a for a in sys.argv[1:] if a != "--update-docs")
+        begin, end = f"<!-- {args.section}:begin -->", f"<!-- {args.section}:end -->"
+        if begin not in text or end not in text:
+            raise SystemExit(f"{doc}: markers {begin} / {end} not found")
+        cmd = "scripts/roofline.py " + " ".join(a for a in sys.argv[1:] if a not in ("--update-docs", "--render-only"))
         block = f"{begin}\n<!-- written by: {cmd.strip()} -->\n\n{md}\n{end}"
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
         open(doc, "w").write(text)
