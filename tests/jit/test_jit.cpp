@@ -512,6 +512,7 @@ TEST(JitSaveLoad, SavedModuleReproducesFineTunedOutputsAndResumes) {
   train_scripted(m, opt, d, 4);
   m.eval();
   const torch::Tensor tuned_out = forward(m, d.x).detach();
+  const auto tuned_params = snapshot(gradlora::named_parameters(m));
   m.save(tuned.path);
   torch::save(opt, ckpt.path);
   train_scripted(m, opt, d, 3);
@@ -520,8 +521,16 @@ TEST(JitSaveLoad, SavedModuleReproducesFineTunedOutputsAndResumes) {
   // The saved file gives the fine-tuned outputs, not the initial ones.
   torch::jit::Module reloaded = torch::jit::load(tuned.path);
   reloaded.eval();
+  // Its parameters are the fine-tuned ones, bit for bit. Its outputs equal the tuned module's
+  // to float rounding only: LibTorch 2.x's profiling executor runs a freshly loaded module's
+  // first calls on another graph than a module that has already run many times.
+  for (const auto& kv : gradlora::named_parameters(reloaded)) {
+    EXPECT_TRUE(torch::equal(kv.value(), tuned_params.at(kv.key()))) << kv.key();
+  }
   const torch::Tensor reloaded_out = forward(reloaded, d.x).detach();
-  EXPECT_TRUE(torch::equal(reloaded_out, tuned_out));
+  std::printf("reloaded module: outputs differ from the tuned module's by %.3g\n",
+              max_abs_diff(reloaded_out, tuned_out));
+  EXPECT_LE(max_abs_diff(reloaded_out, tuned_out), 1e-6);
   EXPECT_GT(max_abs_diff(reloaded_out, initial_out), 1e-3);
 
   // Resume: reloaded module + optimizer checkpoint continue exactly as before.
