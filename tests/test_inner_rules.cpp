@@ -2,6 +2,8 @@
 // `lr_ratio` of `lora` (LoRA+, Hayou et al. 2024, arXiv 2402.12354) and `optimizer.type:
 // adamw_hf` (the AdamW of transformers and galore_torch), including the trajectory of
 // `galore` with it against numbers written by scripts/galore_reference.py.
+#include "methods/method_util.h"  // config: one quiet target `w`
+
 #include <gradlora/checkpoint.h>
 #include <gradlora/gradlora.h>
 #include <gtest/gtest.h>
@@ -28,20 +30,6 @@ torch::OrderedDict<std::string, torch::Tensor> named(const torch::Tensor& W) {
   torch::OrderedDict<std::string, torch::Tensor> d;
   d.insert("w", W);
   return d;
-}
-
-Config one_target(const Method& method, InnerType type, double lr, double wd, int64_t rank) {
-  Config c;
-  c.log_report = false;
-  c.optimizer.type = type;
-  c.optimizer.lr = lr;
-  c.optimizer.weight_decay = wd;
-  Target t;
-  t.match = "w";
-  t.method = method;
-  t.rank = rank;
-  c.targets = {t};
-  return c;
 }
 
 torch::Tensor seeded(int64_t n, int64_t m, uint64_t seed, double scale) {
@@ -84,7 +72,7 @@ struct HfAdamRef {
 // ------------------------------------------------------- lr_ratio (LoRA+)
 
 Config lora_plus(InnerType type, double lr, double wd, double ratio, Init init = Init::zero) {
-  Config c = one_target(Method::lora, type, lr, wd, 3);
+  Config c = method_testing::config(Method::lora, type, lr, wd, 3);
   c.targets[0].init = init;
   c.targets[0].options["lr_ratio"] = ratio;
   return c;
@@ -226,7 +214,7 @@ TEST(LoraPlus, RatioIsAValidatedOptionOfLoraOnly) {
   } catch (const ConfigError& e) {
     EXPECT_NE(std::string(e.what()).find("targets[0].lr_ratio': unknown key"), std::string::npos) << e.what();
   }
-  Config c = one_target(Method::galore, InnerType::sgd, 0.1, 0.0, 2);  // the same from code
+  Config c = method_testing::config(Method::galore, InnerType::sgd, 0.1, 0.0, 2);  // the same from code
   c.targets[0].options["lr_ratio"] = 16.0;
   try {
     c.validate();
@@ -274,7 +262,7 @@ TEST(LoraPlus, ACheckpointWithAnotherRatioIsRefused) {
 TEST(AdamwHf, FullParameterFollowsTheFormulas) {
   const double lr = 1e-2, wd = 0.1;
   torch::Tensor W = seeded(9, 6, 8, 0.5);
-  Config c = one_target(Method::full, InnerType::adamw_hf, lr, wd, 1);
+  Config c = method_testing::config(Method::full, InnerType::adamw_hf, lr, wd, 1);
   c.optimizer.eps = 1e-3;
   LowRankOptimizer opt(named(W), c);
   torch::Tensor P = W.clone();
@@ -379,7 +367,7 @@ TEST(AdamwHf, EveryMethodResumesBitForBitAndRecordsTheRule) {
   };
   for (const auto& k : cases) {
     SCOPED_TRACE(to_string(k.method) + std::string(" init ") + to_string(k.init));
-    Config c = one_target(k.method, InnerType::adamw_hf, 1e-2, 0.1, 2);
+    Config c = method_testing::config(k.method, InnerType::adamw_hf, 1e-2, 0.1, 2);
     c.targets[0].init = k.init;
     c.targets[0].options = k.options;
     torch::Tensor W = seeded(8, 6, 10, 0.5);
@@ -488,7 +476,7 @@ double trajectory_difference(const FixtureCase& fc, InnerType type, double* q_di
   for (int64_t t = 0; t < steps; ++t) grads.push_back(rng.matrix(n, m, fc.num("grad_scale")));
   EXPECT_TRUE(torch::equal(grads[0], fc.tensor("G", 0, n, m))) << fc.name << ": the generators differ";
 
-  Config c = one_target(Method::galore, type, fc.num("lr"), fc.num("weight_decay"), fc.integer("rank"));
+  Config c = method_testing::config(Method::galore, type, fc.num("lr"), fc.num("weight_decay"), fc.integer("rank"));
   c.optimizer.betas = {fc.num("beta1"), fc.num("beta2")};
   c.optimizer.eps = fc.num("eps");
   c.targets[0].options["update_proj_gap"] = gap;
