@@ -67,7 +67,7 @@ int run_compare(const Settings& s, const std::string& out_dir, bool fresh) {
         apply_override(tt, "training.cache_dir", (fs::path(out_dir) / "cache").string());
       }
       const Settings rs2 = parse_settings(tt, s.base_dir, s.source);
-      const std::string hash = result_hash(tt);
+      const std::string hash = result_hash(tt, rs2);
       auto done = read_summary(o.out_dir);
       o.resume = !fresh && ((done && done->hash == hash && !done->interrupted) ||
                             fs::exists(fs::path(o.out_dir) / "checkpoint.pt"));

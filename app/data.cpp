@@ -3,13 +3,47 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <random>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 namespace fs = std::filesystem;
 
 namespace gradlora::app {
+
+/// A file mapped read-only for the lifetime of the streams that use it.
+struct TokenStream::File {
+  std::string path;
+  int width = 1;  ///< bytes per token
+  const unsigned char* data = nullptr;
+  size_t bytes = 0;
+  int64_t tokens() const { return static_cast<int64_t>(bytes) / width; }
+  /// Token `i` of the file (little-endian ids).
+  int64_t at(int64_t i) const {
+    const unsigned char* p = data + static_cast<size_t>(i) * static_cast<size_t>(width);
+    switch (width) {
+      case 1:
+        return p[0];
+      case 2:
+        return static_cast<int64_t>(p[0]) | (static_cast<int64_t>(p[1]) << 8);
+      default:
+        return static_cast<int64_t>(p[0]) | (static_cast<int64_t>(p[1]) << 8) | (static_cast<int64_t>(p[2]) << 16) |
+               (static_cast<int64_t>(p[3]) << 24);
+    }
+  }
+  File() = default;
+  File(const File&) = delete;
+  File& operator=(const File&) = delete;
+  ~File() {
+    if (data) ::munmap(const_cast<unsigned char*>(data), bytes);
+  }
+};
 
 namespace {
 
@@ -37,17 +71,42 @@ std::vector<fs::path> expand(const CorpusSettings& c, const std::string& base_di
   return out;
 }
 
-std::string read_file(const fs::path& p, const std::string& key) {
-  std::ifstream in(p, std::ios::binary);
-  if (!in) throw SettingsError(fmt::format("config key '{}': cannot read '{}'", key, p.string()));
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
+int token_width(const std::string& format) { return format == "u32" ? 4 : format == "u16" ? 2 : 1; }
 
-torch::Tensor to_tokens(const std::string& bytes) {
-  torch::Tensor t = torch::empty({static_cast<int64_t>(bytes.size())}, torch::kInt64);
-  auto* d = t.data_ptr<int64_t>();
-  for (size_t i = 0; i < bytes.size(); ++i) d[i] = static_cast<unsigned char>(bytes[i]);
-  return t;
+std::shared_ptr<const TokenStream::File> map_file(const fs::path& p, const CorpusSettings& c) {
+  auto f = std::make_shared<TokenStream::File>();
+  f->path = p.string();
+  f->width = token_width(c.format);
+  const int fd = ::open(f->path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    throw SettingsError(
+        fmt::format("config key '{}.files': cannot read '{}': {}", c.key, f->path, std::strerror(errno)));
+  }
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw SettingsError(fmt::format("config key '{}.files': '{}' is not a regular file", c.key, f->path));
+  }
+  f->bytes = static_cast<size_t>(st.st_size);
+  if (f->bytes % static_cast<size_t>(f->width) != 0) {
+    ::close(fd);
+    throw SettingsError(fmt::format(
+        "config key '{}.format': '{}' holds {} bytes, not a multiple of {} ({} tokens are {} bytes each): a "
+        "truncated file, or not in this format",
+        c.key, f->path, f->bytes, f->width, c.format, f->width));
+  }
+  if (f->bytes > 0) {
+    void* m = ::mmap(nullptr, f->bytes, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (m == MAP_FAILED) {
+      const int err = errno;
+      ::close(fd);
+      throw SettingsError(
+          fmt::format("config key '{}.files': cannot map '{}': {}", c.key, f->path, std::strerror(err)));
+    }
+    f->data = static_cast<const unsigned char*>(m);
+  }
+  ::close(fd);  // the mapping stays valid
+  return f;
 }
 
 uint64_t mix(uint64_t a, uint64_t b) {
@@ -60,43 +119,107 @@ uint64_t mix(uint64_t a, uint64_t b) {
 
 }  // namespace
 
-int64_t Corpus::total_bytes() const { return train.numel() + heldout.numel(); }
+// ------------------------------------------------------------ TokenStream
+
+void TokenStream::append(Piece p) {
+  if (p.size == 0) return;
+  starts_.push_back(size_);
+  size_ += p.size;
+  pieces_.push_back(std::move(p));
+}
+
+torch::Tensor TokenStream::slice(int64_t start, int64_t end) const {
+  TORCH_CHECK(0 <= start && start <= end && end <= size_, "token slice [", start, ", ", end, ") outside [0, ", size_,
+              ")");
+  torch::Tensor out = torch::empty({end - start}, torch::kInt64);
+  int64_t* d = out.data_ptr<int64_t>();
+  // The piece holding `start`, then onwards.
+  size_t k = static_cast<size_t>(std::upper_bound(starts_.begin(), starts_.end(), start) - starts_.begin()) - 1;
+  for (int64_t i = start; i < end; ++k) {
+    const Piece& p = pieces_[k];
+    const int64_t from = i - starts_[k], to = std::min(p.size, end - starts_[k]);
+    const File& f = *p.file;
+    if (f.width == 1) {  // the common case, bytes: a plain widening copy
+      const unsigned char* src = f.data + p.begin + from;
+      for (int64_t j = 0; j < to - from; ++j) d[j] = src[j];
+    } else {
+      for (int64_t j = from; j < to; ++j) d[j - from] = f.at(p.begin + j);
+    }
+    d += to - from;
+    i += to - from;
+  }
+  return out;
+}
+
+std::optional<TokenLocation> TokenStream::find_at_least(int64_t vocab) const {
+  for (const Piece& p : pieces_) {
+    const File& f = *p.file;
+    for (int64_t j = p.begin; j < p.begin + p.size; ++j) {
+      const int64_t v = f.at(j);
+      if (v >= vocab) return TokenLocation{f.path, j, v};
+    }
+  }
+  return std::nullopt;
+}
+
+// ----------------------------------------------------------------- Corpus
+
+int64_t Corpus::total_tokens() const { return train.numel() + heldout.numel(); }
 
 Corpus load_corpus(const CorpusSettings& c, const std::string& base_dir, int64_t context) {
   Corpus corpus;
   corpus.key = c.key;
-  std::string train, held;
+  corpus.format = c.format;
   for (const fs::path& p : expand(c, base_dir)) {
-    const std::string bytes = read_file(p, c.key + ".files");
-    const auto n = static_cast<int64_t>(bytes.size());
-    const auto h = static_cast<int64_t>(static_cast<double>(n) * c.holdout);
-    train.append(bytes, 0, static_cast<size_t>(n - h));
-    held.append(bytes, static_cast<size_t>(n - h), std::string::npos);
-    corpus.files.push_back({p.string(), n, h});
+    std::shared_ptr<const TokenStream::File> f = map_file(p, c);
+    const int64_t n = f->tokens();
+    const int64_t h = c.evaluation_only ? n : static_cast<int64_t>(static_cast<double>(n) * c.holdout);
+    corpus.train.append({f, 0, n - h});
+    corpus.heldout.append({f, n - h, h});
+    corpus.files.push_back({f->path, n, h});
   }
-  if (train.empty() && held.empty()) {
-    throw SettingsError(
-        fmt::format("config key '{}.files': the corpus is empty (0 bytes in {} file(s))", c.key, corpus.files.size()));
+  const std::string unit = c.format == "bytes" ? "bytes" : c.format + " tokens";
+  if (corpus.total_tokens() == 0) {
+    throw SettingsError(fmt::format("config key '{}.files': the corpus is empty (0 {} in {} file(s))", c.key, unit,
+                                    corpus.files.size()));
   }
   const int64_t window = context + 1;
-  if (static_cast<int64_t>(train.size()) < window || static_cast<int64_t>(held.size()) < window) {
-    throw SettingsError(fmt::format(
-        "config key '{}.files': the corpus is too small: {} training and {} held-out bytes (holdout {}), each "
-        "split needs at least one window of model.context + 1 = {} bytes",
-        c.key, train.size(), held.size(), c.holdout, window));
+  if (c.evaluation_only) {
+    if (corpus.heldout.numel() < window) {
+      throw SettingsError(fmt::format(
+          "config key '{}.files': the corpus is too small: {} {}; it needs at least one window of model.context + 1 "
+          "= {}",
+          c.key, corpus.heldout.numel(), unit, window));
+    }
+  } else if (corpus.train.numel() < window || corpus.heldout.numel() < window) {
+    throw SettingsError(
+        fmt::format("config key '{}.files': the corpus is too small: {} training and {} held-out {} (holdout {}), each "
+                    "split needs at least one window of model.context + 1 = {}",
+                    c.key, corpus.train.numel(), corpus.heldout.numel(), unit, c.holdout, window));
   }
-  corpus.train = to_tokens(train);
-  corpus.heldout = to_tokens(held);
   return corpus;
 }
+
+void check_vocabulary(const Corpus& c, int64_t vocab, const std::string& model) {
+  for (const TokenStream* s : {&c.train, &c.heldout}) {
+    if (auto at = s->find_at_least(vocab)) {
+      throw SettingsError(fmt::format(
+          "config key '{}': token {} of '{}' (0-based, {} format) is {}, beyond the vocabulary of {} ({} ids, "
+          "0..{}): the data was tokenised for another model, or its format is wrong",
+          c.key, at->index, at->path, c.format, at->value, model, vocab, vocab - 1));
+    }
+  }
+}
+
+// ---------------------------------------------------------- BatchSampler
 
 BatchSampler::BatchSampler(const Corpus& corpus, int64_t window, int64_t batch, uint64_t seed)
     : data_(corpus.train), window_(window), batch_(batch), seed_(seed) {
   n_ = (data_.numel() - (window - 1)) / window;
   if (batch_ > n_) {
     throw SettingsError(fmt::format(
-        "config key 'training.batch': {} is larger than the data: the training split of {} ({} bytes) holds only "
-        "{} windows of model.context + 1 = {} bytes",
+        "config key 'training.batch': {} is larger than the data: the training split of {} ({} tokens) holds only "
+        "{} windows of model.context + 1 = {} tokens",
         batch_, corpus.key, data_.numel(), n_, window));
   }
 }
@@ -122,18 +245,18 @@ torch::Tensor BatchSampler::batch(int64_t step) {
     const int64_t i = step * batch_ + j;
     prepare_epoch(i / n_);
     const int64_t start = shift_ + perm_[static_cast<size_t>(i % n_)] * window_;
-    rows.push_back(data_.slice(0, start, start + window_));
+    rows.push_back(data_.slice(start, start + window_));
   }
   return torch::stack(rows);
 }
 
-torch::Tensor eval_windows(const torch::Tensor& stream, int64_t window, int64_t max_windows) {
+torch::Tensor eval_windows(const TokenStream& stream, int64_t window, int64_t max_windows) {
   const int64_t m = stream.numel() / window;
   const int64_t count = std::min(m, max_windows);
   std::vector<torch::Tensor> rows;
   for (int64_t k = 0; k < count; ++k) {
     const int64_t w = k * m / count;
-    rows.push_back(stream.slice(0, w * window, (w + 1) * window));
+    rows.push_back(stream.slice(w * window, (w + 1) * window));
   }
   return torch::stack(rows);
 }

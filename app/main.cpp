@@ -81,7 +81,8 @@ int run_train(const Settings& s, const std::string& method, const std::string& o
   std::printf("%s: %lld steps, held-out loss %.4f -> %.4f", o.method.c_str(), static_cast<long long>(r.steps_done),
               r.eval_before, r.eval_after);
   if (std::isfinite(r.base_before))
-    std::printf(", pre-training held-out loss %.4f -> %.4f", r.base_before, r.base_after);
+    std::printf(", %s held-out loss %.4f -> %.4f", s.data.has_reference ? "reference" : "pre-training", r.base_before,
+                r.base_after);
   std::printf("; %.1f ms/step; outputs in %s\n", r.step_ms, out.c_str());
   return 0;
 }

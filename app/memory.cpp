@@ -55,7 +55,7 @@ struct Knob {
 // block two more score tensors beside its softmax (2·S); the token windows and
 // the targets (2·B·(T+1) int64).
 // Left out, small next to these: LayerNorm's mean and rstd (2·B·T per norm), biases' gradients' temporaries.
-// Left out, bounded by the data and not by these keys: the corpora (8 bytes per byte of text).
+// Left out, bounded by the data and not by these keys: the corpora (memory-mapped files, paged in as read).
 MemoryEstimate estimate_memory(const ModelSettings& m, int64_t batch, bool training) {
   const double B = static_cast<double>(batch), T = static_cast<double>(m.context), d = static_cast<double>(m.d_model),
                h = static_cast<double>(m.mlp_ratio) * d, H = static_cast<double>(m.heads),

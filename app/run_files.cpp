@@ -58,11 +58,12 @@ std::vector<MetricRow> parse_metrics_csv(const std::string& text) {
   return rows;
 }
 
-std::string loss_svg(const std::vector<MetricRow>& rows, const std::string& title, bool has_base) {
+std::string loss_svg(const std::vector<MetricRow>& rows, const std::string& title, const std::string& base_corpus,
+                     const std::string& unit) {
   Series train, held, base;
   train.label = "train loss (fine-tuning corpus)";
   held.label = "held-out loss (fine-tuning corpus)";
-  base.label = "held-out loss (pre-training corpus)";
+  base.label = "held-out loss (" + base_corpus + " corpus)";
   base.dashed = true;
   for (const auto& r : rows) {
     if (std::isfinite(r.train_loss)) {
@@ -74,8 +75,8 @@ std::string loss_svg(const std::vector<MetricRow>& rows, const std::string& titl
     base.x.push_back(static_cast<double>(r.step));
     base.y.push_back(r.base_eval_loss);
   }
-  Panel p{"loss", "step", "cross-entropy (nats per byte)", {train, held}};
-  if (has_base) p.series.push_back(base);
+  Panel p{"loss", "step", "cross-entropy (nats per " + unit + ")", {train, held}};
+  if (!base_corpus.empty()) p.series.push_back(base);
   return svg_chart({p}, title);
 }
 
@@ -134,13 +135,15 @@ std::optional<RunSummary> read_summary(const std::string& dir) {
 }
 
 /// The settings that decide a run's result (logging and stopping knobs removed).
-std::string result_hash(const YAML::Node& tree) {
+std::string result_hash(const YAML::Node& tree, const Settings& s) {
   YAML::Node t = YAML::Clone(tree);
   t.remove("compare");
   if (t["training"] && t["training"].IsMap()) {
     for (const char* k : {"halt_after", "log_every", "checkpoint_every", "cache_dir"}) t["training"].remove(k);
   }
-  return stable_hash(to_yaml(t));
+  std::string text = to_yaml(t);
+  if (s.model.torchscript()) text += "\nmodel file checksum " + file_checksum(s.model.path);
+  return stable_hash(text);
 }
 
 void write_file_atomic(const std::string& path, const std::string& text) {

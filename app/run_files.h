@@ -14,12 +14,16 @@ namespace gradlora::app {
 
 std::string metrics_csv(const std::vector<MetricRow>& rows);
 std::vector<MetricRow> parse_metrics_csv(const std::string& text);
-/// The loss curves of a run (held-out B, and A when `has_base`), as SVG.
-std::string loss_svg(const std::vector<MetricRow>& rows, const std::string& title, bool has_base);
+/// The loss curves of a run (held-out B, and the forgetting corpus A unless
+/// `base_corpus` is empty: "pre-training" or "reference"), as SVG; `unit` is
+/// what a token is ("byte", "token").
+std::string loss_svg(const std::vector<MetricRow>& rows, const std::string& title, const std::string& base_corpus,
+                     const std::string& unit);
 nlohmann::json summary_json(const RunSummary& s);
 /// summary.json of a finished run in `dir`, if there is one.
 std::optional<RunSummary> read_summary(const std::string& dir);
-/// A hash of the settings that determine a run's result.
-std::string result_hash(const YAML::Node& tree);
+/// A hash of the settings that determine a run's result (with the contents of
+/// a TorchScript model's file: another file is another run).
+std::string result_hash(const YAML::Node& tree, const Settings& s);
 
 }  // namespace gradlora::app

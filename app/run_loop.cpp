@@ -84,8 +84,6 @@ double lr_factor(int64_t step, int64_t steps, int64_t warmup, const std::string&
   return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + std::cos(M_PI * t));
 }
 
-torch::Device model_device(CharTransformer& model) { return model->parameters().front().device(); }
-
 /// `training.device` as a torch::Device; a clear error when CUDA is asked for and absent.
 torch::Device training_device(const TrainingSettings& t) {
   const torch::Device device(t.device);
@@ -105,17 +103,20 @@ CharTransformer build_model(const Settings& s, uint64_t seed) {
   return model;
 }
 
-double evaluate(CharTransformer& model, const torch::Tensor& windows, int64_t batch) {
+double evaluate(LanguageModel& model, const torch::Tensor& windows, int64_t batch) {
   torch::NoGradGuard guard;
+  model.set_training(false);
+  const torch::Device device = model.device();
   double sum = 0;
   for (int64_t i = 0; i < windows.size(0); i += batch) {
-    torch::Tensor w = windows.slice(0, i, std::min(windows.size(0), i + batch)).to(model_device(model));
-    sum += model->loss(w).item<double>() * static_cast<double>(w.size(0));
+    torch::Tensor w = windows.slice(0, i, std::min(windows.size(0), i + batch)).to(device);
+    sum += model.loss(w).item<double>() * static_cast<double>(w.size(0));
   }
+  model.set_training(true);
   return sum / static_cast<double>(windows.size(0));
 }
 
-LoopResult run_loop(CharTransformer& model, torch::optim::Optimizer& opt, BatchSampler& sampler, const LoopSpec& L,
+LoopResult run_loop(LanguageModel& model, torch::optim::Optimizer& opt, BatchSampler& sampler, const LoopSpec& L,
                     const std::function<void(int64_t, double, double)>& on_eval,
                     const std::function<void(int64_t, double, int64_t)>& on_checkpoint) {
   const std::vector<double>& base_lr = L.base_lr;
@@ -133,7 +134,7 @@ LoopResult run_loop(CharTransformer& model, torch::optim::Optimizer& opt, BatchS
   const double tokens_per_step = static_cast<double>(L.batch * (sampler.batch(0).size(1) - 1));
   const bool show = L.rank == 0;
   bool stop_agreed = false;  // data-parallel runs stop on the agreed request only
-  model->train();
+  model.set_training(true);
   for (int64_t step = L.start; step < L.steps; ++step) {
     if (L.sync ? stop_agreed : g_stop.load()) break;
     const double f = lr_factor(step, L.steps, L.warmup, L.schedule, L.min_lr_ratio);
@@ -143,10 +144,10 @@ LoopResult run_loop(CharTransformer& model, torch::optim::Optimizer& opt, BatchS
     torch::Tensor x = sampler.batch(step);
     if (L.world > 1) x = x.slice(0, L.rank * L.batch / L.world, (L.rank + 1) * L.batch / L.world);
     x = x.to(L.device);
-    model->zero_grad();
-    torch::Tensor loss = model->loss(x);
+    model.zero_grad();
+    torch::Tensor loss = model.loss(x);
     loss.backward();
-    if (L.grad_clip > 0) torch::nn::utils::clip_grad_norm_(model->parameters(), L.grad_clip);
+    if (L.grad_clip > 0) torch::nn::utils::clip_grad_norm_(model.named_parameters().values(), L.grad_clip);
     const auto t1 = Clock::now();
     opt.step();
     const double os = seconds_since(t1);

@@ -2,6 +2,7 @@
 // The training loop shared by pre-training and fine-tuning, and the pieces it is
 // made of: the learning-rate schedule, the device, evaluation.
 #include "data.h"
+#include "language_model.h"
 #include "model.h"
 #include "settings.h"
 
@@ -30,12 +31,10 @@ inline std::string fmt_num(double v) { return std::isfinite(v) ? fmt::format("{:
 double lr_factor(int64_t step, int64_t steps, int64_t warmup, const std::string& schedule, double min_ratio);
 /// `training.device` as a torch::Device; a clear error when CUDA is asked for and absent.
 torch::Device training_device(const TrainingSettings& t);
-/// The device the model's parameters live on.
-torch::Device model_device(CharTransformer& model);
 /// The built-in model, initialised from `seed`, on training.device.
 CharTransformer build_model(const Settings& s, uint64_t seed);
 /// Mean loss over `windows`, in batches of `batch`.
-double evaluate(CharTransformer& model, const torch::Tensor& windows, int64_t batch);
+double evaluate(LanguageModel& model, const torch::Tensor& windows, int64_t batch);
 
 struct LoopSpec {
   std::string label;
@@ -70,7 +69,7 @@ struct LoopResult {
 /// train_loss, lr)` runs at step 0 (when starting fresh), every eval_every
 /// steps and at the end; `on_checkpoint(step)` every checkpoint_every steps and
 /// when stopped early, with the running train-loss sum and count.
-LoopResult run_loop(CharTransformer& model, torch::optim::Optimizer& opt, BatchSampler& sampler, const LoopSpec& L,
+LoopResult run_loop(LanguageModel& model, torch::optim::Optimizer& opt, BatchSampler& sampler, const LoopSpec& L,
                     const std::function<void(int64_t, double, double)>& on_eval,
                     const std::function<void(int64_t, double, int64_t)>& on_checkpoint);
 

@@ -70,14 +70,24 @@ int64_t positive(const YAML::Node& n, const std::string& key, int64_t fallback, 
   return v;
 }
 
-ModelSettings parse_model(const YAML::Node& n) {
+ModelSettings parse_model(const YAML::Node& n, const std::string& base_dir) {
   ModelSettings m;
   if (!n) return m;
-  check_keys(n, "model", {"type", "layers", "d_model", "heads", "context", "mlp_ratio"});
+  if (!n.IsMap()) type_error("model", "a mapping", n);
   if (n["type"]) m.type = as_string(n["type"], "model.type");
-  if (m.type != "char_transformer") {
-    fail("model.type", fmt::format("unknown model type '{}' (known: char_transformer)", m.type));
+  if (m.type == "torchscript") {
+    check_keys(n, "model", {"type", "path", "context"});
+    if (!n["path"]) fail("model.path", "missing: the TorchScript file to fine-tune (torch.jit.save in Python)");
+    m.path = as_string(n["path"], "model.path");
+    if (m.path.empty()) fail("model.path", "is empty");
+    if (std::filesystem::path(m.path).is_relative()) m.path = (std::filesystem::path(base_dir) / m.path).string();
+    m.context = positive(n["context"], "model.context", m.context, 2);
+    return m;
   }
+  if (m.type != "char_transformer") {
+    fail("model.type", fmt::format("unknown model type '{}' (known: char_transformer, torchscript)", m.type));
+  }
+  check_keys(n, "model", {"type", "layers", "d_model", "heads", "context", "mlp_ratio"});
   m.layers = positive(n["layers"], "model.layers", m.layers);
   m.d_model = positive(n["d_model"], "model.d_model", m.d_model);
   m.heads = positive(n["heads"], "model.heads", m.heads);
@@ -89,10 +99,16 @@ ModelSettings parse_model(const YAML::Node& n) {
   return m;
 }
 
-CorpusSettings parse_corpus(const YAML::Node& n, const std::string& key) {
+CorpusSettings parse_corpus(const YAML::Node& n, const std::string& key, bool evaluation_only = false) {
   CorpusSettings c;
   c.key = key;
-  check_keys(n, key, {"files", "holdout"});
+  c.evaluation_only = evaluation_only;
+  if (!n.IsMap()) type_error(key, "a mapping with 'files'", n);
+  if (evaluation_only) {
+    check_keys(n, key, {"files", "format"});
+  } else {
+    check_keys(n, key, {"files", "format", "holdout"});
+  }
   const YAML::Node f = n["files"];
   if (!f) fail(key + ".files", "missing (a file, a directory, or a list of them)");
   if (f.IsScalar()) {
@@ -103,6 +119,11 @@ CorpusSettings parse_corpus(const YAML::Node& n, const std::string& key) {
     type_error(key + ".files", "a path or a list of paths", f);
   }
   if (c.files.empty()) fail(key + ".files", "the list is empty");
+  if (n["format"]) c.format = as_string(n["format"], key + ".format");
+  if (c.format != "bytes" && c.format != "u16" && c.format != "u32") {
+    fail(key + ".format",
+         fmt::format("unknown format '{}' (known: bytes, u16, u32: flat little-endian token ids)", c.format));
+  }
   if (n["holdout"]) c.holdout = as_double(n["holdout"], key + ".holdout");
   if (!(c.holdout > 0.0 && c.holdout < 1.0)) {
     fail(key + ".holdout", fmt::format("must lie strictly between 0 and 1, got {}", c.holdout));
@@ -112,13 +133,17 @@ CorpusSettings parse_corpus(const YAML::Node& n, const std::string& key) {
 
 DataSettings parse_data(const YAML::Node& n) {
   if (!n) fail("data", "missing (needs at least data.finetune.files)");
-  check_keys(n, "data", {"finetune", "pretrain"});
+  check_keys(n, "data", {"finetune", "pretrain", "reference"});
   DataSettings d;
   if (!n["finetune"]) fail("data.finetune", "missing");
   d.finetune = parse_corpus(n["finetune"], "data.finetune");
   if (n["pretrain"] && !n["pretrain"].IsNull()) {  // `pretrain: null` (or --set data.pretrain=null) turns it off
     d.has_pretrain = true;
     d.pretrain = parse_corpus(n["pretrain"], "data.pretrain");
+  }
+  if (n["reference"] && !n["reference"].IsNull()) {
+    d.has_reference = true;
+    d.reference = parse_corpus(n["reference"], "data.reference", /*evaluation_only=*/true);
   }
   return d;
 }
@@ -306,8 +331,13 @@ Settings parse_settings(const YAML::Node& root, const std::string& base_dir, con
   s.base_dir = base_dir;
   s.source = source;
   if (root["seed"]) s.seed = as_uint(root["seed"], "seed");
-  s.model = parse_model(root["model"]);
+  s.model = parse_model(root["model"], base_dir);
   s.data = parse_data(root["data"]);
+  if (s.model.torchscript() && s.data.has_pretrain) {
+    fail("data.pretrain",
+         "pre-training is for the built-in model (model.type char_transformer); a TorchScript model comes trained: "
+         "give held-out data of what it knew as data.reference to measure forgetting");
+  }
   s.training = parse_training(root["training"]);
   if (root["compare"]) {
     s.has_compare = true;

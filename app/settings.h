@@ -14,33 +14,45 @@
 
 namespace gradlora::app {
 
-/// `model:` — the character-level (byte-level) Transformer language model.
+/// `model:` — the built-in byte-level Transformer (`type: char_transformer`)
+/// or the user's own TorchScript language model (`type: torchscript`, `path`).
 struct ModelSettings {
-  std::string type = "char_transformer";  ///< the only model type
+  std::string type = "char_transformer";  ///< char_transformer | torchscript
+  std::string path;                       ///< torchscript: the file, resolved against the config's folder
   int64_t layers = 2;
   int64_t d_model = 128;
   int64_t heads = 4;
   int64_t context = 128;  ///< tokens per training window
   int64_t mlp_ratio = 4;  ///< hidden width of the MLP = mlp_ratio · d_model
+  bool torchscript() const { return type == "torchscript"; }
 };
 
 /// One corpus: files (a directory stands for its regular files, sorted;
-/// symbolic links inside a directory are skipped as duplicates) and the
-/// fraction of each file held out for evaluation (the tail of the file).
+/// symbolic links inside a directory are skipped as duplicates), their token
+/// format and the fraction of each file held out for evaluation (the tail of
+/// the file).
 struct CorpusSettings {
   std::vector<std::string> files;
+  /// bytes (every byte a token) | u16 | u32 (flat little-endian token ids).
+  std::string format = "bytes";
   double holdout = 0.1;
+  /// data.reference: the whole corpus is evaluation data.
+  bool evaluation_only = false;
   /// Config key of this corpus, e.g. "data.finetune" (for error messages).
   std::string key;
 };
 
 /// `data:` — `finetune` is what the optimizer under test trains on; the
-/// optional `pretrain` corpus is learned first (by full AdamW) and its
-/// held-out loss measures forgetting.
+/// optional `pretrain` corpus is learned first by the built-in model (full
+/// AdamW); forgetting is measured on the optional `reference` corpus (data of
+/// what the model knew before, all of it held out), else on `pretrain`'s
+/// held-out split.
 struct DataSettings {
   CorpusSettings finetune;
   bool has_pretrain = false;
   CorpusSettings pretrain;
+  bool has_reference = false;
+  CorpusSettings reference;
 };
 
 /// `training.pretrain:` — how the base model is made before fine-tuning.

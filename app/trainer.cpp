@@ -2,16 +2,18 @@
 #include "trainer.h"
 
 #include "data.h"
+#include "language_model.h"
 #include "memory.h"
-#include "model.h"
 #include "pretrain_cache.h"
 #include "ranks.h"
 #include "run_files.h"
 #include "run_loop.h"
 
+#include <gradlora/adapter.h>
 #include <gradlora/checkpoint.h>
 #include <gradlora/distributed.h>
 #include <gradlora/gradlora.h>
+#include <gradlora/jit.h>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -19,6 +21,7 @@
 #include <torch/torch.h>
 
 #include <dlfcn.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <optional>
@@ -54,32 +57,64 @@ void set_threads(int64_t n) {
 
 std::string inspect_text(const Settings& s, const YAML::Node& tree) {
   Config cfg = optimizer_config(tree);
-  check_memory(s, /*training=*/false);  // before the model exists
-  CharTransformer model = make_model(s.model, 0);
+  if (!s.model.torchscript()) check_memory(s, /*training=*/false);  // before the model exists
+  const std::unique_ptr<LanguageModel> model = open_model(s, 0);
   LowRankOptimizer opt(model->named_parameters(), cfg);
-  const ModelSettings& m = s.model;
-  return fmt::format("model: {}, {} layers, d_model {}, {} heads, context {}, mlp_ratio {}\n", m.type, m.layers,
-                     m.d_model, m.heads, m.context, m.mlp_ratio) +
-         opt.report().to_string() + "\n";
+  return "model: " + model->describe() + "\n" + opt.report().to_string() + "\n";
 }
 
 std::string data_text(const Settings& s) {
   std::string out;
   auto one = [&](const CorpusSettings& c) {
     Corpus corpus = load_corpus(c, s.base_dir, s.model.context);
-    out += fmt::format("{}: {} files, {} bytes ({} training, {} held out)\n", c.key, corpus.files.size(),
-                       corpus.total_bytes(), corpus.train.numel(), corpus.heldout.numel());
-    for (const auto& f : corpus.files) out += fmt::format("  {:>8}  {:>7}  {}\n", f.bytes, f.heldout_bytes, f.path);
+    const std::string unit = c.format == "bytes" ? "bytes" : c.format + " tokens";
+    out += fmt::format("{}: {} files, {} {} ({} training, {} held out)\n", c.key, corpus.files.size(),
+                       corpus.total_tokens(), unit, corpus.train.numel(), corpus.heldout.numel());
+    for (const auto& f : corpus.files) out += fmt::format("  {:>8}  {:>7}  {}\n", f.tokens, f.heldout_tokens, f.path);
   };
   if (s.data.has_pretrain) one(s.data.pretrain);
   one(s.data.finetune);
+  if (s.data.has_reference) one(s.data.reference);
   return out;
 }
+
+namespace {
+
+/// <out>/adapter: the PEFT adapter of the `lora` parameters, written into a
+/// temporary folder and renamed, so a failure leaves no half-written adapter.
+void write_adapter(const LowRankOptimizer& opt, const LanguageModel& model, const Settings& s,
+                   const std::string& out_dir) {
+  bool any = false;
+  for (const ParamReport& p : opt.report().params) any = any || p.method == Method::lora;
+  if (!any) return;
+  const fs::path dst = fs::path(out_dir) / "adapter";
+  const fs::path tmp = fs::path(out_dir) / fmt::format("adapter.tmp.{}", static_cast<long>(::getpid()));
+  fs::remove_all(tmp);
+  AdapterOptions ao;
+  ao.embedding_modules = model.embedding_modules();
+  if (s.model.torchscript()) ao.base_model_name_or_path = s.model.path;
+  try {
+    const AdapterExport x = export_adapter(opt, tmp.string(), ao);
+    if (!x.skipped.empty()) {
+      spdlog::warn("adapter: {} trained parameter(s) are not LoRA factors and are not in it: {} (model.pt has them)",
+                   x.skipped.size(), fmt::join(x.skipped, ", "));
+    }
+    fs::remove_all(dst);
+    fs::rename(tmp, dst);
+    spdlog::info("PEFT adapter of {} module(s): {}", x.modules.size(), dst.string());
+  } catch (const AdapterError& e) {
+    fs::remove_all(tmp);
+    spdlog::warn("no adapter written: {}", e.what());
+  }
+}
+
+}  // namespace
 
 RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions& o) {
   // Before the data, the sampler and the model: sizes that cannot fit are one
   // clear error naming the key, not an allocation failure somewhere inside.
-  check_memory(s);
+  // (The estimate follows the built-in model; a TorchScript model is the user's.)
+  if (!s.model.torchscript()) check_memory(s);
   set_threads(s.training.threads);
   const TrainingSettings& t = s.training;
   const uint64_t seed = tree["seed"] ? tree["seed"].as<uint64_t>() : 0;
@@ -97,8 +132,7 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
   RunSummary sum;
   sum.method = o.method;
   sum.seed = seed;
-  sum.hash = result_hash(tree);
-  fs::create_directories(o.out_dir);
+  sum.hash = result_hash(tree, s);
   const std::string ckpt_path = (fs::path(o.out_dir) / "checkpoint.pt").string();
   if (o.resume) {
     if (auto done = read_summary(o.out_dir); done && done->hash == sum.hash && !done->interrupted) {
@@ -109,20 +143,39 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
 
   // Data first: a bad corpus fails before any training.
   Corpus fine = load_corpus(s.data.finetune, s.base_dir, s.model.context);
-  std::optional<Corpus> pre;
+  std::optional<Corpus> pre, ref;
   if (s.data.has_pretrain) pre = load_corpus(s.data.pretrain, s.base_dir, s.model.context);
+  if (s.data.has_reference) ref = load_corpus(s.data.reference, s.base_dir, s.model.context);
   const int64_t window = s.model.context + 1;
   BatchSampler sampler(fine, window, t.batch, seed);
   if (pre) BatchSampler check(*pre, window, t.batch, t.pretrain.seed);  // batch vs data, before pre-training
   const torch::Tensor held = eval_windows(fine.heldout, window, t.eval_windows);
+  // Forgetting: the loss on what the model knew before, data.reference or the
+  // held-out part of data.pretrain.
   torch::Tensor base_held;
-  if (pre) base_held = eval_windows(pre->heldout, window, t.eval_windows);
-  spdlog::info("{}: {} files, {} bytes; {} windows of {} bytes per epoch, {} held-out windows", fine.key,
-               fine.files.size(), fine.total_bytes(), sampler.windows_per_epoch(), window, held.size(0));
+  if (ref) {
+    base_held = eval_windows(ref->heldout, window, t.eval_windows);
+  } else if (pre) {
+    base_held = eval_windows(pre->heldout, window, t.eval_windows);
+  }
+  const bool has_base = base_held.defined();
+  const std::string base_corpus = ref ? "reference" : pre ? "pre-training" : "";
+  const std::string unit = fine.format == "bytes" ? "bytes" : "tokens";
+  spdlog::info("{}: {} files, {} {}; {} windows of {} {} per epoch, {} held-out windows", fine.key, fine.files.size(),
+               fine.total_tokens(), unit, sampler.windows_per_epoch(), window, unit, held.size(0));
 
-  CharTransformer model = build_model(s, seed);
+  const std::unique_ptr<LanguageModel> model_ptr = open_model(s, seed);
+  LanguageModel& model = *model_ptr;
+  spdlog::info("model: {}", model.describe());
+  // Every token id of every corpus must be one the model has.
+  const std::string model_name = s.model.torchscript() ? fmt::format("model '{}'", s.model.path) : s.model.type;
+  for (const Corpus* c : {&fine, pre ? &*pre : nullptr, ref ? &*ref : nullptr}) {
+    if (c) check_vocabulary(*c, model.vocab(), model_name);
+  }
   // Building the optimizer validates the selection before the (long) pre-training.
-  { LowRankOptimizer probe(model->named_parameters(), cfg); }
+  model.prepare_gradients(nullptr);
+  { LowRankOptimizer probe(model.named_parameters(), cfg); }
+  fs::create_directories(o.out_dir);  // the inputs are good
 
   // Data-parallel run (gradlora train --nproc N, or RANK/WORLD_SIZE from a launcher).
   Ranks d = join_ranks(t);
@@ -139,9 +192,10 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
       spdlog::warn("interrupted during pre-training: nothing was cached");
       return sum;
     }
-    if (d.main()) load_model(model, path);
+    if (d.main()) load_pretrained(model, path);
   }
-  LowRankOptimizer opt(model->named_parameters(), cfg);
+  LowRankOptimizer opt(model.named_parameters(), cfg);
+  model.prepare_gradients(&opt);  // no gradients for frozen parameters of a TorchScript model
   std::vector<double> base_lr;
   for (auto& g : opt.param_groups()) base_lr.push_back(g.options().get_lr());
   const SelectionReport& rep = opt.report();
@@ -181,7 +235,7 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
     sum.rows = parse_metrics_csv(extra("metrics").toStringRef());
     loss_sum = extra("loss_sum").toDouble();
     loss_n = extra("loss_n").toInt();
-    load_checkpoint(opt, *model, ckpt_path);
+    load_checkpoint(opt, model.state_module(), ckpt_path);
     if (!sum.rows.empty()) elapsed0 = sum.rows.back().elapsed_s;
     spdlog::info("{} seed {}: resuming from step {} ({})", o.method, seed, start, ckpt_path);
   }
@@ -215,19 +269,19 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
     r.lr = lr;
     r.train_loss = train_loss;
     r.eval_loss = evaluate(model, held, t.batch);
-    if (pre) r.base_eval_loss = evaluate(model, base_held, t.batch);
+    if (has_base) r.base_eval_loss = evaluate(model, base_held, t.batch);
     r.tokens = step * t.batch * s.model.context;
     r.elapsed_s = elapsed0 + seconds_since(t0);
-    model->train();
     sum.rows.push_back(r);
     spdlog::info("{} seed {} step {}: train {} held-out {:.4f}{}", o.method, seed, step, fmt_num(train_loss),
-                 r.eval_loss, pre ? fmt::format(" pre-training held-out {:.4f}", r.base_eval_loss) : "");
+                 r.eval_loss, has_base ? fmt::format(" {} held-out {:.4f}", base_corpus, r.base_eval_loss) : "");
     write_file_atomic((fs::path(o.out_dir) / "metrics.csv").string(), metrics_csv(sum.rows));
-    write_file_atomic((fs::path(o.out_dir) / "loss.svg").string(), loss_svg(sum.rows, title, pre.has_value()));
+    write_file_atomic((fs::path(o.out_dir) / "loss.svg").string(),
+                      loss_svg(sum.rows, title, base_corpus, fine.format == "bytes" ? "byte" : "token"));
   };
   auto on_checkpoint = [&](int64_t step, double running_sum, int64_t running_n) {
     if (!d.main()) return;  // every rank holds the same weights and state
-    save_checkpoint(opt, *model, ckpt_path,
+    save_checkpoint(opt, model.state_module(), ckpt_path,
                     {{"trainer_format", c10::IValue(kCheckpointFormat)},
                      {"hash", c10::IValue(sum.hash)},
                      {"step", c10::IValue(step)},
@@ -238,7 +292,7 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
 
   LoopSpec L;
   L.label = fmt::format("{} seed {}", o.method, seed);
-  L.device = model_device(model);
+  L.device = model.device();
   L.steps = t.steps;
   L.start = start;
   L.batch = t.batch;
@@ -274,7 +328,8 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
                  ckpt_path);
     return sum;
   }
-  save_model(model, (fs::path(o.out_dir) / "model.pt").string());
+  model.save((fs::path(o.out_dir) / "model.pt").string());
+  write_adapter(opt, model, s, o.out_dir);
   write_file_atomic((fs::path(o.out_dir) / "summary.json").string(), summary_json(sum).dump(2) + "\n");
   std::error_code ec;
   fs::remove(ckpt_path, ec);  // the run is complete: model.pt and summary.json stand for it

@@ -19,7 +19,7 @@ struct MetricRow {
   double lr = 0;
   double train_loss = std::numeric_limits<double>::quiet_NaN();      ///< mean since the previous row
   double eval_loss = std::numeric_limits<double>::quiet_NaN();       ///< held-out fine-tuning corpus
-  double base_eval_loss = std::numeric_limits<double>::quiet_NaN();  ///< held-out pre-training corpus
+  double base_eval_loss = std::numeric_limits<double>::quiet_NaN();  ///< data.reference, or held-out data.pretrain
   int64_t tokens = 0;
   double elapsed_s = 0;
 };
