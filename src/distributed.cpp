@@ -37,6 +37,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <limits>
 #include <map>
 #include <thread>
 
@@ -392,10 +393,25 @@ DataParallel::DataParallel(LowRankOptimizer& optimizer, c10::intrusive_ptr<c10d:
     stats->last_step_seconds = secs;
     stats->total_seconds += secs;
   });
+  // 4. Averages inside a projection (galore's randomized refresh: the sketch of the
+  // gradient), one all-reduce each, counted apart from the per-step reduction.
+  auto collective = [group, stats, timeout](torch::Tensor& t) {
+    std::vector<torch::Tensor> one{t};
+    stats->projector_collectives += allreduce_mean(*group, one, std::numeric_limits<int64_t>::max(), timeout);
+    stats->projector_bytes += t.numel() * static_cast<int64_t>(t.element_size());
+  };
+  for (const auto& name : opt_.names()) {
+    if (opt_.method_of(name) != Method::frozen) opt_.projector(name).set_collective(collective);
+  }
   spdlog::debug("gradlora: rank {} of {} joined; {} B all-reduced per step", rank, world, expected_step_bytes());
 }
 
-DataParallel::~DataParallel() { opt_.set_gradient_reducer(nullptr); }
+DataParallel::~DataParallel() {
+  opt_.set_gradient_reducer(nullptr);
+  for (const auto& name : opt_.names()) {
+    if (opt_.method_of(name) != Method::frozen) opt_.projector(name).set_collective(nullptr);
+  }
+}
 
 int DataParallel::rank() const { return pg_->getRank(); }
 int DataParallel::world_size() const { return pg_->getSize(); }

@@ -8,7 +8,9 @@
 /// rank (same factors, same seeds), so averaging the projected gradients
 /// (gA, gB: r·(n+m) numbers for `lora`/`random`; row/column block sums for
 /// `additive`) gives exactly the factor gradients of the averaged G. Only
-/// `full` parameters still send their whole gradient. See docs/data-parallel.md.
+/// `full` parameters still send their whole gradient. `galore` with
+/// `projector: randomized` also averages its low-rank sketches of G at each
+/// refresh. See docs/data-parallel.md.
 ///
 ///     auto pg = gradlora::process_group_from_env();           // or launch_local(...)
 ///     gradlora::LowRankOptimizer opt(model->named_parameters(), cfg);
@@ -57,6 +59,11 @@ struct CommStats {
   int64_t total_bytes = 0;            ///< bytes all-reduced over all steps
   double last_step_seconds = 0.0;     ///< wall time of the last reduction (pack, all-reduce, unpack)
   double total_seconds = 0.0;         ///< wall time of all reductions
+  /// Averages a projector asks for inside project() (galore's randomized refresh:
+  /// its sketches of the gradient), over all steps: all-reduce calls and bytes
+  /// (payload per rank). Not part of the per-step figures above.
+  int64_t projector_collectives = 0;
+  int64_t projector_bytes = 0;
 };
 
 /// Ties a LowRankOptimizer to a process group. Construction (collective: call
@@ -69,8 +76,11 @@ struct CommStats {
 ///  3. installs a gradient reducer on the optimizer: each step() then
 ///     all-reduces (sum, then divide by the world size — Gloo in LibTorch 1.13
 ///     has no ReduceOp::AVG) the projected gradients, bucketed into few calls.
-/// Throws ConfigError (on every rank) for `galore` parameters: their projector
-/// is the SVD of the local gradient and would differ between ranks.
+/// Throws ConfigError (on every rank) for a parameter whose method cannot train
+/// data-parallel (MethodInfo::data_parallel_refusal), e.g. `galore` with
+/// `projector: svd`: the SVD of each rank's own gradient would differ between
+/// ranks. `galore` with `projector: randomized` averages its sketches of the
+/// gradient over the ranks at each refresh (CommStats::projector_bytes).
 /// Unused parameters (as DDP's find_unused_parameters): every step reduces the
 /// same layout on every rank, whichever gradients arrived — every non-frozen
 /// parameter in model order, a rank without a gradient for one contributing the

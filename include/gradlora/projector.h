@@ -10,6 +10,7 @@
 
 #include <torch/types.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -108,7 +109,23 @@ class Projector {
   /// Whether the method sees the stored weight transposed (Target::fan_in_fan_out).
   bool transposed() const { return transposed_; }
 
+  /// Data parallel: replaces a tensor by its mean over the ranks, in place. Every
+  /// rank calls it for the same parameters in the same order with tensors of the
+  /// same shape (a collective). A method whose project() needs more than the
+  /// averaged projected gradient (galore's randomized refresh: the sketch of the
+  /// averaged G) calls average(); DataParallel installs it, nullptr removes it.
+  using Collective = std::function<void(torch::Tensor&)>;
+  void set_collective(Collective c) { collective_ = std::move(c); }
+
  protected:
+  /// The mean of `t` over the ranks, in place (nothing in one process).
+  void average(torch::Tensor& t) const {
+    if (collective_) collective_(t);
+  }
+  /// Whether average() talks to other ranks: every rank must then reach the same
+  /// calls, whatever its own gradient holds.
+  bool distributed() const { return static_cast<bool>(collective_); }
+
   /// The parameter as the n×m matrix the method sees: a view of it (with
   /// fan_in_fan_out the transposed view of the stored (in, out) tensor, so a
   /// write-back goes into the stored tensor in place).
@@ -120,6 +137,9 @@ class Projector {
   int64_t n_ = 0, m_ = 0;
   int64_t steps_ = 0;
   bool transposed_ = false;
+
+ private:
+  Collective collective_;
 };
 
 /// Builds the projector of ctx.target.method from the registry (<gradlora/method.h>);

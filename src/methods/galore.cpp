@@ -146,11 +146,18 @@ class GaloreProjector final : public Projector {
   torch::Tensor randomized_projector(const torch::Tensor& g) const {
     const int64_t h = left_ ? n_ : m_, w = left_ ? m_ : n_;
     const int64_t k = std::min({r_ + oversample_, h, w});
+    // Under data parallel each product with this rank's g is averaged over the ranks:
+    // the products are linear in g, so the mean is the product with the averaged
+    // gradient, and every rank computes the same Q from it.
     auto mul = [&](const torch::Tensor& X) {  // H·X, h×k
-      return left_ ? galore_project(X, g, false) : galore_project(X, g, true).t().contiguous();
+      torch::Tensor out = left_ ? galore_project(X, g, false) : galore_project(X, g, true).t().contiguous();
+      average(out);
+      return out;
     };
     auto tmul = [&](const torch::Tensor& Y) {  // Hᵀ·Y, w×k
-      return left_ ? galore_project(Y, g, true).t().contiguous() : galore_project(Y, g, false);
+      torch::Tensor out = left_ ? galore_project(Y, g, true).t().contiguous() : galore_project(Y, g, false);
+      average(out);
+      return out;
     };
     auto orth = [](const torch::Tensor& X) { return std::get<0>(torch::linalg_qr(X)).contiguous(); };
     const uint64_t refresh = static_cast<uint64_t>(steps_ / gap_);
@@ -165,9 +172,11 @@ class GaloreProjector final : public Projector {
 
   // Top-r singular vectors of g on the projector's side, or undefined when they cannot be
   // computed (non-finite g, or the SVD fails in both fp32 and fp64): the caller keeps the old Q.
+  // Under data parallel every rank must take part in the averages whatever its own g holds:
+  // a non-finite g then shows in the averaged products, alike on every rank.
   torch::Tensor compute_projector(const torch::Tensor& g) const {
     const std::string keep = steps_ > 0 ? "keeping the previous projector" : "no projector yet, the step is skipped";
-    if (!finite(g)) {
+    if (!distributed() && !finite(g)) {
       spdlog::warn("gradlora: galore: parameter '{}' ({} steps taken): gradient holds NaN or Inf, no SVD; {}",
                    ctx_.name, steps_, keep);
       return {};
@@ -265,10 +274,12 @@ MethodInfo galore() {
     return std::make_pair(bytes, r * (left ? v.m : v.n));     // N
   };
   m.make = [](ProjectorContext ctx) { return std::make_unique<GaloreProjector>(std::move(ctx)); };
-  m.data_parallel_refusal = [](const Target&) {
+  m.data_parallel_refusal = [](const Target& t) {
+    if (option_text(t, "projector") == "randomized") return std::string();
     return std::string(
-        "its projector is the SVD of each rank's own gradient, so the ranks would disagree; data-parallel "
-        "training supports lora, random, additive, hadamard, full and frozen");
+        "projector: svd is the SVD of each rank's own gradient, so the ranks would disagree; set projector: "
+        "randomized (its sketch of the gradient is averaged over the ranks, so all of them find the projector of "
+        "the averaged gradient)");
   };
   return m;
 }

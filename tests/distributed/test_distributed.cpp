@@ -5,6 +5,7 @@
 //
 // Each test forks its ranks with gradlora::launch_local; the ranks write what they
 // computed into a temporary directory and the test compares it in the parent.
+#include <fmt/format.h>
 #include <gradlora/distributed.h>
 #include <gradlora/gradlora.h>
 #include <gtest/gtest.h>
@@ -17,6 +18,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -107,9 +109,9 @@ const char* kSgd = "{type: sgd, lr: 0.1, momentum: 0.9, weight_decay: 0.01}";
 const char* kAdamW = "{type: adamw, lr: 0.02, weight_decay: 0.1}";
 
 /// Trains for kSteps on rows [begin, end) of every batch; returns the parameters.
-std::vector<torch::Tensor> train(Mlp& model, LowRankOptimizer& opt, int64_t begin, int64_t end,
-                                 torch::ScalarType dtype) {
-  for (int k = 0; k < kSteps; ++k) {
+std::vector<torch::Tensor> train(Mlp& model, LowRankOptimizer& opt, int64_t begin, int64_t end, torch::ScalarType dtype,
+                                 int steps = kSteps) {
+  for (int k = 0; k < steps; ++k) {
     auto [x, y] = full_batch(k, dtype);
     opt.zero_grad();
     // A mean over this rank's rows: the average over ranks is the full-batch mean.
@@ -523,7 +525,79 @@ TEST(Distributed, DifferentConfigFailsOnEveryRankNamingTheKey) {
   }
 }
 
-TEST(Distributed, GaloreIsRejectedBecauseItsProjectorIsLocal) {
+// galore with projector: randomized under data parallel: at each refresh the ranks
+// average their sketches of the gradient (every product with G of the range finder),
+// which are the sketches of the averaged gradient, so every rank finds the projector
+// one process finds from the full batch. 20 steps, a refresh every 8: 3 refreshes.
+constexpr int kGaloreSteps = 20, kGap = 8, kOversample = 2, kPower = 1;
+const char* kGaloreYaml =
+    "seed: 3\noptimizer: {type: sgd, lr: 0.1, momentum: 0.9, weight_decay: 0.01}\ntargets:\n"
+    "  - {match: '*.weight', method: galore, rank: 2, projector: randomized, oversample: 2, power_iters: 1, "
+    "update_proj_gap: 8, scale: 1.0}\n"
+    "  - {match: '*.bias', method: full}\n";
+
+TEST(Distributed, GaloreRandomizedTwoRanksOnHalfBatchesEqualOneProcessOnFullBatch) {
+  TempDir dir;
+  const int rc = launch_local(
+      kWorld,
+      [&](int rank, int world) {
+        auto pg = process_group_from_env(std::chrono::seconds(30));
+        Mlp model = make_model(100 + static_cast<uint64_t>(rank), torch::kFloat);
+        LowRankOptimizer opt(model->named_parameters(), ::gradlora::testing::quiet(kGaloreYaml));
+        DataParallel dp(opt, pg);
+        const int64_t per_rank = kBatch / world;
+        std::vector<torch::Tensor> params =
+            train(model, opt, rank * per_rank, (rank + 1) * per_rank, torch::kFloat, kGaloreSteps);
+        torch::save(params, dir.file("rank" + std::to_string(rank) + ".pt"));
+        int64_t full_bytes = 0;  // what DDP would all-reduce per step
+        for (const auto& p : model->parameters()) full_bytes += p.numel() * static_cast<int64_t>(p.element_size());
+        write_text(dir.file("stats" + std::to_string(rank) + ".txt"),
+                   fmt::format("{} {} {} {}", dp.stats().projector_collectives, dp.stats().projector_bytes,
+                               dp.stats().last_step_bytes, full_bytes));
+        return 0;
+      },
+      bounded());
+  ASSERT_EQ(rc, 0) << "a rank failed (see its stderr above)";
+  Mlp model = make_model(100, torch::kFloat);
+  LowRankOptimizer opt(model->named_parameters(), ::gradlora::testing::quiet(kGaloreYaml));
+  const std::vector<torch::Tensor> ref = train(model, opt, 0, kBatch, torch::kFloat, kGaloreSteps);
+  std::vector<torch::Tensor> init;
+  for (const auto& p : make_model(100, torch::kFloat)->parameters()) init.push_back(p.detach().clone());
+  double moved = 0.0;
+  for (size_t i = 0; i < ref.size(); ++i) moved = std::max(moved, (ref[i] - init[i]).abs().max().item<double>());
+  EXPECT_GT(moved, 1e-1) << "the comparison must have teeth";
+  // Sketch bytes per refresh: for each weight (h×w on the projector's side, k = r +
+  // oversample columns) Y = H·Ω (h·k), per power iteration Hᵀ·Y (w·k) and H·Z (h·k), and
+  // the final Yᵀ·H (k·w). fc1 10×12 (left: h 10), fc2 10×10 (right: h 10), fc3 6×10 (left: h 6).
+  const int64_t k = 2 + kOversample;
+  int64_t per_refresh = 0;
+  for (const auto& [h, w] : std::vector<std::pair<int64_t, int64_t>>{{10, 12}, {10, 10}, {6, 10}}) {
+    per_refresh += 4 * k * (h + w) * (1 + kPower);
+  }
+  const int64_t refreshes = (kGaloreSteps + kGap - 1) / kGap;
+  for (int r = 0; r < kWorld; ++r) {
+    std::vector<torch::Tensor> got;
+    torch::load(got, dir.file("rank" + std::to_string(r) + ".pt"));
+    ASSERT_EQ(got.size(), ref.size());
+    for (size_t i = 0; i < ref.size(); ++i) {
+      EXPECT_LE((got[i] - ref[i]).abs().max().item<double>(), 1e-5) << "rank " << r << ", parameter " << i;
+    }
+    std::istringstream stats(read_text(dir.file("stats" + std::to_string(r) + ".txt")));
+    int64_t calls = 0, bytes = 0, step_bytes = 0, full_bytes = 0;
+    stats >> calls >> bytes >> step_bytes >> full_bytes;
+    EXPECT_EQ(calls, refreshes * 3 * (2 + 2 * kPower)) << "one all-reduce per product with G";
+    EXPECT_EQ(bytes, refreshes * per_refresh);
+    // Per step the projected gradients (r×m or n×r per weight), the biases and the flags,
+    // against the n·m of every full gradient that DDP would send.
+    std::printf(
+        "galore randomized, 2 ranks: %lld B per refresh (sketches), %lld B per step, vs %lld B of full "
+        "gradients per step\n",
+        static_cast<long long>(per_refresh), static_cast<long long>(step_bytes), static_cast<long long>(full_bytes));
+    EXPECT_LT(step_bytes, full_bytes);
+  }
+}
+
+TEST(Distributed, GaloreWithTheSvdProjectorIsRejectedBecauseItIsLocal) {
   TempDir dir;
   const int rc = launch_local(
       1,
@@ -543,6 +617,7 @@ TEST(Distributed, GaloreIsRejectedBecauseItsProjectorIsLocal) {
   ASSERT_EQ(rc, 0);
   const std::string msg = read_text(dir.file("error.txt"));
   EXPECT_NE(msg.find("parameter 'fc1.weight' uses method 'galore'"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("set projector: randomized"), std::string::npos) << msg;
 }
 
 TEST(Distributed, PeerThatNeverJoinsTimesOutInsteadOfHanging) {
