@@ -8,6 +8,8 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -25,10 +27,27 @@ double parse_num(const std::string& s) { return s.empty() ? kNaN : std::stod(s);
 // ------------------------------------------------------- files of a run
 
 std::string metrics_csv(const std::vector<MetricRow>& rows) {
-  std::string out = "step,lr,train_loss,eval_loss,base_eval_loss,tokens,elapsed_s\n";
+  // The diagnostics columns: every name any row has, in the order first seen.
+  std::vector<std::string> extra;
   for (const auto& r : rows) {
-    out += fmt::format("{},{},{},{},{},{},{:.3f}\n", r.step, fmt_num(r.lr), fmt_num(r.train_loss), fmt_num(r.eval_loss),
+    for (const auto& [name, v] : r.extra) {
+      if (std::find(extra.begin(), extra.end(), name) == extra.end()) extra.push_back(name);
+    }
+  }
+  std::string out = "step,lr,train_loss,eval_loss,base_eval_loss,tokens,elapsed_s";
+  for (const auto& name : extra) out += "," + name;
+  out += "\n";
+  for (const auto& r : rows) {
+    out += fmt::format("{},{},{},{},{},{},{:.3f}", r.step, fmt_num(r.lr), fmt_num(r.train_loss), fmt_num(r.eval_loss),
                        fmt_num(r.base_eval_loss), r.tokens, r.elapsed_s);
+    for (const auto& name : extra) {
+      double v = kNaN;
+      for (const auto& [n, x] : r.extra) {
+        if (n == name) v = x;
+      }
+      out += "," + fmt_num(v);
+    }
+    out += "\n";
   }
   return out;
 }
@@ -37,14 +56,20 @@ std::vector<MetricRow> parse_metrics_csv(const std::string& text) {
   std::vector<MetricRow> rows;
   std::stringstream ss(text);
   std::string line;
-  std::getline(ss, line);  // header
+  std::getline(ss, line);  // header: 7 fixed columns, then the diagnostics'
+  std::vector<std::string> header;
+  {
+    std::stringstream hs(line);
+    std::string cell;
+    while (std::getline(hs, cell, ',')) header.push_back(cell);
+  }
   while (std::getline(ss, line)) {
     if (line.empty()) continue;
     std::vector<std::string> f;
     std::stringstream ls(line);
     std::string cell;
     while (std::getline(ls, cell, ',')) f.push_back(cell);
-    while (f.size() < 7) f.emplace_back();
+    while (f.size() < std::max<size_t>(7, header.size())) f.emplace_back();
     MetricRow r;
     r.step = std::stoll(f[0]);
     r.lr = parse_num(f[1]);
@@ -53,9 +78,38 @@ std::vector<MetricRow> parse_metrics_csv(const std::string& text) {
     r.base_eval_loss = parse_num(f[4]);
     r.tokens = f[5].empty() ? 0 : std::stoll(f[5]);
     r.elapsed_s = parse_num(f[6]);
+    for (size_t i = 7; i < header.size(); ++i) {
+      if (!f[i].empty()) r.extra.emplace_back(header[i], parse_num(f[i]));
+    }
     rows.push_back(r);
   }
   return rows;
+}
+
+std::string subspace_svg(const std::vector<MetricRow>& rows, const std::string& title) {
+  Panel energy{"energy kept", "step", "share of |G|^2 in the step's subspace", {}};
+  Panel overlap{"projector refresh", "step", "overlap |Q_new^T Q_old|^2 / r", {}};
+  energy.legend = overlap.legend = "bottom-right";
+  auto series_of = [&](Panel& p, const std::string& prefix) {
+    for (const auto& r : rows) {
+      for (const auto& [name, v] : r.extra) {
+        if (name.rfind(prefix, 0) != 0 || !std::isfinite(v)) continue;
+        const std::string label = name.substr(prefix.size());
+        auto it = std::find_if(p.series.begin(), p.series.end(), [&](const Series& s) { return s.label == label; });
+        if (it == p.series.end()) {
+          p.series.push_back(Series{label, {}, {}, {}});
+          it = p.series.end() - 1;
+        }
+        it->x.push_back(static_cast<double>(r.step));
+        it->y.push_back(v);
+      }
+    }
+  };
+  series_of(energy, "energy_kept:");
+  series_of(overlap, "overlap:");
+  std::vector<Panel> panels{energy};
+  if (!overlap.series.empty()) panels.push_back(overlap);
+  return svg_chart(panels, title);
 }
 
 std::string loss_svg(const std::vector<MetricRow>& rows, const std::string& title, const std::string& base_corpus,

@@ -19,6 +19,8 @@ std::vector<MetricRow> parse_metrics_csv(const std::string& text);
 /// what a token is ("byte", "token").
 std::string loss_svg(const std::vector<MetricRow>& rows, const std::string& title, const std::string& base_corpus,
                      const std::string& unit);
+/// The subspace diagnostics of a run (the `energy_kept:` and `overlap:` columns), as SVG.
+std::string subspace_svg(const std::vector<MetricRow>& rows, const std::string& title);
 nlohmann::json summary_json(const RunSummary& s);
 /// summary.json of a finished run in `dir`, if there is one.
 std::optional<RunSummary> read_summary(const std::string& dir);

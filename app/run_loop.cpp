@@ -151,6 +151,7 @@ LoopResult run_loop(LanguageModel& model, torch::optim::Optimizer& opt, BatchSam
     const auto t1 = Clock::now();
     opt.step();
     const double os = seconds_since(t1);
+    if (L.after_step) L.after_step();
     double lv = loss.item<double>();
     if (L.sync) {
       stop_agreed = g_stop.load();

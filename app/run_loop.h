@@ -57,6 +57,8 @@ struct LoopSpec {
   /// request; replaces them by the mean loss over the ranks and by whether any
   /// rank asked to stop, so that every rank stops after the same step.
   std::function<void(double& loss, bool& stop)> sync;
+  /// Called after every optimizer step (the trainer's diagnostics); may be empty.
+  std::function<void()> after_step;
 };
 
 struct LoopResult {

@@ -25,6 +25,7 @@
 
 #include <filesystem>
 #include <optional>
+#include <sstream>
 
 namespace gradlora::app {
 
@@ -204,6 +205,23 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
   sum.state_bytes = rep.total_state_bytes;
   sum.adamw_state_bytes = rep.total_adamw_state_bytes;
 
+  // Subspace diagnostics (`diagnostics: true`): per low-rank parameter the sum and count of
+  // energy_kept since the last evaluation, and the last projector overlap. Kept in the
+  // checkpoint, so a resumed run writes the rows an uninterrupted one does.
+  struct Diag {
+    std::string name;
+    double sum = 0;
+    int64_t n = 0;
+    double overlap = kNaN;
+  };
+  std::vector<Diag> diag;
+  for (const SubspaceStats& st : opt.subspace_stats()) diag.push_back({st.name});
+  auto diag_text = [&] {
+    std::string out;
+    for (const Diag& x : diag) out += fmt::format("{}\t{:a}\t{}\t{:a}\n", x.name, x.sum, x.n, x.overlap);
+    return out;
+  };
+
   int64_t start = 0, loss_n = 0;
   double elapsed0 = 0, loss_sum = 0;
   if (o.resume) {
@@ -235,6 +253,21 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
     sum.rows = parse_metrics_csv(extra("metrics").toStringRef());
     loss_sum = extra("loss_sum").toDouble();
     loss_n = extra("loss_n").toInt();
+    if (auto it = x.find("diagnostics"); it != x.end()) {
+      std::istringstream in(it->second.toStringRef());
+      for (std::string line; std::getline(in, line);) {
+        std::istringstream f(line);
+        std::string name, sum, n, overlap;
+        std::getline(f, name, '\t');
+        std::getline(f, sum, '\t');
+        std::getline(f, n, '\t');
+        std::getline(f, overlap, '\t');
+        for (Diag& d : diag) {
+          if (d.name == name)
+            d = {name, std::strtod(sum.c_str(), nullptr), std::stoll(n), std::strtod(overlap.c_str(), nullptr)};
+        }
+      }
+    }
     load_checkpoint(opt, model.state_module(), ckpt_path);
     if (!sum.rows.empty()) elapsed0 = sum.rows.back().elapsed_s;
     spdlog::info("{} seed {}: resuming from step {} ({})", o.method, seed, start, ckpt_path);
@@ -272,10 +305,19 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
     if (has_base) r.base_eval_loss = evaluate(model, base_held, t.batch);
     r.tokens = step * t.batch * s.model.context;
     r.elapsed_s = elapsed0 + seconds_since(t0);
+    for (Diag& x : diag) {
+      r.extra.emplace_back("energy_kept:" + x.name, x.n > 0 ? x.sum / static_cast<double>(x.n) : kNaN);
+      if (std::isfinite(x.overlap)) r.extra.emplace_back("overlap:" + x.name, x.overlap);
+      x.sum = 0;
+      x.n = 0;
+    }
     sum.rows.push_back(r);
     spdlog::info("{} seed {} step {}: train {} held-out {:.4f}{}", o.method, seed, step, fmt_num(train_loss),
                  r.eval_loss, has_base ? fmt::format(" {} held-out {:.4f}", base_corpus, r.base_eval_loss) : "");
     write_file_atomic((fs::path(o.out_dir) / "metrics.csv").string(), metrics_csv(sum.rows));
+    if (!diag.empty()) {
+      write_file_atomic((fs::path(o.out_dir) / "subspace.svg").string(), subspace_svg(sum.rows, title));
+    }
     write_file_atomic((fs::path(o.out_dir) / "loss.svg").string(),
                       loss_svg(sum.rows, title, base_corpus, fine.format == "bytes" ? "byte" : "token"));
   };
@@ -287,7 +329,8 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
                      {"step", c10::IValue(step)},
                      {"metrics", c10::IValue(metrics_csv(sum.rows))},
                      {"loss_sum", c10::IValue(running_sum)},
-                     {"loss_n", c10::IValue(running_n)}});
+                     {"loss_n", c10::IValue(running_n)},
+                     {"diagnostics", c10::IValue(diag_text())}});
   };
 
   LoopSpec L;
@@ -310,6 +353,18 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
   L.rank = d.rank;
   L.world = d.world;
   if (d.pg) L.sync = [&d](double& loss, bool& stop) { d.sync(loss, stop); };
+  if (!diag.empty()) {
+    L.after_step = [&] {
+      const std::vector<SubspaceStats> stats = opt.subspace_stats();
+      for (size_t i = 0; i < stats.size() && i < diag.size(); ++i) {
+        if (std::isfinite(stats[i].energy_kept)) {
+          diag[i].sum += stats[i].energy_kept;
+          ++diag[i].n;
+        }
+        if (std::isfinite(stats[i].overlap)) diag[i].overlap = stats[i].overlap;
+      }
+    };
+  }
   LoopResult r = run_loop(model, opt, sampler, L, on_eval, on_checkpoint);
 
   sum.steps_done = r.steps_done;

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace gradlora::app {
@@ -22,6 +23,10 @@ struct MetricRow {
   double base_eval_loss = std::numeric_limits<double>::quiet_NaN();  ///< data.reference, or held-out data.pretrain
   int64_t tokens = 0;
   double elapsed_s = 0;
+  /// Subspace diagnostics (config key `diagnostics: true`), one column each:
+  /// `energy_kept:<parameter>` (mean over the steps since the previous row) and
+  /// `overlap:<parameter>` (at the last projector refresh so far), in column order.
+  std::vector<std::pair<std::string, double>> extra;
 };
 
 /// What a finished (or interrupted) run reports; also summary.json.

@@ -158,7 +158,7 @@ Config Config::from_yaml_string(const std::string& text) {
     // Sections the optimizer does not read: the trainer's (model, data, training, …).
     check_keys(root, "",
                {"seed", "optimizer", "targets", "default", "allow_unmatched_targets", "on_nonfinite",
-                "fuse_into_backward", "log_report", "max_grad_norm"},
+                "fuse_into_backward", "log_report", "max_grad_norm", "diagnostics"},
                {"model", "data", "training", "compare", "experiment", "distributed"});
     if (root["seed"]) c.seed = as_uint(root["seed"], "seed");
     if (root["optimizer"]) c.optimizer = parse_optimizer(root["optimizer"]);
@@ -177,6 +177,7 @@ Config Config::from_yaml_string(const std::string& text) {
     if (root["fuse_into_backward"]) c.fuse_into_backward = as_bool(root["fuse_into_backward"], "fuse_into_backward");
     if (root["log_report"]) c.log_report = as_bool(root["log_report"], "log_report");
     if (root["max_grad_norm"]) c.max_grad_norm = as_double(root["max_grad_norm"], "max_grad_norm");
+    if (root["diagnostics"]) c.diagnostics = as_bool(root["diagnostics"], "diagnostics");
   } catch (const YAML::Exception& e) {
     throw ConfigError(fmt::format("config: malformed YAML: {}", e.what()));
   }

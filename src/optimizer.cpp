@@ -55,6 +55,10 @@ class FusedProjectHook final : public torch::autograd::FunctionPreHook {
     e->backwards = accumulate ? e->backwards + 1 : 1;
     if (link_->norms) e->grad_norm = grads[0].norm(2);
     e->projector->project(grads[0]);
+    if (link_->diagnostics) {
+      // Of a single gradient only: the share of a sum of micro-batches is not known from their projections.
+      e->energy = accumulate ? torch::Tensor() : e->projector->energy_kept(grads[0].norm(2).square());
+    }
     if (accumulate) {
       auto params = e->projector->inner_params();
       for (size_t i = 0; i < params.size(); ++i) {
@@ -212,6 +216,7 @@ LowRankOptimizer::LowRankOptimizer(const torch::OrderedDict<std::string, torch::
       e->link = std::make_shared<FusedLink>();
       e->link->entry = e.get();
       e->link->norms = config_.max_grad_norm.has_value();
+      e->link->diagnostics = config_.diagnostics;
       e->accumulator = torch::autograd::impl::grad_accumulator(e->param);
       e->accumulator->add_pre_hook(std::make_unique<FusedProjectHook>(e->link));
     }
@@ -261,8 +266,11 @@ torch::Tensor LowRankOptimizer::step(LossClosure closure) {
     } else {
       const torch::Tensor& g = e->param.grad();
       if (g.defined()) {
-        if (config_.max_grad_norm) norms.push_back(g.norm(2));
+        torch::Tensor norm;
+        if (config_.max_grad_norm || config_.diagnostics) norm = g.norm(2);
+        if (config_.max_grad_norm) norms.push_back(norm);
         e->projector->project(g);
+        if (config_.diagnostics) e->energy = e->projector->energy_kept(norm.square());
       } else {
         has = false;
       }
@@ -456,6 +464,25 @@ std::vector<std::string> LowRankOptimizer::names() const {
   std::vector<std::string> v;
   for (const auto& e : entries_) v.push_back(e->name);
   return v;
+}
+
+std::vector<SubspaceStats> LowRankOptimizer::subspace_stats() const {
+  std::vector<SubspaceStats> out;
+  if (!config_.diagnostics) return out;
+  for (const auto& e : entries_) {
+    if (!e->projector || !method_info(e->method).low_rank) continue;
+    SubspaceStats st;
+    st.name = e->name;
+    st.method = e->method;
+    if (e->energy.defined()) st.energy_kept = e->energy.item<double>();
+    const auto [overlap, at] = e->projector->last_overlap();
+    if (overlap.defined()) {
+      st.overlap = overlap.item<double>();
+      st.overlap_step = at;
+    }
+    out.push_back(std::move(st));
+  }
+  return out;
 }
 
 }  // namespace gradlora

@@ -26,7 +26,8 @@ namespace gradlora {
 // holds no data, so gradient-norm utilities count it as zero.
 struct FusedLink {
   LowRankOptimizer::Entry* entry = nullptr;
-  bool norms = false;  // max_grad_norm is set: the hook takes each gradient's norm
+  bool norms = false;        // max_grad_norm is set: the hook takes each gradient's norm
+  bool diagnostics = false;  // Config::diagnostics: the hook measures energy_kept
 };
 
 struct LowRankOptimizer::Entry {
@@ -44,6 +45,7 @@ struct LowRankOptimizer::Entry {
   int64_t placeholder_version = -1;  // its version counter when the hook left it
   torch::Tensor grad_norm;           // max_grad_norm: ‖G‖ of the gradient the hook projected
   int64_t backwards = 0;             // gradients the hook projected since the last step
+  torch::Tensor energy;              // diagnostics: energy_kept of the last projection (undefined: not known)
 
   /// True while the projected gradients accumulated since the last step() are
   /// still wanted: the placeholder is in .grad and nobody zeroed it.

@@ -154,6 +154,11 @@ struct Config {
   std::optional<double> max_grad_norm;
   /// Log the selection report at info level when the optimizer is built.
   bool log_report = true;
+  /// Subspace diagnostics at every step (LowRankOptimizer::subspace_stats): the
+  /// share of the gradient's energy each low-rank step can use, the overlap of a
+  /// refreshed projector with the previous one. Costs a norm of each gradient and
+  /// small factorisations (and a host synchronisation when read).
+  bool diagnostics = false;
 
   /// Checks value ranges; throws ConfigError naming the key and value.
   void validate() const;

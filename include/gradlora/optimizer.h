@@ -12,6 +12,7 @@
 #include <torch/ordered_dict.h>
 
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <optional>
@@ -51,6 +52,18 @@ struct ParamReport {
   int64_t adamw_state_bytes = 0;  ///< what torch::optim::AdamW would hold (2·numel)
   int64_t allreduce_bytes = 0;    ///< bytes a data-parallel step all-reduces
   std::string note;
+};
+
+/// Subspace diagnostics of one low-rank parameter (Config::diagnostics).
+struct SubspaceStats {
+  std::string name;
+  Method method;
+  /// At the last step: ‖G restricted to the subspace the step can move the weight
+  /// in‖² / ‖G‖² (NaN: not measured, e.g. fused mode with accumulated micro-batches).
+  double energy_kept = std::numeric_limits<double>::quiet_NaN();
+  /// At the last projector refresh (galore): ‖Q_newᵀ·Q_old‖²_F / r; NaN before one.
+  double overlap = std::numeric_limits<double>::quiet_NaN();
+  int64_t overlap_step = -1;  ///< the step of that refresh (1-based), -1 before one
 };
 
 /// What the optimizer does to each parameter, with totals (like PEFT's
@@ -112,6 +125,10 @@ class LowRankOptimizer : public torch::optim::Optimizer {
   Projector& projector(const std::string& name);
   /// The names of the parameters, in model order.
   std::vector<std::string> names() const;
+  /// With Config::diagnostics: one entry per parameter whose method defines them
+  /// (lora, random, galore), in model order. Reads the values back from the device.
+  /// Empty without diagnostics.
+  std::vector<SubspaceStats> subspace_stats() const;
 
   /// Called by step(), before any inner step, with a layout that does not depend on
   /// which gradients this process has: the projected gradients (the .grad of every

@@ -80,6 +80,18 @@ class Projector {
   /// Whether fused mode projects this parameter inside backward() (false when the
   /// inner rule needs the full gradient anyway, as for `full`).
   virtual bool fusable() const { return true; }
+  /// Subspace diagnostics, called right after project(G) with `g_sq` = ‖G‖² (0-d):
+  /// the share of ‖G‖² in the subspace this step can move the weight in, as a 0-d
+  /// tensor in [0, 1], from what project() just computed. Undefined: the method
+  /// defines none.
+  virtual torch::Tensor energy_kept(const torch::Tensor& g_sq) const {
+    (void)g_sq;
+    return {};
+  }
+  /// For a method that recomputes a projector (galore): at its last refresh after
+  /// the first, ‖Q_newᵀ·Q_old‖²_F / r (1: the same subspace, 0: orthogonal), 0-d,
+  /// and the step it happened at; (undefined, -1) before any.
+  virtual std::pair<torch::Tensor, int64_t> last_overlap() const { return {torch::Tensor(), -1}; }
   /// The target settings that give the saved tensors their meaning: a checkpoint
   /// saved with other settings is refused. By default the method, scale, init,
   /// init_std, writeback, on_resample and every option of the method (not the

@@ -3,6 +3,8 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
+#include <limits>
 #include <tuple>
 
 namespace gradlora::methods {
@@ -68,6 +70,30 @@ void WeightTarget::publish(torch::Tensor& P2d) const {
 
 void WeightTarget::append(std::vector<std::pair<std::string, torch::Tensor>>& out) const {
   if (master_.defined()) out.emplace_back("master", master_);
+}
+
+torch::Tensor factor_energy_kept(const torch::Tensor& gA, const torch::Tensor& gB, const torch::Tensor& A,
+                                 const torch::Tensor& B, double s, const torch::Tensor& g_sq) {
+  torch::NoGradGuard guard;
+  // T with X·T orthonormal columns spanning X's (n×r) columns: V·S⁻¹ for the singular
+  // values above the rounding level, zero columns for the others.
+  auto whitener = [](const torch::Tensor& X) {
+    torch::Tensor U, S, Vh;
+    std::tie(U, S, Vh) = torch::linalg_svd(X, /*full_matrices=*/false);
+    const double tol = S.numel() == 0 ? 0.0
+                                      : S.max().item<double>() * static_cast<double>(std::max(X.size(0), X.size(1))) *
+                                            std::numeric_limits<double>::epsilon();
+    const torch::Tensor inv = torch::where(S > tol, S.reciprocal(), torch::zeros_like(S));
+    return Vh.t() * inv.unsqueeze(0);
+  };
+  const torch::Tensor a = A.to(torch::kDouble), b = B.to(torch::kDouble);
+  const torch::Tensor ga = gA.to(torch::kDouble) / s, gb = gB.to(torch::kDouble) / s;  // G·Bᵀ, Aᵀ·G
+  const torch::Tensor Ta = whitener(a), Tb = whitener(b.t());
+  const torch::Tensor QaG = torch::mm(Ta.t(), gb);                       // Q_Aᵀ·G
+  const torch::Tensor GQb = torch::mm(ga, Tb);                           // G·Q_B
+  const torch::Tensor QaGQb = torch::mm(torch::mm(Ta.t(), a.t()), GQb);  // Q_Aᵀ·G·Q_B
+  const torch::Tensor kept = QaG.square().sum() + GQb.square().sum() - QaGQb.square().sum();
+  return kept / g_sq.to(torch::kDouble);
 }
 
 FactorProjector::FactorProjector(ProjectorContext ctx) : Projector(std::move(ctx)) {

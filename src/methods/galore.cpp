@@ -64,6 +64,14 @@ class GaloreProjector final : public Projector {
     N_.mutable_grad() = project_with(Q, g);
   }
 
+  // Q has orthonormal columns: the step moves P in span(Q) (left) or its row space
+  // (right), and N's gradient is G's projection on it.
+  torch::Tensor energy_kept(const torch::Tensor& g_sq) const override {
+    return N_.grad().to(torch::kDouble).square().sum() / g_sq.to(torch::kDouble);
+  }
+
+  std::pair<torch::Tensor, int64_t> last_overlap() const override { return {overlap_, overlap_step_}; }
+
   void discard() override {
     pending_ = torch::Tensor();
     release_grad(N_);
@@ -72,7 +80,12 @@ class GaloreProjector final : public Projector {
   void commit(InnerRule& inner) override {
     torch::NoGradGuard guard;
     if (pending_.defined()) {
-      if (steps_ > 0) move_moments(inner, pending_);
+      if (steps_ > 0) {
+        // Diagnostics: how much of the old subspace the new projector keeps.
+        overlap_ = torch::mm(pending_.t(), Q_).square().sum().to(torch::kDouble) / static_cast<double>(r_);
+        overlap_step_ = steps_ + 1;
+        move_moments(inner, pending_);
+      }
       Q_.copy_(pending_);
       pending_ = torch::Tensor();
     }
@@ -239,6 +252,8 @@ class GaloreProjector final : public Projector {
   bool left_ = true, randomized_ = false;
   WeightTarget weight_;
   torch::Tensor Q_, N_, pending_;
+  torch::Tensor overlap_;
+  int64_t overlap_step_ = -1;
 };
 
 }  // namespace

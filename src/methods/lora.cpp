@@ -25,6 +25,10 @@ class LoraProjector final : public FactorProjector {
     set_grads(std::move(gA), std::move(gB));
   }
 
+  torch::Tensor energy_kept(const torch::Tensor& g_sq) const override {
+    return factor_energy_kept(A_.grad(), B_.grad(), A_, B_, s_, g_sq);
+  }
+
   void commit(InnerRule& inner) override {
     if (!exact_) remember_factors();
     // Symmetric init: decay pulls the factors toward their start A0, B0, so the

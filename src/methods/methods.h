@@ -78,6 +78,15 @@ class WeightTarget {
 /// Base of the methods that train two factors A (n×r) and B (r×m) with scale s
 /// (lora, random, additive): the factors, their gradients, and the factors
 /// before the inner step, from which an incremental write-back takes the change.
+/// Subspace diagnostics of P = P0 + s·A·B: the share of ‖G‖² (`g_sq`) in the tangent
+/// space {X·B + A·Y} the factors' step moves P in, ‖Π(G)‖² / ‖G‖² with
+/// ‖Π(G)‖² = ‖Q_Aᵀ·G‖² + ‖G·Q_B‖² − ‖Q_Aᵀ·G·Q_B‖² (Q_A, Q_B orthonormal bases of A's
+/// columns and B's rows), from the factor gradients gA = s·G·Bᵀ, gB = s·Aᵀ·G alone:
+/// Q_Aᵀ·G = T_Aᵀ·gB/s, G·Q_B = gA·T_B/s with Q_A = A·T_A, Q_B = Bᵀ·T_B from the thin
+/// SVDs of the small factors (a zero factor spans nothing). 0-d, double.
+torch::Tensor factor_energy_kept(const torch::Tensor& gA, const torch::Tensor& gB, const torch::Tensor& A,
+                                 const torch::Tensor& B, double s, const torch::Tensor& g_sq);
+
 class FactorProjector : public Projector {
  public:
   explicit FactorProjector(ProjectorContext ctx);

@@ -33,6 +33,11 @@ class RandomProjector final : public FactorProjector {
     set_grads(std::move(gA), std::move(gB));
   }
 
+  // Of the draws this step projects on (new ones at a resample).
+  torch::Tensor energy_kept(const torch::Tensor& g_sq) const override {
+    return factor_energy_kept(A_.grad(), B_.grad(), U_.defined() ? U_ : A_, U_.defined() ? V_ : B_, s_, g_sq);
+  }
+
   void discard() override {
     U_ = V_ = torch::Tensor();
     FactorProjector::discard();

@@ -303,6 +303,55 @@ TEST_P(TrainerResume, ResumedRunEndsWithTheWeightsOfAnUninterruptedOne) {
 
 INSTANTIATE_TEST_SUITE_P(Methods, TrainerResume, ::testing::Values("lora", "random"));
 
+TEST(TrainerDiagnostics, EnergyAndOverlapColumnsAPlotAndResumptionToTheSameRows) {
+  // diagnostics: true adds energy_kept:<parameter> per low-rank target (and overlap:<parameter>
+  // for galore's refreshes) to metrics.csv and draws subspace.svg; a resumed run writes the
+  // rows of an uninterrupted one (the running sums travel in the checkpoint).
+  const fs::path d = scratch("diagnostics");
+  const std::string common =
+      "train --config " + kTiny + " --set diagnostics=true --set training.steps=24 --set training.checkpoint_every=5 " +
+      "--set 'targets=[{match: \"blocks.*.*.*.weight\", method: galore, rank: 4, update_proj_gap: 6}, {match: " +
+      "\"head.*\", method: full}]' --set training.cache_dir=" + (d / "cache").string();
+  ASSERT_EQ(run(common + " --out " + (d / "full").string(), d / "l0").code, 0);
+  ASSERT_EQ(run(common + " --set training.halt_after=13 --out " + (d / "part").string(), d / "l1").code, 130);
+  const Result rest = run(common + " --resume --out " + (d / "part").string(), d / "l2");
+  ASSERT_EQ(rest.code, 0) << rest.err;
+  auto cells = [](const std::string& text) {
+    std::vector<std::vector<std::string>> rows;
+    std::stringstream ss(text);
+    for (std::string line; std::getline(ss, line);) {
+      std::vector<std::string> row;
+      std::stringstream ls(line);
+      for (std::string c; std::getline(ls, c, ',');) row.push_back(c);
+      if (!line.empty() && line.back() == ',') row.emplace_back();
+      row.erase(row.begin() + 6);  // elapsed_s
+      rows.push_back(row);
+    }
+    return rows;
+  };
+  const auto a = cells(slurp(d / "full" / "metrics.csv")), b = cells(slurp(d / "part" / "metrics.csv"));
+  EXPECT_EQ(a, b);
+  ASSERT_EQ(a.size(), 5u);  // header, 0, 10, 20, 24
+  const std::vector<std::string>& header = a[0];
+  const std::vector<std::string> want{"energy_kept:blocks.0.attn.qkv.weight", "energy_kept:blocks.0.attn.proj.weight",
+                                      "energy_kept:blocks.0.mlp.fc1.weight", "energy_kept:blocks.0.mlp.fc2.weight",
+                                      "overlap:blocks.0.attn.qkv.weight"};
+  for (const auto& w : want) EXPECT_NE(std::find(header.begin(), header.end(), w), header.end()) << w;
+  // Every energy is a share in (0, 1]; the step-0 row has none yet.
+  for (size_t col = 0; col < header.size(); ++col) {
+    if (header[col].rfind("energy_kept:", 0) != 0) continue;
+    EXPECT_EQ(a[1][col], "") << header[col];
+    for (size_t row = 2; row < a.size(); ++row) {
+      const double v = std::stod(a[row][col]);
+      EXPECT_GT(v, 0.0);
+      EXPECT_LE(v, 1.0 + 1e-9);
+    }
+  }
+  EXPECT_NE(slurp(d / "full" / "subspace.svg").find("energy kept"), std::string::npos);
+  EXPECT_NE(slurp(d / "full" / "subspace.svg").find("projector refresh"), std::string::npos);
+  fs::remove_all(d);
+}
+
 TEST(TrainerDataParallel, TwoRanksOnHalfBatchesEqualOneProcessOnTheFullBatch) {
   // gradlora train --nproc 2: each rank trains half of every batch and the
   // optimizer averages the projected gradients; without gradient clipping (which
