@@ -265,8 +265,8 @@ AdapterExport export_adapter(const LowRankOptimizer& opt, const std::string& fol
     auto [A0, B0] = p.initial_factors();
     // The change of the n×m matrix the method sees is s·L·R (L n×r, R r×m).
     torch::Tensor L = A, R = B;
-    if (t.init == Init::symmetric) {
-      // s·(A·B − A0·B0) = s·[A, −A0]·[B; B0]: rank 2r, exact.
+    if (t.init != Init::zero) {
+      // Symmetric and gradient init: s·(A·B − A0·B0) = s·[A, −A0]·[B; B0]: rank 2r, exact.
       L = torch::cat({A, -A0}, 1);
       R = torch::cat({B, B0}, 0);
     }

@@ -23,8 +23,8 @@ E parse_enum(const std::string& s, const std::string& key, const char* const (&n
   throw ConfigError(fmt::format("config key '{}': unknown value '{}' (expected {})", key, s, allowed));
 }
 
-const char* const kInits[] = {"zero", "symmetric"};
-const Init kInitValues[] = {Init::zero, Init::symmetric};
+const char* const kInits[] = {"zero", "symmetric", "gradient"};
+const Init kInitValues[] = {Init::zero, Init::symmetric, Init::gradient};
 const char* const kWriteBacks[] = {"auto", "incremental", "exact"};
 const WriteBack kWriteBackValues[] = {WriteBack::automatic, WriteBack::incremental, WriteBack::exact};
 const char* const kInnerTypes[] = {"sgd", "adam", "adamw", "adamw_hf"};
@@ -184,6 +184,12 @@ void Config::validate() const {
     if (t.weight_decay) {
       check(std::isfinite(*t.weight_decay) && *t.weight_decay >= 0, k + ".weight_decay",
             "expected a finite number >= 0", *t.weight_decay);
+    }
+    if (t.init == Init::gradient && t.method != Method::lora) {
+      throw ConfigError(fmt::format(
+          "config key '{}.init': init gradient (the SVD of the first gradient, LoRA-GA) is an init of method lora, "
+          "got it with method '{}' (expected zero | symmetric)",
+          k, to_string(t.method)));
     }
     if (t.fan_in_fan_out && !method_info(t.method).low_rank) {
       throw ConfigError(fmt::format(

@@ -86,7 +86,7 @@ std::set<std::string> embedding_modules(const torch::nn::Module& module);
 struct AdapterExport {
   /// Module paths exported (parameter name without ".weight").
   std::vector<std::string> modules;
-  /// Exported rank per module (r, or 2r for `symmetric` init).
+  /// Exported rank per module (r, or 2r for `symmetric` and `gradient` init).
   std::map<std::string, int64_t> ranks;
   /// Trained parameters that a LoRA adapter cannot carry (full, additive,
   /// random, …); a warning names them.

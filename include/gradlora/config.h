@@ -51,8 +51,9 @@ inline std::ostream& operator<<(std::ostream& os, const Method& m) { return os <
 
 /// The value of a method's own option (a target key only that method reads).
 using OptionValue = std::variant<bool, int64_t, double, std::string>;
-/// Initial factors of `lora`: one factor zero, or both random.
-enum class Init { zero, symmetric };
+/// Initial factors of `lora`: one factor zero, both random, or (`gradient`, lora only) from the
+/// SVD of the first step's gradient (LoRA-GA).
+enum class Init { zero, symmetric, gradient };
 /// How factor updates reach the weight: rank-r increments, or P = P0 + s·A·B.
 /// `automatic` picks `exact` for bf16/fp16 weights and `incremental` otherwise.
 enum class WriteBack { automatic, incremental, exact };

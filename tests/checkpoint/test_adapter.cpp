@@ -165,7 +165,7 @@ std::string lora_yaml(const std::string& init, const std::string& writeback) {
 }
 
 TEST(Adapter, ExportThenImportReproducesTheWeightChange) {
-  for (const char* init : {"zero", "symmetric"}) {
+  for (const char* init : {"zero", "symmetric", "gradient"}) {
     for (const char* wb : {"incremental", "exact"}) {
       SCOPED_TRACE(fmt::format("init {}, writeback {}", init, wb));
       const std::string dir = temp_dir("adapter");
@@ -175,7 +175,7 @@ TEST(Adapter, ExportThenImportReproducesTheWeightChange) {
       const AdapterExport info = export_adapter(opt, dir, AdapterOptions{"tests/mlp", "base_model.model.", {}});
       EXPECT_EQ(info.modules, (std::vector<std::string>{"fc1", "fc2"}));
       EXPECT_EQ(info.skipped, (std::vector<std::string>{"fc1.bias", "fc2.bias"}));
-      const int64_t k = std::string(init) == "symmetric" ? 2 : 1;  // symmetric: rank 2r
+      const int64_t k = std::string(init) == "zero" ? 1 : 2;  // symmetric, gradient: rank 2r
 
       // adapter_config.json
       const json cfg = json::parse(read_bytes(dir + "/adapter_config.json"));
