@@ -184,7 +184,7 @@ LowRankOptimizer::LowRankOptimizer(const torch::OrderedDict<std::string, torch::
   // Build projectors and inner rules (may throw ConfigError; nothing is registered yet).
   for (auto& e : entries) {
     const Target t = target_of(*e);
-    e->projector = make_projector(ProjectorContext{e->name, e->param, t, config_.seed});
+    e->projector = make_projector(ProjectorContext{e->name, e->param, t, config_.seed, e->target_index});
     if (!e->projector) continue;  // frozen
     const double lr = t.lr.value_or(config_.optimizer.lr);
     const double wd = t.weight_decay.value_or(config_.optimizer.effective_weight_decay());

@@ -24,6 +24,8 @@ struct ProjectorContext {
   torch::Tensor param;  ///< the model's parameter (updated in place)
   Target target;        ///< the target that selected it (or the default)
   uint64_t seed = 0;    ///< config seed
+  /// Index of the target in Config::targets (-1: the default), for error messages.
+  int64_t target_index = -1;
 };
 
 /// Maps G to inner-rule gradients and writes back (one subclass per method, each

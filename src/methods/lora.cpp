@@ -22,10 +22,12 @@ class LoraProjector final : public FactorProjector {
     lr_ratio_ = option_double(t, "lr_ratio");
     gradient_ = t.init == Init::gradient;
     if (gradient_ && 2 * t.rank > std::min(n_, m_)) {
+      const std::string key =
+          ctx_.target_index >= 0 ? fmt::format("targets[{}].rank", ctx_.target_index) : std::string("rank");
       throw ConfigError(fmt::format(
-          "config key 'rank' (target '{}', init gradient): parameter '{}' is {}x{}; init gradient takes 2 x rank "
+          "config key '{}' (target '{}', init gradient): parameter '{}' is {}x{}; init gradient takes 2 x rank "
           "singular vectors of its gradient, so rank must be <= min(n, m)/2 = {}, got {}",
-          t.match, ctx_.name, n_, m_, std::min(n_, m_) / 2, t.rank));
+          key, t.match, ctx_.name, n_, m_, std::min(n_, m_) / 2, t.rank));
     }
     torch::NoGradGuard guard;
     A_ = torch::empty({n_, t.rank}, factor_options(ctx_.param));

@@ -261,7 +261,7 @@ TEST(LoraGa, NonFiniteFirstGradientDefersTheInit) {
 TEST(LoraGa, RankAboveHalfTheSmallerSideIsAConfigError) {
   torch::Tensor W = weight(5, 14);
   expect_config_error([&] { LowRankOptimizer opt(single_weight(W), ga_config(InnerType::sgd, 0.1, 3, 3.0)); },
-                      {"config key 'rank'", "init gradient", "'w'", "5x14", "<= min(n, m)/2 = 2", "got 3"});
+                      {"config key 'targets[0].rank'", "init gradient", "'w'", "5x14", "<= min(n, m)/2 = 2", "got 3"});
   // rank 2 fits (2r = 4 <= 5); rank 3 with init zero fits too.
   EXPECT_NO_THROW({ LowRankOptimizer opt(single_weight(W), ga_config(InnerType::sgd, 0.1, 2, 2.0)); });
   Config zero = ga_config(InnerType::sgd, 0.1, 3, 3.0);
