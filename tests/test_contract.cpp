@@ -26,7 +26,7 @@ std::vector<std::string> trained_methods() {
 // options that would keep it from acting within a few steps are shortened.
 std::string yaml_for(const std::string& method, double alpha = 4.0, bool fused = false) {
   std::string extra;
-  if (method == "galore") extra = ", update_proj_gap: 2";
+  if (method == "galore" || method == "apollo") extra = ", update_proj_gap: 2";
   if (method == "random") extra = ", resample_every: 2";
   return fmt::format(
       "optimizer: {{type: adamw, lr: 0.02, weight_decay: 0.01}}\n"
@@ -191,7 +191,7 @@ TEST_P(Contract, FootprintKnownBeforeConstructionIsWhatTheProjectorHolds) {
                             ", fan_in_fan_out: true"}) {
     const std::string e = extra;
     if (e.find("resample_every") != std::string::npos && GetParam() != "random") continue;
-    if (e.find("proj_side") != std::string::npos && GetParam() != "galore") continue;
+    if (e.find("proj_side") != std::string::npos && GetParam() != "galore" && GetParam() != "apollo") continue;
     if (e.find("init") != std::string::npos && GetParam() != "lora" && GetParam() != "hadamard") continue;
     if ((e.find("writeback") != std::string::npos || e.find("fan_in") != std::string::npos) && !info.low_rank) continue;
     for (const auto dtype : {torch::kFloat, torch::kDouble, torch::kBFloat16}) {

@@ -363,6 +363,7 @@ TEST(AdamwHf, EveryMethodResumesBitForBitAndRecordsTheRule) {
       {Method::additive, Init::zero, {}},
       {Method::galore, Init::zero, {{"update_proj_gap", int64_t{2}}}},
       {Method::hadamard, Init::symmetric, {}},
+      {Method("apollo"), Init::zero, {{"update_proj_gap", int64_t{2}}}},
       {Method::full, Init::zero, {}},
   };
   for (const auto& k : cases) {

@@ -20,6 +20,7 @@ MethodInfo random();
 MethodInfo additive();
 MethodInfo galore();
 MethodInfo hadamard();
+MethodInfo apollo();
 }  // namespace methods
 
 namespace {
@@ -37,7 +38,7 @@ MethodInfo frozen_method() {
 const std::vector<MethodInfo>& registered_methods() {
   static const std::vector<MethodInfo> all = {
       methods::lora(),     methods::random(), methods::additive(), methods::galore(),
-      methods::hadamard(), methods::full(),   frozen_method(),
+      methods::hadamard(), methods::apollo(), methods::full(),     frozen_method(),
   };
   return all;
 }

@@ -43,7 +43,7 @@ Config ffio_config(const FfioCase& c, bool fan_in_fan_out) {
   t.writeback = c.writeback;
   t.fan_in_fan_out = fan_in_fan_out;
   if (c.method == Method::random) t.options["resample_every"] = int64_t{2};
-  if (c.method == Method::galore) t.options["update_proj_gap"] = int64_t{3};
+  if (c.method == Method::galore || c.method.name() == "apollo") t.options["update_proj_gap"] = int64_t{3};
   return cfg;
 }
 
@@ -94,6 +94,8 @@ const FfioCase kCases[] = {
     {"galore", Method::galore, Init::zero, WriteBack::exact, torch::kFloat},  // master copy
     {"hadamard", Method::hadamard, Init::symmetric, WriteBack::incremental, torch::kDouble},
     {"hadamard", Method::hadamard, Init::symmetric, WriteBack::exact, torch::kFloat},  // master copy
+    {"apollo", Method("apollo"), Init::zero, WriteBack::incremental, torch::kDouble},
+    {"apollo", Method("apollo"), Init::zero, WriteBack::exact, torch::kFloat},  // master copy
 };
 
 INSTANTIATE_TEST_SUITE_P(Methods, FanInFanOut,
