@@ -124,6 +124,29 @@ TEST(Diagnostics, GaloreEnergyIsTheTopSingularShareAndTheOverlapMeasuresTheRefre
   EXPECT_LT(st.overlap, 1e-6);
 }
 
+TEST(Diagnostics, ApolloOverlapComparesTheSpansOfTwoDraws) {
+  // apollo redraws its Gaussian projection every update_proj_gap steps from (seed, name,
+  // refresh): the overlap of the spans of draw 1 and draw 0, rebuilt here from the
+  // library's public seeding and orthonormalised by QR in double.
+  // 40×16: proj_side auto projects the smaller side, so the draws are 16×4.
+  torch::Tensor W = seeded_randn({40, 16}, 9, torch::kFloat);
+  LowRankOptimizer opt(single_weight(W), quiet(std::string(kHead) +
+                                               "targets: [{match: w, method: apollo, rank: 4, update_proj_gap: 2}]\n"));
+  SubspaceStats st;
+  for (int k = 0; k < 3; ++k) st = step_with(opt, W, seeded_randn({40, 16}, 90 + k, torch::kFloat));
+  EXPECT_EQ(st.overlap_step, 3);
+  const int64_t h = 16;
+  auto draw = [&](uint64_t refresh) {
+    const torch::Tensor q =
+        seeded_normal({h, 4}, 0.5, derive_seed(5, "w", refresh), torch::TensorOptions(torch::kFloat));
+    return std::get<0>(torch::linalg_qr(q.to(torch::kDouble)));
+  };
+  const double want = torch::mm(draw(1).t(), draw(0)).square().sum().item<double>() / 4.0;
+  EXPECT_NEAR(st.overlap, want, 1e-9);
+  EXPECT_GT(st.overlap, 0.0);
+  EXPECT_LT(st.overlap, 0.9);  // independent draws: about r/h, far from the same subspace
+}
+
 TEST(Diagnostics, FusedEqualsUnfusedForOneBackwardAndIsUnknownForAccumulatedMicroBatches) {
   auto run = [](bool fused, int micro) {
     torch::Tensor W = seeded_randn({kN, kM}, 6, torch::kFloat).requires_grad_(true);

@@ -61,7 +61,7 @@ struct SubspaceStats {
   /// At the last step: ‖G restricted to the subspace the step can move the weight
   /// in‖² / ‖G‖² (NaN: not measured, e.g. fused mode with accumulated micro-batches).
   double energy_kept = std::numeric_limits<double>::quiet_NaN();
-  /// At the last projector refresh (galore): ‖Q_newᵀ·Q_old‖²_F / r; NaN before one.
+  /// At the last projector refresh (galore, apollo): ‖Q_newᵀ·Q_old‖²_F / r; NaN before one.
   double overlap = std::numeric_limits<double>::quiet_NaN();
   int64_t overlap_step = -1;  ///< the step of that refresh (1-based), -1 before one
 };
@@ -125,9 +125,9 @@ class LowRankOptimizer : public torch::optim::Optimizer {
   Projector& projector(const std::string& name);
   /// The names of the parameters, in model order.
   std::vector<std::string> names() const;
-  /// With Config::diagnostics: one entry per parameter whose method defines them
-  /// (lora, random, galore), in model order. Reads the values back from the device.
-  /// Empty without diagnostics.
+  /// With Config::diagnostics: one entry per low-rank parameter, in model order
+  /// (NaN where its method defines no value). Reads the values back from the
+  /// device. Empty without diagnostics.
   std::vector<SubspaceStats> subspace_stats() const;
 
   /// Called by step(), before any inner step, with a layout that does not depend on

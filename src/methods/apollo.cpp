@@ -6,6 +6,8 @@
 #include <fmt/format.h>
 #include <torch/torch.h>
 
+#include <tuple>
+
 #include <algorithm>
 #include <cmath>
 
@@ -67,6 +69,8 @@ class ApolloProjector final : public Projector {
     N_.mutable_grad() = std::move(R);
   }
 
+  std::pair<torch::Tensor, int64_t> last_overlap() const override { return {overlap_, overlap_step_}; }
+
   void discard() override {
     forget_step();
     release_grad(N_);
@@ -76,7 +80,13 @@ class ApolloProjector final : public Projector {
     torch::NoGradGuard guard;
     // Each refresh draws a projection independent of the last: `keep` (the paper's) leaves the
     // moments, `reset` forgets them; `transfer` is refused at construction.
-    if (steps_ > 0 && steps_ % gap_ == 0) methods::move_moments(on_resample_of(ctx_.target), inner, [] {});
+    if (steps_ > 0 && steps_ % gap_ == 0) {
+      methods::move_moments(on_resample_of(ctx_.target), inner, [] {});
+      // Diagnostics: the overlap of the new projection's span with the previous one's.
+      auto orth = [](const torch::Tensor& X) { return std::get<0>(torch::linalg_qr(X.to(torch::kDouble))); };
+      overlap_ = torch::mm(orth(Q_).t(), orth(projection(steps_ / gap_ - 1))).square().sum() / static_cast<double>(r_);
+      overlap_step_ = steps_ + 1;
+    }
     // max_grad_norm scales R (not G) between project() and here: κ is that factor, 1 without
     // clipping, so that the update's G and the R the scale is measured on stay one gradient.
     const torch::Tensor& R = N_.grad();
@@ -196,6 +206,8 @@ class ApolloProjector final : public Projector {
   torch::Tensor N_, last_norm_;
   // One step's temporaries, from project() to write_back() or discard().
   torch::Tensor G_, Q_, r_norm_, kappa_, r_channel_;
+  torch::Tensor overlap_;
+  int64_t overlap_step_ = -1;
 };
 
 }  // namespace
