@@ -29,9 +29,9 @@ GRID = {
     "additive": ("method: additive, rank: 8, alpha: 16", [1e-3, 2e-3, 5e-3, 1e-2]),
     "galore": ("method: galore, rank: 8, update_proj_gap: 50, scale: 0.25", [1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2]),
     "hadamard": ("method: hadamard, rank: 4, alpha: 8", [1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1]),
-    "lora_ga": ("method: lora, rank: 8, alpha: 16, init: gradient", [5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2]),
+    "lora_ga": ("method: lora, rank: 8, alpha: 16, init: gradient", [5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2]),
     "lora_plus": ("method: lora, rank: 8, alpha: 16, lr_ratio: 16", [2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2]),
-    "apollo": ("method: apollo, rank: 8, update_proj_gap: 50", [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]),
+    "apollo": ("method: apollo, rank: 8, update_proj_gap: 50", [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]),
 }
 GALORE_SCALE = 0.25
 
