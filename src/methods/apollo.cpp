@@ -15,11 +15,6 @@ namespace gradlora::methods {
 
 namespace {
 
-bool projects_left(const Target& t, int64_t n, int64_t m) {
-  const std::string& side = option_text(t, "proj_side");
-  return side == "left" || (side == "auto" && n < m);
-}
-
 /// APOLLO (Zhu et al. 2024, arXiv 2412.05270, Algorithm 1). G (n×m) is projected by a Gaussian
 /// Q with N(0, 1/r) entries, drawn from (seed, name, refresh index) every `update_proj_gap`
 /// steps and never stored: left (Q n×r, R = Qᵀ·G, r×m, one channel per column of G) or right
@@ -69,7 +64,16 @@ class ApolloProjector final : public Projector {
     N_.mutable_grad() = std::move(R);
   }
 
-  std::pair<torch::Tensor, int64_t> last_overlap() const override { return {overlap_, overlap_step_}; }
+  // The last redraw after the first and the one before it are functions of (seed, name,
+  // refresh index) and of steps(): rebuilt when asked, nothing kept, nothing done in the step.
+  std::pair<torch::Tensor, int64_t> last_overlap() const override {
+    const int64_t refresh = steps_ > 0 ? (steps_ - 1) / gap_ : 0;
+    if (refresh < 1) return {torch::Tensor(), -1};
+    auto orth = [](const torch::Tensor& X) { return std::get<0>(torch::linalg_qr(X.to(torch::kDouble))); };
+    const torch::Tensor overlap =
+        torch::mm(orth(projection(refresh)).t(), orth(projection(refresh - 1))).square().sum();
+    return {overlap / static_cast<double>(r_), refresh * gap_ + 1};
+  }
 
   void discard() override {
     forget_step();
@@ -82,10 +86,6 @@ class ApolloProjector final : public Projector {
     // moments, `reset` forgets them; `transfer` is refused at construction.
     if (steps_ > 0 && steps_ % gap_ == 0) {
       methods::move_moments(on_resample_of(ctx_.target), inner, [] {});
-      // Diagnostics: the overlap of the new projection's span with the previous one's.
-      auto orth = [](const torch::Tensor& X) { return std::get<0>(torch::linalg_qr(X.to(torch::kDouble))); };
-      overlap_ = torch::mm(orth(Q_).t(), orth(projection(steps_ / gap_ - 1))).square().sum() / static_cast<double>(r_);
-      overlap_step_ = steps_ + 1;
     }
     // max_grad_norm scales R (not G) between project() and here: κ is that factor, 1 without
     // clipping, so that the update's G and the R the scale is measured on stay one gradient.
@@ -206,8 +206,6 @@ class ApolloProjector final : public Projector {
   torch::Tensor N_, last_norm_;
   // One step's temporaries, from project() to write_back() or discard().
   torch::Tensor G_, Q_, r_norm_, kappa_, r_channel_;
-  torch::Tensor overlap_;
-  int64_t overlap_step_ = -1;
 };
 
 }  // namespace
@@ -224,11 +222,7 @@ MethodInfo apollo() {
        "channel: one scale per column (left) or row (right) of G | tensor: one scale (APOLLO-Mini)",
        {"channel", "tensor"},
        std::nullopt},
-      {"proj_side",
-       std::string("auto"),
-       "side of G the projection multiplies (auto: the smaller)",
-       {"auto", "left", "right"},
-       std::nullopt},
+      proj_side_option(),
       {"norm_growth_limit", 1.01, "γ: ‖G̃_t‖ ≤ γ·‖G̃_{t−1}‖ (0: no limiter)", {}, 0.0},
   };
   m.default_on_resample = OnResample::keep;  // the paper keeps the moments across projections

@@ -72,6 +72,19 @@ void WeightTarget::append(std::vector<std::pair<std::string, torch::Tensor>>& ou
   if (master_.defined()) out.emplace_back("master", master_);
 }
 
+OptionSpec proj_side_option() {
+  return {"proj_side",
+          std::string("auto"),
+          "side of G the projector multiplies (auto: the smaller)",
+          {"auto", "left", "right"},
+          std::nullopt};
+}
+
+bool projects_left(const Target& t, int64_t n, int64_t m) {
+  const std::string& side = option_text(t, "proj_side");
+  return side == "left" || (side == "auto" && n < m);
+}
+
 torch::Tensor factor_energy_kept(const torch::Tensor& gA, const torch::Tensor& gB, const torch::Tensor& A,
                                  const torch::Tensor& B, double s, const torch::Tensor& g_sq) {
   torch::NoGradGuard guard;
@@ -80,9 +93,9 @@ torch::Tensor factor_energy_kept(const torch::Tensor& gA, const torch::Tensor& g
   auto whitener = [](const torch::Tensor& X) {
     torch::Tensor U, S, Vh;
     std::tie(U, S, Vh) = torch::linalg_svd(X, /*full_matrices=*/false);
-    const double tol = S.numel() == 0 ? 0.0
-                                      : S.max().item<double>() * static_cast<double>(std::max(X.size(0), X.size(1))) *
-                                            std::numeric_limits<double>::epsilon();
+    // On the device: no host synchronisation inside the step.
+    const torch::Tensor tol =
+        S.max() * (static_cast<double>(std::max(X.size(0), X.size(1))) * std::numeric_limits<double>::epsilon());
     const torch::Tensor inv = torch::where(S > tol, S.reciprocal(), torch::zeros_like(S));
     return Vh.t() * inv.unsqueeze(0);
   };

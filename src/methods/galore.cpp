@@ -31,8 +31,7 @@ class GaloreProjector final : public Projector {
     r_ = t.rank;
     gap_ = option_int(t, "update_proj_gap");
     scale_ = option_double(t, "scale");
-    const std::string& side = option_text(t, "proj_side");
-    left_ = side == "left" || (side == "auto" && n_ < m_);
+    left_ = projects_left(t, n_, m_);
     randomized_ = option_text(t, "projector") == "randomized";
     oversample_ = option_int(t, "oversample");
     power_iters_ = option_int(t, "power_iters");
@@ -265,11 +264,7 @@ MethodInfo galore() {
   m.options = {
       {"update_proj_gap", int64_t{200}, "steps between SVDs of the gradient", {}, 0.0, true},
       {"scale", 0.25, "GaLore's scale of the projected update", {}, 0.0, true},
-      {"proj_side",
-       std::string("auto"),
-       "side of G the projector multiplies (auto: the smaller)",
-       {"auto", "left", "right"},
-       std::nullopt},
+      proj_side_option(),
       {"projector",
        std::string("svd"),
        "how a refresh finds Q: svd (the exact top-r singular vectors) | randomized (a range finder on G·Ω)",
@@ -281,8 +276,7 @@ MethodInfo galore() {
   m.default_on_resample = OnResample::keep;  // GaLore's own behaviour
   m.footprint = [](const ProjectorContext& ctx) {
     const ViewSize v = view_size(ctx);
-    const std::string side = option_text(ctx.target, "proj_side");
-    const bool left = side == "left" || (side == "auto" && v.n < v.m);
+    const bool left = projects_left(ctx.target, v.n, v.m);
     const int64_t r = ctx.target.rank;
     int64_t bytes = r * (left ? v.n : v.m) * v.factor_bytes;  // Q
     if (use_exact(ctx)) bytes += v.n * v.m * v.factor_bytes;  // master copy

@@ -78,6 +78,11 @@ class WeightTarget {
 /// Base of the methods that train two factors A (n×r) and B (r×m) with scale s
 /// (lora, random, additive): the factors, their gradients, and the factors
 /// before the inner step, from which an incremental write-back takes the change.
+/// The `proj_side` option of the projecting methods (galore, apollo) and its rule:
+/// the projector multiplies G from the left (n < m, or `left`) or from the right.
+OptionSpec proj_side_option();
+bool projects_left(const Target& t, int64_t n, int64_t m);
+
 /// Subspace diagnostics of P = P0 + s·A·B: the share of ‖G‖² (`g_sq`) in the tangent
 /// space {X·B + A·Y} the factors' step moves P in, ‖Π(G)‖² / ‖G‖² with
 /// ‖Π(G)‖² = ‖Q_Aᵀ·G‖² + ‖G·Q_B‖² − ‖Q_Aᵀ·G·Q_B‖² (Q_A, Q_B orthonormal bases of A's
