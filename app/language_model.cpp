@@ -13,7 +13,10 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
+#include <tuple>
+#include <vector>
 
 namespace gradlora::app {
 
@@ -243,11 +246,25 @@ std::unique_ptr<LanguageModel> open_model(const Settings& s, uint64_t seed) {
 }
 
 std::string file_checksum(const std::string& path) {
+  // A run's settings hash is taken more than once (compare, then train_run): the
+  // file is read once per (path, size, modification time), in 1 MiB pieces.
+  static std::map<std::tuple<std::string, uintmax_t, int64_t>, std::string> done;
+  std::error_code ec;
+  const uintmax_t size = fs::file_size(path, ec);
+  const int64_t mtime = ec ? 0 : static_cast<int64_t>(fs::last_write_time(path, ec).time_since_epoch().count());
+  const auto key = std::make_tuple(path, ec ? uintmax_t{0} : size, mtime);
+  if (auto it = done.find(key); it != done.end() && !ec) return it->second;
   std::ifstream in(path, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  const std::string bytes = ss.str();
-  return fmt::format("{:016x}", detail::checksum64(bytes.data(), bytes.size()));
+  std::vector<char> buf(size_t{1} << 20);
+  uint64_t h = 0;
+  while (in) {
+    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+    const auto n = static_cast<size_t>(in.gcount());
+    if (n > 0) h = detail::checksum64(buf.data(), n, h);
+  }
+  std::string out = fmt::format("{:016x}", h);
+  if (!ec) done[key] = out;
+  return out;
 }
 
 }  // namespace gradlora::app
