@@ -164,7 +164,7 @@ std::optional<TokenLocation> TokenStream::find_at_least(int64_t vocab) const {
 
 // ----------------------------------------------------------------- Corpus
 
-int64_t Corpus::total_tokens() const { return train.numel() + heldout.numel(); }
+int64_t Corpus::total_tokens() const { return train.numel() + validation.numel() + heldout.numel(); }
 
 Corpus load_corpus(const CorpusSettings& c, const std::string& base_dir, int64_t context) {
   Corpus corpus;
@@ -174,9 +174,11 @@ Corpus load_corpus(const CorpusSettings& c, const std::string& base_dir, int64_t
     std::shared_ptr<const TokenStream::File> f = map_file(p, c);
     const int64_t n = f->tokens();
     const int64_t h = c.evaluation_only ? n : static_cast<int64_t>(static_cast<double>(n) * c.holdout);
-    corpus.train.append({f, 0, n - h});
+    const int64_t v = c.evaluation_only ? 0 : static_cast<int64_t>(static_cast<double>(n) * c.validation);
+    corpus.train.append({f, 0, n - h - v});
+    corpus.validation.append({f, n - h - v, v});
     corpus.heldout.append({f, n - h, h});
-    corpus.files.push_back({f->path, n, h});
+    corpus.files.push_back({f->path, n, h, v});
   }
   const std::string unit = c.format == "bytes" ? "bytes" : c.format + " tokens";
   if (corpus.total_tokens() == 0) {
@@ -191,17 +193,19 @@ Corpus load_corpus(const CorpusSettings& c, const std::string& base_dir, int64_t
           "= {}",
           c.key, corpus.heldout.numel(), unit, window));
     }
-  } else if (corpus.train.numel() < window || corpus.heldout.numel() < window) {
+  } else if (corpus.train.numel() < window || corpus.heldout.numel() < window ||
+             (c.validation > 0.0 && corpus.validation.numel() < window)) {
     throw SettingsError(
-        fmt::format("config key '{}.files': the corpus is too small: {} training and {} held-out {} (holdout {}), each "
-                    "split needs at least one window of model.context + 1 = {}",
-                    c.key, corpus.train.numel(), corpus.heldout.numel(), unit, c.holdout, window));
+        fmt::format("config key '{}.files': the corpus is too small: {} training, {} validation and {} held-out {} "
+                    "(validation {}, holdout {}), each split needs at least one window of model.context + 1 = {}",
+                    c.key, corpus.train.numel(), corpus.validation.numel(), corpus.heldout.numel(), unit, c.validation,
+                    c.holdout, window));
   }
   return corpus;
 }
 
 void check_vocabulary(const Corpus& c, int64_t vocab, const std::string& model) {
-  for (const TokenStream* s : {&c.train, &c.heldout}) {
+  for (const TokenStream* s : {&c.train, &c.validation, &c.heldout}) {
     if (auto at = s->find_at_least(vocab)) {
       throw SettingsError(fmt::format(
           "config key '{}': token {} of '{}' (0-based, {} format) is {}, beyond the vocabulary of {} ({} ids, "

@@ -22,6 +22,7 @@ struct CorpusFile {
   std::string path;
   int64_t tokens = 0;
   int64_t heldout_tokens = 0;
+  int64_t validation_tokens = 0;
 };
 
 /// Where a token lies: the file and its index in that file (0-based, in tokens).
@@ -57,12 +58,15 @@ class TokenStream {
   int64_t size_ = 0;
 };
 
-/// A corpus split into a training stream and a held-out stream.
+/// A corpus split into a training stream, a validation stream (empty unless
+/// the corpus has `validation`) and a held-out (test) stream: per file, the
+/// training part first, then validation, then the held-out tail.
 struct Corpus {
   std::string key;  ///< config key, e.g. "data.finetune"
   std::string format;
   std::vector<CorpusFile> files;
   TokenStream train;
+  TokenStream validation;
   TokenStream heldout;
   int64_t total_tokens() const;
 };

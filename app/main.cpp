@@ -66,7 +66,8 @@ const MethodSpec& find_method(const Settings& s, const std::string& name) {
 
 /// `train`: one run of the top-level optimizer, or of the compare.methods entry
 /// `method`. `report` prints the one-line summary (rank 0 of a data-parallel run).
-int run_train(const Settings& s, const std::string& method, const std::string& out, bool resume, bool report) {
+int run_train(const Settings& s, const std::string& method, const std::string& out, bool resume, bool report,
+              const std::string& label) {
   RunOptions o;
   o.out_dir = out;
   o.resume = resume;
@@ -75,8 +76,10 @@ int run_train(const Settings& s, const std::string& method, const std::string& o
     tree = method_tree(s, find_method(s, method), s.seed);
     o.method = method;
   }
+  if (!label.empty()) o.method = label;
   const RunSummary r = train_run(parse_settings(tree, s.base_dir, s.source), tree, o);
   if (r.interrupted) return 130;
+  if (r.diverged) return fail(r.error, 1);
   if (!report) return 0;
   std::printf("%s: %lld steps, held-out loss %.4f -> %.4f", o.method.c_str(), static_cast<long long>(r.steps_done),
               r.eval_before, r.eval_after);
@@ -105,7 +108,8 @@ int main(int argc, char** argv) {
   std::string config, out, method;
   std::vector<std::string> sets;
   bool resume = false, quick = false, fresh = false, data = false;
-  int nproc = 1;
+  int nproc = 1, jobs = 1;
+  std::string label, base_dir;
 
   auto* train = app.add_subcommand("train", "train one model (pre-training once, cached; then fine-tuning)");
   auto* inspect = app.add_subcommand("inspect", "dry run: which parameter gets which method, rank and state");
@@ -132,6 +136,12 @@ int main(int argc, char** argv) {
   inspect->add_option("--method,-m", method, "show only this entry of compare.methods");
   inspect->add_flag("--data", data, "also list the corpora: files, sizes, held-out bytes");
   compare->add_flag("--fresh", fresh, "train every run again instead of reusing finished ones");
+  compare
+      ->add_option("--jobs,-j", jobs,
+                   "train this many runs at a time, each in its own process (its log in <run>/train.log)")
+      ->check(CLI::PositiveNumber);
+  train->add_option("--label", label, "name of the run in logs and summary.json (compare sets it)");
+  train->add_option("--base-dir", base_dir, "resolve relative data paths against this folder (compare sets it)");
 
   try {
     app.parse(argc, argv);
@@ -148,7 +158,8 @@ int main(int argc, char** argv) {
   }
 
   return guarded([&]() -> int {
-    const Settings s = load_settings(config, parse_sets(sets), quick);
+    Settings s = load_settings(config, parse_sets(sets), quick);
+    if (!base_dir.empty()) s = parse_settings(s.root, fs::absolute(base_dir).string(), s.source);
     if (out.empty()) out = default_out(config, quick);
     if (*inspect) {
       if (data) std::fputs(data_text(s).c_str(), stdout);
@@ -186,16 +197,16 @@ int main(int argc, char** argv) {
       return gradlora::launch_local(nproc, [&](int rank, int) {
         logger->set_pattern(fmt::format("[%H:%M:%S rank {} %^%l%$] %v", rank));
         if (rank != 0) logger->set_level(spdlog::level::warn);
-        return guarded([&] { return run_train(s, method, out, resume, rank == 0); });
+        return guarded([&] { return run_train(s, method, out, resume, rank == 0, label); });
       });
     }
-    if (*train) return run_train(s, method, out, resume, true);
+    if (*train) return run_train(s, method, out, resume, true, label);
     if (gradlora::launched_distributed()) {
       return fail(
           "compare runs in a single process (RANK and WORLD_SIZE are set); train one method data-parallel "
           "with `gradlora train --method NAME` instead",
           2);
     }
-    return run_compare(s, out, fresh);
+    return run_compare(s, out, fresh, jobs);
   });
 }

@@ -29,17 +29,21 @@ double parse_num(const std::string& s) { return s.empty() ? kNaN : std::stod(s);
 std::string metrics_csv(const std::vector<MetricRow>& rows) {
   // The diagnostics columns: every name any row has, in the order first seen.
   std::vector<std::string> extra;
+  bool val = false;
   for (const auto& r : rows) {
+    val = val || std::isfinite(r.val_loss);
     for (const auto& [name, v] : r.extra) {
       if (std::find(extra.begin(), extra.end(), name) == extra.end()) extra.push_back(name);
     }
   }
   std::string out = "step,lr,train_loss,eval_loss,base_eval_loss,tokens,elapsed_s";
+  if (val) out += ",val_loss";
   for (const auto& name : extra) out += "," + name;
   out += "\n";
   for (const auto& r : rows) {
     out += fmt::format("{},{},{},{},{},{},{:.3f}", r.step, fmt_num(r.lr), fmt_num(r.train_loss), fmt_num(r.eval_loss),
                        fmt_num(r.base_eval_loss), r.tokens, r.elapsed_s);
+    if (val) out += "," + fmt_num(r.val_loss);
     for (const auto& name : extra) {
       double v = kNaN;
       for (const auto& [n, x] : r.extra) {
@@ -56,7 +60,7 @@ std::vector<MetricRow> parse_metrics_csv(const std::string& text) {
   std::vector<MetricRow> rows;
   std::stringstream ss(text);
   std::string line;
-  std::getline(ss, line);  // header: 7 fixed columns, then the diagnostics'
+  std::getline(ss, line);  // header: 7 fixed columns, val_loss when present, then the diagnostics'
   std::vector<std::string> header;
   {
     std::stringstream hs(line);
@@ -79,7 +83,11 @@ std::vector<MetricRow> parse_metrics_csv(const std::string& text) {
     r.tokens = f[5].empty() ? 0 : std::stoll(f[5]);
     r.elapsed_s = parse_num(f[6]);
     for (size_t i = 7; i < header.size(); ++i) {
-      if (!f[i].empty()) r.extra.emplace_back(header[i], parse_num(f[i]));
+      if (header[i] == "val_loss") {
+        r.val_loss = parse_num(f[i]);
+      } else if (!f[i].empty()) {
+        r.extra.emplace_back(header[i], parse_num(f[i]));
+      }
     }
     rows.push_back(r);
   }
@@ -141,12 +149,17 @@ nlohmann::json summary_json(const RunSummary& s) {
   j["hash"] = s.hash;
   j["steps_done"] = s.steps_done;
   j["interrupted"] = s.interrupted;
+  if (s.diverged) {
+    j["diverged"] = true;
+    j["error"] = s.error;
+  }
   auto num = [](double v) { return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(nullptr); };
   j["eval_before"] = num(s.eval_before);
   j["eval_after"] = num(s.eval_after);
   j["base_before"] = num(s.base_before);
   j["base_after"] = num(s.base_after);
   j["forgetting"] = num(s.forgetting());
+  j["val_after"] = num(s.val_after);
   j["total_params"] = s.total_params;
   j["trainable"] = s.trainable;
   j["state_bytes"] = s.state_bytes;
@@ -168,6 +181,9 @@ std::optional<RunSummary> read_summary(const std::string& dir) {
     s.hash = j["hash"].get<std::string>();
     s.steps_done = j["steps_done"].get<int64_t>();
     s.interrupted = j["interrupted"].get<bool>();
+    s.diverged = j.value("diverged", false);
+    s.error = j.value("error", std::string());
+    s.val_after = num("val_after");
     s.eval_before = num("eval_before");
     s.eval_after = num("eval_after");
     s.base_before = num("base_before");

@@ -24,6 +24,9 @@ std::string subspace_svg(const std::vector<MetricRow>& rows, const std::string& 
 nlohmann::json summary_json(const RunSummary& s);
 /// summary.json of a finished run in `dir`, if there is one.
 std::optional<RunSummary> read_summary(const std::string& dir);
+/// The forgetting (base_eval_loss minus its first value) where eval_loss first
+/// reaches `level`, interpolated linearly between evaluations; NaN when it never does.
+double forgetting_at(const std::vector<MetricRow>& rows, double level);
 /// A hash of the settings that determine a run's result (with the contents of
 /// a TorchScript model's file: another file is another run).
 std::string result_hash(const YAML::Node& tree, const Settings& s);

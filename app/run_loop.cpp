@@ -137,7 +137,7 @@ LoopResult run_loop(LanguageModel& model, torch::optim::Optimizer& opt, BatchSam
   model.set_training(true);
   for (int64_t step = L.start; step < L.steps; ++step) {
     if (L.sync ? stop_agreed : g_stop.load()) break;
-    const double f = lr_factor(step, L.steps, L.warmup, L.schedule, L.min_lr_ratio);
+    const double f = L.lr_at ? L.lr_at(step) : lr_factor(step, L.steps, L.warmup, L.schedule, L.min_lr_ratio);
     for (size_t g = 0; g < base_lr.size(); ++g) opt.param_groups()[g].options().set_lr(base_lr[g] * f);
     lr = base_lr.empty() ? 0.0 : base_lr[0] * f;
     const auto t0 = Clock::now();
@@ -159,7 +159,7 @@ LoopResult run_loop(LanguageModel& model, torch::optim::Optimizer& opt, BatchSam
     }
     const double ss = seconds_since(t0);
     if (!std::isfinite(lv)) {
-      throw std::runtime_error(
+      throw DivergedError(
           fmt::format("{}: the training loss is {} at step {} (lower the learning rate?)", L.label, lv, step + 1));
     }
     loss_sum += lv;
@@ -179,6 +179,10 @@ LoopResult run_loop(LanguageModel& model, torch::optim::Optimizer& opt, BatchSam
       on_eval(done, loss_sum / static_cast<double>(loss_n), lr);
       loss_sum = 0;
       loss_n = 0;
+      if (L.finish && L.finish()) {
+        r.finished_early = true;
+        break;
+      }
     }
     if (L.halt_after > 0 && this_run >= L.halt_after && done < L.steps) {
       g_stop.store(true);
@@ -192,7 +196,7 @@ LoopResult run_loop(LanguageModel& model, torch::optim::Optimizer& opt, BatchSam
     r.step_ms = 1e3 * step_s / static_cast<double>(timed);
     r.opt_ms = 1e3 * opt_s / static_cast<double>(timed);
   }
-  if (r.steps_done < L.steps) {
+  if (r.steps_done < L.steps && !r.finished_early) {
     r.interrupted = true;
     on_checkpoint(r.steps_done, loss_sum, loss_n);
   }

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <functional>
 #include <limits>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -35,6 +36,12 @@ torch::Device training_device(const TrainingSettings& t);
 CharTransformer build_model(const Settings& s, uint64_t seed);
 /// Mean loss over `windows`, in batches of `batch`.
 double evaluate(LanguageModel& model, const torch::Tensor& windows, int64_t batch);
+
+/// The training loss became NaN or infinite.
+class DivergedError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
 
 struct LoopSpec {
   std::string label;
@@ -59,18 +66,25 @@ struct LoopSpec {
   std::function<void(double& loss, bool& stop)> sync;
   /// Called after every optimizer step (the trainer's diagnostics); may be empty.
   std::function<void()> after_step;
+  /// The lr factor at a step, instead of warm-up + `schedule`; may be empty.
+  std::function<double(int64_t)> lr_at;
+  /// Asked after every evaluation: true ends the loop there, as finished (not
+  /// interrupted). May be empty.
+  std::function<bool()> finish;
 };
 
 struct LoopResult {
   int64_t steps_done = 0;
   bool interrupted = false;
+  bool finished_early = false;  ///< LoopSpec::finish ended it
   double step_ms = 0, opt_ms = 0;
 };
 
 /// The training loop shared by pre-training and fine-tuning. `on_eval(step,
 /// train_loss, lr)` runs at step 0 (when starting fresh), every eval_every
 /// steps and at the end; `on_checkpoint(step)` every checkpoint_every steps and
-/// when stopped early, with the running train-loss sum and count.
+/// when stopped early, with the running train-loss sum and count. Throws
+/// DivergedError when the training loss is not finite.
 LoopResult run_loop(LanguageModel& model, torch::optim::Optimizer& opt, BatchSampler& sampler, const LoopSpec& L,
                     const std::function<void(int64_t, double, double)>& on_eval,
                     const std::function<void(int64_t, double, int64_t)>& on_checkpoint);

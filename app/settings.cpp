@@ -5,6 +5,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cctype>
 #include <filesystem>
 #include <fstream>
@@ -107,7 +108,7 @@ CorpusSettings parse_corpus(const YAML::Node& n, const std::string& key, bool ev
   if (evaluation_only) {
     check_keys(n, key, {"files", "format"});
   } else {
-    check_keys(n, key, {"files", "format", "holdout"});
+    check_keys(n, key, {"files", "format", "holdout", "validation"});
   }
   const YAML::Node f = n["files"];
   if (!f) fail(key + ".files", "missing (a file, a directory, or a list of them)");
@@ -127,6 +128,12 @@ CorpusSettings parse_corpus(const YAML::Node& n, const std::string& key, bool ev
   if (n["holdout"]) c.holdout = as_double(n["holdout"], key + ".holdout");
   if (!(c.holdout > 0.0 && c.holdout < 1.0)) {
     fail(key + ".holdout", fmt::format("must lie strictly between 0 and 1, got {}", c.holdout));
+  }
+  if (n["validation"]) c.validation = as_double(n["validation"], key + ".validation");
+  if (!(c.validation >= 0.0 && c.validation + c.holdout < 1.0)) {
+    fail(key + ".validation",
+         fmt::format("must be >= 0 and leave training data (validation + holdout < 1), got {} with holdout {}",
+                     c.validation, c.holdout));
   }
   return c;
 }
@@ -186,13 +193,28 @@ TrainingSettings parse_training(const YAML::Node& n) {
   if (n["cache_dir"]) t.cache_dir = as_string(n["cache_dir"], p + ".cache_dir");
   if (const YAML::Node q = n["pretrain"]) {
     const std::string pp = p + ".pretrain";
-    check_keys(q, pp, {"steps", "lr", "weight_decay", "warmup", "seed"});
+    check_keys(q, pp, {"steps", "lr", "weight_decay", "warmup", "seed", "plateau"});
     t.pretrain.steps = positive(q["steps"], pp + ".steps", t.pretrain.steps);
     if (q["lr"]) t.pretrain.lr = as_double(q["lr"], pp + ".lr");
     if (!(t.pretrain.lr > 0.0)) fail(pp + ".lr", fmt::format("must be > 0, got {}", t.pretrain.lr));
     if (q["weight_decay"]) t.pretrain.weight_decay = as_double(q["weight_decay"], pp + ".weight_decay");
     t.pretrain.warmup = positive(q["warmup"], pp + ".warmup", t.pretrain.warmup, 0);
     if (q["seed"]) t.pretrain.seed = as_uint(q["seed"], pp + ".seed");
+    if (const YAML::Node pl = q["plateau"]; pl && !pl.IsNull()) {
+      const std::string k = pp + ".plateau";
+      if (!pl.IsMap()) type_error(k, "a mapping (eval_every, window, min_delta, cooldown)", pl);
+      check_keys(pl, k, {"eval_every", "window", "min_delta", "cooldown"});
+      auto& P = t.pretrain.plateau;
+      t.pretrain.has_plateau = true;
+      P.eval_every = positive(pl["eval_every"], k + ".eval_every", P.eval_every);
+      P.window = positive(pl["window"], k + ".window", P.window);
+      P.cooldown = positive(pl["cooldown"], k + ".cooldown", P.cooldown, 0);
+      if (pl["min_delta"]) P.min_delta = as_double(pl["min_delta"], k + ".min_delta");
+      if (!(P.min_delta >= 0.0)) fail(k + ".min_delta", fmt::format("must be >= 0, got {}", P.min_delta));
+      if (P.window % P.eval_every != 0) {
+        fail(k + ".window", fmt::format("must be a multiple of eval_every ({}), got {}", P.eval_every, P.window));
+      }
+    }
   }
   return t;
 }
@@ -206,15 +228,28 @@ bool safe_name(const std::string& s) {
 }
 
 const std::set<std::string> kMethodKeys = {"name",    "set",          "optimizer",          "targets",
-                                           "default", "on_nonfinite", "fuse_into_backward", "allow_unmatched_targets"};
+                                           "default", "on_nonfinite", "fuse_into_backward", "allow_unmatched_targets",
+                                           "lrs"};
+
+std::vector<uint64_t> seed_list(const YAML::Node& s, const std::string& key) {
+  if (!s.IsSequence() || s.size() == 0) type_error(key, "a non-empty list of seeds", s);
+  std::vector<uint64_t> out;
+  for (size_t i = 0; i < s.size(); ++i) out.push_back(as_uint(s[i], fmt::format("{}[{}]", key, i)));
+  return out;
+}
 
 CompareSettings parse_compare(const YAML::Node& n) {
   CompareSettings c;
-  check_keys(n, "compare", {"seeds", "methods", "quick"});
-  if (const YAML::Node s = n["seeds"]) {
-    if (!s.IsSequence() || s.size() == 0) type_error("compare.seeds", "a non-empty list of seeds", s);
-    c.seeds.clear();
-    for (size_t i = 0; i < s.size(); ++i) c.seeds.push_back(as_uint(s[i], fmt::format("compare.seeds[{}]", i)));
+  check_keys(n, "compare", {"seeds", "sweep_seeds", "levels", "methods", "quick"});
+  if (const YAML::Node s = n["seeds"]) c.seeds = seed_list(s, "compare.seeds");
+  if (const YAML::Node s = n["sweep_seeds"]) c.sweep_seeds = seed_list(s, "compare.sweep_seeds");
+  if (const YAML::Node l = n["levels"]) {
+    if (!l.IsSequence()) type_error("compare.levels", "a list of held-out losses", l);
+    for (size_t i = 0; i < l.size(); ++i) {
+      const std::string k = fmt::format("compare.levels[{}]", i);
+      c.levels.push_back(as_double(l[i], k));
+      if (!(c.levels.back() > 0.0)) fail(k, fmt::format("must be a loss > 0, got {}", c.levels.back()));
+    }
   }
   const YAML::Node ms = n["methods"];
   if (!ms) fail("compare.methods", "missing (a list of methods to compare)");
@@ -224,13 +259,25 @@ CompareSettings parse_compare(const YAML::Node& n) {
     const std::string p = fmt::format("compare.methods[{}]", i);
     check_keys(ms[i], p, kMethodKeys);
     if (!ms[i]["name"]) fail(p + ".name", "missing");
-    MethodSpec m{as_string(ms[i]["name"], p + ".name"), ms[i]};
+    MethodSpec m{as_string(ms[i]["name"], p + ".name"), ms[i], {}};
     if (!safe_name(m.name)) {
       fail(p + ".name", fmt::format("'{}' is not a usable folder name (letters, digits, _ - .)", m.name));
     }
     if (!names.insert(m.name).second) fail(p + ".name", fmt::format("method '{}' is listed twice", m.name));
     const YAML::Node set = ms[i]["set"];
     if (set && !set.IsMap()) type_error(p + ".set", "a mapping of key: value", set);
+    if (const YAML::Node l = ms[i]["lrs"]) {
+      if (!l.IsSequence() || l.size() == 0) type_error(p + ".lrs", "a non-empty list of learning rates", l);
+      for (size_t j = 0; j < l.size(); ++j) {
+        const std::string k = fmt::format("{}.lrs[{}]", p, j);
+        const double lr = as_double(l[j], k);
+        if (!(lr > 0.0)) fail(k, fmt::format("must be > 0, got {}", lr));
+        if (std::find(m.lrs.begin(), m.lrs.end(), lr) != m.lrs.end()) {
+          fail(k, fmt::format("{} is listed twice", lr));
+        }
+        m.lrs.push_back(lr);
+      }
+    }
     c.methods.push_back(std::move(m));
   }
   if (const YAML::Node q = n["quick"]) {
@@ -339,9 +386,22 @@ Settings parse_settings(const YAML::Node& root, const std::string& base_dir, con
          "give held-out data of what it knew as data.reference to measure forgetting");
   }
   s.training = parse_training(root["training"]);
+  if (s.training.pretrain.has_plateau && s.data.has_pretrain && !(s.data.pretrain.validation > 0.0)) {
+    fail("training.pretrain.plateau",
+         "detecting the plateau needs a validation split of the pre-training corpus: set data.pretrain.validation "
+         "(e.g. 0.1)");
+  }
   if (root["compare"]) {
     s.has_compare = true;
     s.compare = parse_compare(root["compare"]);
+    for (size_t i = 0; i < s.compare.methods.size(); ++i) {
+      if (!s.compare.methods[i].lrs.empty() && !(s.data.finetune.validation > 0.0)) {
+        fail(fmt::format("compare.methods[{}].lrs", i),
+             fmt::format("choosing the learning rate of '{}' needs a validation split of the fine-tuning corpus: set "
+                         "data.finetune.validation (e.g. 0.1)",
+                         s.compare.methods[i].name));
+      }
+    }
   }
   return s;
 }
@@ -386,7 +446,7 @@ YAML::Node method_tree(const Settings& s, const MethodSpec& m, uint64_t seed) {
   root.remove("compare");
   for (const auto& kv : m.node) {
     const std::string k = kv.first.Scalar();
-    if (k == "name" || k == "set") continue;
+    if (k == "name" || k == "set" || k == "lrs") continue;
     if (k == "optimizer" && kv.second.IsMap() && root["optimizer"] && root["optimizer"].IsMap()) {
       for (const auto& o : kv.second) root["optimizer"][o.first.Scalar()] = YAML::Clone(o.second);
     } else {

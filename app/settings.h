@@ -36,6 +36,10 @@ struct CorpusSettings {
   /// bytes (every byte a token) | u16 | u32 (flat little-endian token ids).
   std::string format = "bytes";
   double holdout = 0.1;
+  /// Fraction of each file just before its held-out tail kept apart for
+  /// validation (choosing learning rates, detecting the pre-training plateau);
+  /// 0: none. Training data is what lies before both.
+  double validation = 0.0;
   /// data.reference: the whole corpus is evaluation data.
   bool evaluation_only = false;
   /// Config key of this corpus, e.g. "data.finetune" (for error messages).
@@ -62,6 +66,16 @@ struct PretrainSettings {
   double weight_decay = 0.01;
   int64_t warmup = 50;
   uint64_t seed = 0;  ///< model init and data order of pre-training
+  /// `plateau:` — train until the validation loss stops improving, then cool down.
+  /// Without it the schedule is warm-up + cosine over `steps`.
+  struct Plateau {
+    int64_t eval_every = 100;  ///< validation loss every this many steps
+    int64_t window = 400;      ///< steps over which the best validation loss must improve ...
+    double min_delta = 0.01;   ///< ... by at least this much (nats), or the plateau is reached
+    int64_t cooldown = 200;    ///< then the lr falls linearly to 0 over this many steps
+  };
+  bool has_plateau = false;
+  Plateau plateau;  ///< with it, `steps` is the budget of the constant-lr phase
 };
 
 /// `training:` — the loop.
@@ -92,12 +106,20 @@ struct TrainingSettings {
 struct MethodSpec {
   std::string name;
   YAML::Node node;  ///< the entry itself
+  /// `lrs:` — learning rates to sweep (optimizer.lr); compare trains each on the
+  /// sweep seeds, keeps the one with the lowest final validation loss on the
+  /// fine-tuning corpus and reports that one on every seed. Empty: optimizer.lr as given.
+  std::vector<double> lrs;
 };
 
 /// `compare:` — one run per method and seed.
 struct CompareSettings {
   std::vector<uint64_t> seeds{0, 1, 2};
   std::vector<MethodSpec> methods;
+  /// Seeds of the learning-rate sweep (methods with `lrs`).
+  std::vector<uint64_t> sweep_seeds{0};
+  /// Held-out fine-tuning losses at which forgetting is compared (the frontier table).
+  std::vector<double> levels;
   /// `--set`-style overrides applied when --quick is given.
   std::vector<std::pair<std::string, std::string>> quick;
 };

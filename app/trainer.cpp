@@ -69,9 +69,14 @@ std::string data_text(const Settings& s) {
   auto one = [&](const CorpusSettings& c) {
     Corpus corpus = load_corpus(c, s.base_dir, s.model.context);
     const std::string unit = c.format == "bytes" ? "bytes" : c.format + " tokens";
-    out += fmt::format("{}: {} files, {} {} ({} training, {} held out)\n", c.key, corpus.files.size(),
-                       corpus.total_tokens(), unit, corpus.train.numel(), corpus.heldout.numel());
-    for (const auto& f : corpus.files) out += fmt::format("  {:>8}  {:>7}  {}\n", f.tokens, f.heldout_tokens, f.path);
+    const bool val = corpus.validation.numel() > 0;
+    out += fmt::format("{}: {} files, {} {} ({} training, {}{} held out)\n", c.key, corpus.files.size(),
+                       corpus.total_tokens(), unit, corpus.train.numel(),
+                       val ? fmt::format("{} validation, ", corpus.validation.numel()) : "", corpus.heldout.numel());
+    for (const auto& f : corpus.files) {
+      out += val ? fmt::format("  {:>8}  {:>7}  {:>7}  {}\n", f.tokens, f.validation_tokens, f.heldout_tokens, f.path)
+                 : fmt::format("  {:>8}  {:>7}  {}\n", f.tokens, f.heldout_tokens, f.path);
+    }
   };
   if (s.data.has_pretrain) one(s.data.pretrain);
   one(s.data.finetune);
@@ -151,6 +156,9 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
   BatchSampler sampler(fine, window, t.batch, seed);
   if (pre) BatchSampler check(*pre, window, t.batch, t.pretrain.seed);  // batch vs data, before pre-training
   const torch::Tensor held = eval_windows(fine.heldout, window, t.eval_windows);
+  // The validation split (choosing learning rates) is evaluated next to the held-out one.
+  torch::Tensor val_held;
+  if (fine.validation.numel() > 0) val_held = eval_windows(fine.validation, window, t.eval_windows);
   // Forgetting: the loss on what the model knew before, data.reference or the
   // held-out part of data.pretrain.
   torch::Tensor base_held;
@@ -303,6 +311,7 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
     r.train_loss = train_loss;
     r.eval_loss = evaluate(model, held, t.batch);
     if (has_base) r.base_eval_loss = evaluate(model, base_held, t.batch);
+    if (val_held.defined()) r.val_loss = evaluate(model, val_held, t.batch);
     r.tokens = step * t.batch * s.model.context;
     r.elapsed_s = elapsed0 + seconds_since(t0);
     for (Diag& x : diag) {
@@ -312,8 +321,9 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
       x.n = 0;
     }
     sum.rows.push_back(r);
-    spdlog::info("{} seed {} step {}: train {} held-out {:.4f}{}", o.method, seed, step, fmt_num(train_loss),
-                 r.eval_loss, has_base ? fmt::format(" {} held-out {:.4f}", base_corpus, r.base_eval_loss) : "");
+    spdlog::info("{} seed {} step {}: train {} held-out {:.4f}{}{}", o.method, seed, step, fmt_num(train_loss),
+                 r.eval_loss, std::isfinite(r.val_loss) ? fmt::format(" validation {:.4f}", r.val_loss) : "",
+                 has_base ? fmt::format(" {} held-out {:.4f}", base_corpus, r.base_eval_loss) : "");
     write_file_atomic((fs::path(o.out_dir) / "metrics.csv").string(), metrics_csv(sum.rows));
     if (!diag.empty()) {
       write_file_atomic((fs::path(o.out_dir) / "subspace.svg").string(), subspace_svg(sum.rows, title));
@@ -365,7 +375,26 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
       }
     };
   }
-  LoopResult r = run_loop(model, opt, sampler, L, on_eval, on_checkpoint);
+  LoopResult r;
+  try {
+    r = run_loop(model, opt, sampler, L, on_eval, on_checkpoint);
+  } catch (const DivergedError& e) {
+    // Kept as a result (a learning-rate sweep reaches such rates): its summary
+    // says so and the run is not retried with the same settings.
+    sum.diverged = true;
+    sum.error = e.what();
+    if (!sum.rows.empty()) {
+      sum.eval_before = sum.rows.front().eval_loss;
+      sum.base_before = sum.rows.front().base_eval_loss;
+      sum.steps_done = sum.rows.back().step;
+    }
+    if (!d.main()) return sum;
+    spdlog::warn("{}", e.what());
+    write_file_atomic((fs::path(o.out_dir) / "summary.json").string(), summary_json(sum).dump(2) + "\n");
+    std::error_code ec;
+    fs::remove(ckpt_path, ec);
+    return sum;
+  }
 
   sum.steps_done = r.steps_done;
   sum.interrupted = r.interrupted;
@@ -376,6 +405,7 @@ RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions
     sum.base_before = sum.rows.front().base_eval_loss;
     sum.eval_after = sum.rows.back().eval_loss;
     sum.base_after = sum.rows.back().base_eval_loss;
+    sum.val_after = sum.rows.back().val_loss;
   }
   if (!d.main()) return sum;  // rank 0 writes the results
   if (r.interrupted) {

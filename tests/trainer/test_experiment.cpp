@@ -1,0 +1,293 @@
+// The experiment's machinery: three splits per corpus, pre-training to a
+// plateau, learning rates chosen on the validation split, runs in parallel
+// processes, forgetting at matched learning.
+#include "data.h"
+#include "pretrain_cache.h"
+#include "run_files.h"
+#include "settings.h"
+#include "trainer.h"
+#include "trainer_test_util.h"
+
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace fs = std::filesystem;
+using namespace gradlora::app;
+using namespace gradlora::app::cli_test;
+
+namespace {
+
+const std::string kSweep = std::string(GRADLORA_SOURCE_DIR) + "/tests/trainer/configs/sweep_tiny.yaml";
+const std::string kTiny = std::string(GRADLORA_SOURCE_DIR) + "/configs/tiny.yaml";
+
+std::vector<std::map<std::string, std::string>> read_csv(const fs::path& p) {
+  std::ifstream in(p);
+  std::string line;
+  std::vector<std::string> head;
+  std::getline(in, line);
+  {
+    std::stringstream ss(line);
+    for (std::string c; std::getline(ss, c, ',');) head.push_back(c);
+  }
+  std::vector<std::map<std::string, std::string>> rows;
+  while (std::getline(in, line)) {
+    if (line.empty()) continue;
+    std::stringstream ss(line);
+    std::map<std::string, std::string> row;
+    size_t i = 0;
+    for (std::string c; std::getline(ss, c, ',');) row[head.at(i++)] = c;
+    rows.push_back(row);
+  }
+  return rows;
+}
+
+nlohmann::json summary(const fs::path& dir) {
+  std::ifstream in(dir / "summary.json");
+  return nlohmann::json::parse(in);
+}
+
+MetricRow row(double b, double a) {
+  MetricRow r;
+  r.eval_loss = b;
+  r.base_eval_loss = a;
+  return r;
+}
+
+}  // namespace
+
+// ------------------------------------------------------------- splits
+
+TEST(ExperimentSplits, EachFileIsTrainingThenValidationThenHeldOut) {
+  const fs::path d = scratch("splits");
+  std::string text;
+  for (int i = 0; i < 1000; ++i) text += static_cast<char>('a' + i % 26);
+  std::ofstream(d / "f.txt") << text;
+  CorpusSettings c;
+  c.key = "data.finetune";
+  c.files = {(d / "f.txt").string()};
+  c.validation = 0.15;
+  c.holdout = 0.1;
+  const Corpus corpus = load_corpus(c, d.string(), 8);
+  // 1000 bytes: 100 held out (the tail), 150 validation before them, 750 training.
+  EXPECT_EQ(corpus.train.numel(), 750);
+  EXPECT_EQ(corpus.validation.numel(), 150);
+  EXPECT_EQ(corpus.heldout.numel(), 100);
+  EXPECT_EQ(corpus.files.at(0).validation_tokens, 150);
+  auto bytes = [](const TokenStream& s, int64_t a, int64_t b) {
+    std::string out;
+    const torch::Tensor t = s.slice(a, b);
+    for (int64_t i = 0; i < t.numel(); ++i) out += static_cast<char>(t[i].item<int64_t>());
+    return out;
+  };
+  EXPECT_EQ(bytes(corpus.train, 0, 750), text.substr(0, 750));
+  EXPECT_EQ(bytes(corpus.validation, 0, 150), text.substr(750, 150));
+  EXPECT_EQ(bytes(corpus.heldout, 0, 100), text.substr(900, 100));
+  fs::remove_all(d);
+}
+
+TEST(ExperimentSplits, InspectListsTheValidationSplit) {
+  const fs::path d = scratch("splits_inspect");
+  const Result r = run("inspect --data --config " + kSweep, d);
+  ASSERT_EQ(r.code, 0) << r.err;
+  // stdio.h: 31526 bytes here would be 3152 + 3152; the numbers come from the file itself.
+  const auto n = static_cast<int64_t>(fs::file_size("/usr/include/stdio.h"));
+  const int64_t tenth = n / 10;
+  EXPECT_NE(r.out.find(fmt::format("{} training, {} validation, {} held out", n - 2 * tenth, tenth, tenth)),
+            std::string::npos)
+      << r.out;
+  fs::remove_all(d);
+}
+
+TEST(ExperimentSplits, BadSplitsAreCleanErrors) {
+  const fs::path d = scratch("splits_bad");
+  expect_clean_error(run("inspect --config " + kSweep + " --set data.finetune.validation=0.95", d),
+                     {"data.finetune.validation", "0.95", "holdout 0.1"});
+  expect_clean_error(run("inspect --config " + kSweep + " --set data.finetune.validation=-0.1", d),
+                     {"data.finetune.validation", "-0.1"});
+  // Choosing a learning rate needs the validation split of B ...
+  expect_clean_error(run("inspect --config " + kSweep + " --set data.finetune.validation=0", d),
+                     {"compare.methods[0].lrs", "lora", "data.finetune.validation"});
+  // ... and the plateau that of A.
+  expect_clean_error(run("inspect --config " + kSweep + " --set data.pretrain.validation=0", d),
+                     {"training.pretrain.plateau", "data.pretrain.validation"});
+  expect_clean_error(run("inspect --config " + kSweep + " --set compare.methods[0].lrs=[0.01,-1]", d),
+                     {"compare.methods[0].lrs[1]", "-1"});
+  expect_clean_error(run("inspect --config " + kSweep + " --set compare.methods[0].lrs=[0.01,0.01]", d),
+                     {"compare.methods[0].lrs[1]", "twice"});
+  expect_clean_error(run("inspect --config " + kSweep + " --set training.pretrain.plateau.window=25", d),
+                     {"training.pretrain.plateau.window", "25", "eval_every (10)"});
+  fs::remove_all(d);
+}
+
+// ------------------------------------------------------------ plateau
+
+TEST(ExperimentPlateau, TheTestComparesTheBestLossWithTheBestOneWindowEarlier) {
+  using H = std::vector<std::pair<int64_t, double>>;
+  // Nothing is a window old yet.
+  EXPECT_EQ(plateau_step(H{{0, 5.0}, {100, 3.0}}, 200, 0.01), -1);
+  // Best up to step 100: 3.0; best now: 2.995; improved by 0.005 < 0.01.
+  EXPECT_EQ(plateau_step(H{{0, 5.0}, {100, 3.0}, {200, 2.995}}, 100, 0.01), 200);
+  // Improved by 0.02: not yet.
+  EXPECT_EQ(plateau_step(H{{0, 5.0}, {100, 3.0}, {200, 2.98}}, 100, 0.01), -1);
+  // Rising again (over-fitting) is a plateau: the best stays 3.0 at both ends.
+  EXPECT_EQ(plateau_step(H{{0, 5.0}, {100, 3.0}, {200, 3.1}, {300, 3.2}}, 200, 0.01), 300);
+  // A best reached inside the window counts: 3.0 at 100, 2.5 at 200, window 200 from 300.
+  EXPECT_EQ(plateau_step(H{{0, 5.0}, {100, 3.0}, {200, 2.5}, {300, 2.6}}, 200, 0.01), -1);
+}
+
+TEST(ExperimentPlateau, PretrainingStopsAtThePlateauAndCoolsDownLinearly) {
+  const fs::path d = scratch("plateau");
+  // min_delta 100: the first evaluation a window (20 steps) after step 0 is the plateau.
+  const Result r = run("train --config " + kSweep + " --method head --set training.steps=1 --out " +
+                           (d / "o").string() + " --set training.cache_dir=" + (d / "cache").string(),
+                       d);
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("plateau at step 20"), std::string::npos) << r.err;
+  fs::path curve;
+  for (const auto& e : fs::directory_iterator(d / "cache")) {
+    if (e.path().extension() == ".csv") curve = e.path();
+  }
+  ASSERT_FALSE(curve.empty());
+  const auto rows = read_csv(curve);
+  ASSERT_EQ(rows.size(), 4u);  // steps 0, 10, 20, then the end of the 10-step cool-down
+  EXPECT_EQ(rows[2].at("step"), "20");
+  EXPECT_EQ(rows[3].at("step"), "30");
+  // lr at an evaluation is that of the step before it: constant 1e-2 up to the
+  // plateau, then 1e-2 * (30 - 29) / 10 at the last step of the cool-down.
+  EXPECT_DOUBLE_EQ(std::stod(rows[2].at("lr")), 1e-2);
+  EXPECT_NEAR(std::stod(rows[3].at("lr")), 1e-3, 1e-9);
+  for (const auto& row : rows) {
+    EXPECT_FALSE(row.at("val_loss").empty());
+    EXPECT_FALSE(row.at("test_loss").empty());
+  }
+
+  // min_delta 0 never declares a plateau: the budget, then the cool-down, and a warning.
+  const Result b = run("train --config " + kSweep +
+                           " --method head --set training.steps=1 --set training.pretrain.steps=40 "
+                           "--set training.pretrain.plateau.min_delta=0 --out " +
+                           (d / "o2").string() + " --set training.cache_dir=" + (d / "cache2").string(),
+                       d);
+  ASSERT_EQ(b.code, 0) << b.err;
+  EXPECT_NE(b.err.find("no plateau within training.pretrain.steps = 40"), std::string::npos) << b.err;
+  EXPECT_NE(b.err.find("pre-train step 50:"), std::string::npos) << b.err;  // 40 + 10
+  fs::remove_all(d);
+}
+
+// ------------------------------------------------------------ frontier
+
+TEST(ExperimentFrontier, ForgettingAtALevelIsInterpolatedAtTheFirstCrossing) {
+  // B: 4.0 -> 3.0 -> 2.0 -> 2.5 -> 1.0; A: 2.0, 2.2, 2.6, 2.7, 3.0.
+  const std::vector<MetricRow> rows{row(4.0, 2.0), row(3.0, 2.2), row(2.0, 2.6), row(2.5, 2.7), row(1.0, 3.0)};
+  EXPECT_NEAR(forgetting_at(rows, 3.5), 0.1, 1e-12);  // halfway between the first two
+  EXPECT_NEAR(forgetting_at(rows, 2.5), 0.4, 1e-12);  // first crossing (2.2 + 0.5 * 0.4), not the later one
+  EXPECT_NEAR(forgetting_at(rows, 3.0), 0.2, 1e-12);  // exactly at an evaluation
+  EXPECT_NEAR(forgetting_at(rows, 1.5), 0.9, 1e-12);  // 2.5 -> 1.0 crosses it 2/3 of the way: 2.7 + 0.2 - 2.0
+  EXPECT_TRUE(std::isnan(forgetting_at(rows, 0.5)));  // never reached
+  EXPECT_TRUE(std::isnan(forgetting_at(rows, 4.5)));  // above the start: never crossed
+}
+
+// ------------------------------------------------------- sweep, compare
+
+TEST(ExperimentCompare, TheSweepChoosesTheRateWithTheLowestValidationLossAndReportsIt) {
+  const fs::path d = scratch("sweep");
+  const std::string base = "compare --config " + kSweep;
+  const std::string cmd = base + " --out " + (d / "o").string();
+  const Result r = run(cmd + " --jobs 2", d / "l0");
+  ASSERT_EQ(r.code, 0) << r.err;
+  // The sweep's runs, read back independently of compare: the lowest final validation loss.
+  double best = INFINITY, best_lr = 0;
+  for (const char* lr : {"0.0001", "0.02"}) {
+    const nlohmann::json j = summary(d / "o" / "sweep" / "lora" / (std::string("lr") + lr) / "seed0");
+    EXPECT_EQ(j["seed"].get<int>(), 0);
+    const double v = j["val_after"].get<double>();
+    if (v < best) best = v, best_lr = std::stod(lr);
+  }
+  ASSERT_TRUE(std::isfinite(best));
+  const auto results = read_csv(d / "o" / "results.csv");
+  ASSERT_EQ(results.size(), 2u);
+  EXPECT_EQ(results[0].at("method"), "lora");
+  EXPECT_DOUBLE_EQ(std::stod(results[0].at("lr")), best_lr);
+  EXPECT_EQ(results[0].at("lr_chosen"), "1");
+  EXPECT_EQ(results[1].at("lr_chosen"), "0");  // head: its own lr
+  EXPECT_DOUBLE_EQ(std::stod(results[1].at("lr")), 1e-3);
+  // The reported runs are the seeds of compare.seeds at that rate.
+  for (int seed : {1, 2}) {
+    const fs::path run_dir = d / "o" / "lora" / fmt::format("seed{}", seed);
+    EXPECT_EQ(summary(run_dir)["seed"].get<int>(), seed);
+    const Settings rs = load_settings((run_dir / "run.yaml").string(), {});
+    EXPECT_DOUBLE_EQ(rs.root["optimizer"]["lr"].as<double>(), best_lr);
+  }
+  // The reported numbers are the test split's: mean of the seeds' eval_after.
+  const double m = (summary(d / "o" / "lora" / "seed1")["eval_after"].get<double>() +
+                    summary(d / "o" / "lora" / "seed2")["eval_after"].get<double>()) /
+                   2;
+  EXPECT_NEAR(std::stod(results[0].at("eval_after_mean")), m, 1e-5);
+  // Frontier rows: one per level and method at the chosen rate, one per level for the swept method.
+  const auto frontier = read_csv(d / "o" / "frontier.csv");
+  EXPECT_EQ(frontier.size(), 2u * 2u + 2u);
+  for (const char* f : {"sweep.md", "sweep.csv", "frontier.md", "frontier.svg", "pretrain.csv", "pretrain.svg",
+                        "compare.svg", "results.md"}) {
+    EXPECT_TRUE(fs::exists(d / "o" / f)) << f;
+  }
+  EXPECT_NE(slurp(d / "o" / "sweep.md").find("**"), std::string::npos);
+
+  // In one process the same runs give the same numbers (the order of
+  // evaluation and the data order do not depend on how runs are scheduled).
+  const Result one = run(base + " --fresh --jobs 1 --out " + (d / "o1").string(), d / "l1");
+  ASSERT_EQ(one.code, 0) << one.err;
+  const auto results1 = read_csv(d / "o1" / "results.csv");
+  for (size_t i = 0; i < 2; ++i) {
+    for (const char* k : {"lr", "val_after_mean", "eval_after_mean", "forgetting_mean"}) {
+      EXPECT_EQ(results1[i].at(k), results[i].at(k)) << k;
+    }
+  }
+  // A second compare reuses every finished run.
+  const Result again = run(cmd + " --jobs 2", d / "l2");
+  ASSERT_EQ(again.code, 0) << again.err;
+  EXPECT_NE(again.err.find("learning-rate sweep: 2 run(s), 2 already complete, 0 to train"), std::string::npos)
+      << again.err;
+  EXPECT_NE(again.err.find("reported runs: 4 run(s), 4 already complete, 0 to train"), std::string::npos) << again.err;
+  EXPECT_EQ(again.out, r.out);
+  fs::remove_all(d);
+}
+
+TEST(ExperimentCompare, ADivergingRateIsRecordedAndNotChosen) {
+  const fs::path d = scratch("diverge");
+  const std::string cmd = "compare --config " + kSweep + " --out " + (d / "o").string() +
+                          " --set 'compare.methods[0].lrs=[0.001, 1.0e+30]' --set compare.seeds=[1]" +
+                          " --set training.grad_clip=0";
+  const Result r = run(cmd + " --jobs 2", d);
+  ASSERT_EQ(r.code, 0) << r.err;
+  const nlohmann::json j = summary(d / "o" / "sweep" / "lora" / "lr1e+30" / "seed0");
+  EXPECT_TRUE(j["diverged"].get<bool>()) << j.dump();
+  EXPECT_NE(j["error"].get<std::string>().find("training loss is"), std::string::npos);
+  const auto results = read_csv(d / "o" / "results.csv");
+  EXPECT_DOUBLE_EQ(std::stod(results.at(0).at("lr")), 0.001);
+  EXPECT_NE(slurp(d / "o" / "sweep.md").find("diverged"), std::string::npos);
+  // Alone, a diverging run is an error.
+  const Result alone = run(
+      "train --config " + kTiny + " --set optimizer.lr=1.0e+30 --set training.grad_clip=0 --out " + (d / "t").string(),
+      d / "t1");
+  expect_clean_error(alone, {"training loss is"});
+  fs::remove_all(d);
+}
+
+TEST(ExperimentCompare, AFailingRunStopsTheComparisonWithItsError) {
+  const fs::path d = scratch("fail");
+  // Rank 9 on 32-wide matrices of a 1-layer model is fine; a target that matches
+  // nothing is an error of that run's config, reported with its log.
+  const Result r = run("compare --config " + kSweep + " --out " + (d / "o").string() +
+                           " --set 'compare.methods[1].targets=[{match: nothing.*, method: full}]' --jobs 2",
+                       d);
+  expect_clean_error(r, {"nothing.*"});
+  fs::remove_all(d);
+}
