@@ -226,7 +226,7 @@ bool run_jobs(std::vector<Job>& jobs, const Settings& s, int parallel, bool fres
     stopping = true;
     for (const auto& [pid, _] : running) ::kill(pid, SIGINT);  // each writes its checkpoint
   };
-  while (next < todo.size() || !running.empty()) {
+  while ((!stopping && next < todo.size()) || !running.empty()) {
     while (!stopping && running.size() < static_cast<size_t>(parallel) && next < todo.size()) {
       const size_t i = todo[next++];
       const bool resume = resume_of(jobs[i]);
@@ -328,6 +328,7 @@ int run_compare(const Settings& s, const std::string& out_dir, bool fresh, int p
   const Settings& first = first_job.settings;
   std::string pretrained;
   if (first.data.has_pretrain) {
+    set_threads(first.training.threads);  // as a run would: the cached model must not depend on who made it
     const Corpus pre = load_corpus(first.data.pretrain, first.base_dir, first.model.context);
     pretrained = ensure_pretrained(first, pre, first.training.cache_dir);
     if (pretrained.empty()) return 130;

@@ -43,9 +43,11 @@ Config optimizer_config(const YAML::Node& tree) {
   return cfg;
 }
 
-/// at::set_num_threads, and the same for OpenBLAS when LibTorch uses it: its
-/// own worker threads would otherwise compete with LibTorch's (looked up at
-/// run time, so there is no link dependency on OpenBLAS).
+}  // namespace
+
+// at::set_num_threads, and the same for OpenBLAS when LibTorch uses it: its
+// own worker threads would otherwise compete with LibTorch's (looked up at
+// run time, so there is no link dependency on OpenBLAS).
 void set_threads(int64_t n) {
   at::set_num_threads(static_cast<int>(n));
   using SetThreads = void (*)(int);
@@ -53,8 +55,6 @@ void set_threads(int64_t n) {
     reinterpret_cast<SetThreads>(f)(static_cast<int>(n));
   }
 }
-
-}  // namespace
 
 std::string inspect_text(const Settings& s, const YAML::Node& tree) {
   Config cfg = optimizer_config(tree);
@@ -90,9 +90,7 @@ namespace {
 /// temporary folder and renamed, so a failure leaves no half-written adapter.
 void write_adapter(const LowRankOptimizer& opt, const LanguageModel& model, const Settings& s,
                    const std::string& out_dir) {
-  bool any = false;
-  for (const ParamReport& p : opt.report().params) any = any || p.method == Method::lora;
-  if (!any) return;
+  if (!has_adapter_parameters(opt)) return;
   const fs::path dst = fs::path(out_dir) / "adapter";
   const fs::path tmp = fs::path(out_dir) / fmt::format("adapter.tmp.{}", static_cast<long>(::getpid()));
   fs::remove_all(tmp);

@@ -65,6 +65,9 @@ void install_interrupt_handler();
 /// True once Ctrl-C (or training.halt_after) asked the loop to stop.
 bool stop_requested();
 
+/// at::set_num_threads(n), and openblas_set_num_threads(n) when LibTorch uses OpenBLAS.
+void set_threads(int64_t n);
+
 /// Trains one model with the optimizer config of `tree` (the YAML of one run).
 /// Throws SettingsError / gradlora::ConfigError on bad input.
 RunSummary train_run(const Settings& s, const YAML::Node& tree, const RunOptions& o);

@@ -24,7 +24,10 @@ while [ $# -gt 0 ]; do
     *) rest+=("$1"); shift ;;
   esac
 done
-[ -n "$OUT" ] || OUT="out/$(basename "$CONFIG" .yaml)$([ "${QUICK:-0}" = 1 ] && echo -quick)"
+if [ -z "$OUT" ]; then
+  OUT="out/$(basename "$CONFIG" .yaml)"
+  if [ "${QUICK:-0}" = 1 ]; then OUT="$OUT-quick"; fi
+fi
 # One run per core at a time (each run uses one thread: on these small
 # matrices a second thread costs more than it gains).
 "$BUILD_DIR/app/gradlora" compare --config "$CONFIG" --out "$OUT" --jobs "$(nproc)" "${rest[@]}"

@@ -226,6 +226,13 @@ std::set<std::string> embedding_modules(const torch::nn::Module& module) {
   return out;
 }
 
+bool has_adapter_parameters(const LowRankOptimizer& opt) {
+  for (const auto& name : opt.names()) {
+    if (opt.method_of(name) == Method::lora) return true;
+  }
+  return false;
+}
+
 AdapterExport export_adapter(const LowRankOptimizer& opt, const std::string& folder, const AdapterOptions& options) {
   torch::NoGradGuard guard;
   AdapterExport info;

@@ -110,6 +110,10 @@ struct AdapterExport {
 AdapterExport export_adapter(const LowRankOptimizer& opt, const std::string& folder,
                              const AdapterOptions& options = {});
 
+/// True when `opt` trains at least one parameter that export_adapter() would
+/// write (the PEFT LoRA format holds `lora` factors only).
+bool has_adapter_parameters(const LowRankOptimizer& opt);
+
 /// Applies a PEFT LoRA adapter folder to parameters by name:
 /// W += scale·lora_B·lora_A for each module (W += scale·(lora_B·lora_A)ᵀ under
 /// `fan_in_fan_out: true`, W += scale·(lora_embedding_B·lora_embedding_A)ᵀ for

@@ -477,8 +477,13 @@ TEST(Adapter, ExportRefusesWhatAnAdapterCannotHold) {
   {  // no lora parameter at all
     Net net = make_net(1);
     LowRankOptimizer opt(net->named_parameters(), quiet("targets:\n  - match: fc1.weight\n    method: additive\n"));
+    EXPECT_FALSE(has_adapter_parameters(opt));
     const std::string msg = adapter_error([&] { export_adapter(opt, dir); });
     EXPECT_NE(msg.find("no parameter with method lora"), std::string::npos) << msg;
+    LowRankOptimizer with_lora(net->named_parameters(),
+                               quiet("targets:\n  - match: fc1.weight\n    method: additive\n"
+                                     "  - match: fc2.weight\n    method: lora\n    rank: 2\n"));
+    EXPECT_TRUE(has_adapter_parameters(with_lora));
   }
   {  // one adapter config holds one fan_in_fan_out
     Net net = make_net(1);

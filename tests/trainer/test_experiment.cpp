@@ -12,12 +12,18 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace fs = std::filesystem;
@@ -289,5 +295,100 @@ TEST(ExperimentCompare, AFailingRunStopsTheComparisonWithItsError) {
                            " --set 'compare.methods[1].targets=[{match: nothing.*, method: full}]' --jobs 2",
                        d);
   expect_clean_error(r, {"nothing.*"});
+  fs::remove_all(d);
+}
+
+TEST(ExperimentReport, TheScriptWritesTheRunsNumbersBetweenTheMarkers) {
+  if (std::system("python3 --version > /dev/null 2>&1") != 0) GTEST_SKIP() << "no python3";
+  const fs::path d = scratch("report");
+  const Result r = run("compare --jobs 2 --config " + kSweep + " --out " + (d / "o").string(), d / "l0");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const fs::path doc = d / "doc.md";
+  std::ofstream(doc) << "intro\n<!-- experiment:results:begin -->\nstale table\n<!-- experiment:results:end -->\n"
+                     << "middle\n<!-- experiment:answers:begin -->\n<!-- experiment:answers:end -->\nend\n";
+  const std::string script = std::string(GRADLORA_SOURCE_DIR) + "/scripts/experiment_report.py";
+  const std::string cmd = "python3 " + script + " " + (d / "o").string() +
+                          " --forgetting head,lora --additive head,lora" + " --write " + doc.string() + " > " +
+                          (d / "py.out").string() + " 2>&1";
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << slurp(d / "py.out");
+  const std::string text = slurp(doc);
+  EXPECT_EQ(text.find("stale table"), std::string::npos) << text;
+  std::string results = slurp(d / "o" / "results.md");
+  while (!results.empty() && results.back() == '\n') results.pop_back();
+  EXPECT_NE(text.find("<!-- experiment:results:begin -->\n" + results + "\n<!-- experiment:results:end -->"),
+            std::string::npos)
+      << text;
+  EXPECT_EQ(text.rfind("intro\n", 0), 0u);
+  EXPECT_NE(text.find("\nmiddle\n"), std::string::npos);
+  // The answer quotes the matched forgetting of frontier.csv (3 decimals) and the final losses of results.csv.
+  for (const auto& row : read_csv(d / "o" / "frontier.csv")) {
+    if (row.at("kind") != "chosen" || row.at("level") != "4.35") continue;
+    const std::string v = fmt::format("{:.3f} ± {:.3f}", std::stod(row.at("mean")), std::stod(row.at("sd")));
+    EXPECT_NE(text.find(v), std::string::npos) << v << " not in " << text;
+  }
+  for (const auto& row : read_csv(d / "o" / "results.csv")) {
+    const std::string v =
+        fmt::format("{:.4f} ± {:.4f}", std::stod(row.at("eval_after_mean")), std::stod(row.at("eval_after_sd")));
+    EXPECT_NE(text.find(v), std::string::npos) << v << " not in " << text;
+  }
+  EXPECT_NE(text.find("**Is `head` as good as `lora`?** No, it learns less"), std::string::npos) << text;
+  EXPECT_TRUE(fs::exists(d / "o" / "report.md"));
+  // A file without the blocks is an error, not a silent no-op.
+  std::ofstream(d / "plain.md") << "no markers\n";
+  EXPECT_NE(std::system(("python3 " + script + " " + (d / "o").string() + " --write " + (d / "plain.md").string() +
+                         " > /dev/null 2>&1")
+                            .c_str()),
+            0);
+  fs::remove_all(d);
+}
+
+TEST(ExperimentCompare, CtrlCStopsEveryRunWithACheckpointAndTheNextCompareResumes) {
+  const fs::path d = scratch("compare_sigint");
+  const fs::path out = d / "o";
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    const std::string log = (d / "log.txt").string();
+    std::freopen(log.c_str(), "w", stderr);
+    std::freopen("/dev/null", "w", stdout);
+    ::execl(GRADLORA_BIN, GRADLORA_BIN, "compare", "--jobs", "2", "--config", kSweep.c_str(), "--out", out.c_str(),
+            "--set", "training.steps=1500", "--set", "training.eval_every=500", "--set",
+            "compare.methods[0].lrs=[0.0001, 0.02, 0.001]", static_cast<char*>(nullptr));
+    std::_Exit(127);
+  }
+  // Three sweep runs, two at a time: the first two under way (their step-0
+  // evaluations are written), the third waiting.
+  const fs::path a = out / "sweep" / "lora" / "lr0.0001" / "seed0", b = out / "sweep" / "lora" / "lr0.02" / "seed0";
+  for (int i = 0; i < 1200 && !(fs::exists(a / "metrics.csv") && fs::exists(b / "metrics.csv")); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_TRUE(fs::exists(a / "metrics.csv") && fs::exists(b / "metrics.csv")) << slurp(d / "log.txt");
+  ::kill(pid, SIGINT);
+  int status = 0;
+  bool ended = false;
+  for (int i = 0; i < 600 && !ended; ++i) {  // 30 s at most
+    ended = ::waitpid(pid, &status, WNOHANG) == pid;
+    if (!ended) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  if (!ended) {
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, &status, 0);
+    FAIL() << "compare did not end within 30 s of Ctrl-C: " << slurp(d / "log.txt");
+  }
+  ASSERT_TRUE(WIFEXITED(status)) << "killed by signal " << WTERMSIG(status);
+  EXPECT_EQ(WEXITSTATUS(status), 130) << slurp(d / "log.txt");
+  // Each run stopped after a step and wrote its checkpoint; no reported run was started.
+  EXPECT_TRUE(fs::exists(a / "checkpoint.pt")) << slurp(a / "train.log");
+  EXPECT_TRUE(fs::exists(b / "checkpoint.pt")) << slurp(b / "train.log");
+  EXPECT_FALSE(fs::exists(out / "sweep" / "lora" / "lr0.001"));  // the waiting one was not started
+  EXPECT_FALSE(fs::exists(out / "lora" / "seed1"));
+  // The next compare (the same settings) resumes them from their checkpoints
+  // and runs to the end.
+  const Result r = run("compare --jobs 2 --config " + kSweep + " --out " + out.string() +
+                           " --set training.steps=1500 --set training.eval_every=500" +
+                           " --set 'compare.methods[0].lrs=[0.0001, 0.02, 0.001]'",
+                       d / "l1");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(slurp(a / "train.log").find("resuming from step"), std::string::npos) << slurp(a / "train.log");
   fs::remove_all(d);
 }
