@@ -139,7 +139,13 @@ def answer_forgetting(run, a="random", b="lora"):
         return ""
     parts, verdicts, unreached = matched_clause(run, a, b)
     resolved = [v for v in verdicts if v != "unresolved"]
-    if resolved and all(v == "less" for v in resolved):
+    # Levels run from little learning to much: "less" first and "more" after is an early advantage that goes.
+    first_more = next((i for i, v in enumerate(verdicts) if v == "more"), len(verdicts))
+    early_only = (resolved and "less" in verdicts[:first_more] and "more" in verdicts
+                  and "less" not in verdicts[first_more:])
+    if early_only:
+        head = "Only early in fine-tuning: it forgets less at the first level, more at the later ones"
+    elif resolved and all(v == "less" for v in resolved):
         head = "Yes" if len(resolved) == len(verdicts) else "Partly"
     elif resolved and all(v == "more" for v in resolved):
         head = "No: it forgets more" if len(resolved) == len(verdicts) else "No, where the difference is resolved: it forgets more"
