@@ -345,17 +345,11 @@ TEST(ExperimentReport, TheScriptWritesTheRunsNumbersBetweenTheMarkers) {
 TEST(ExperimentCompare, CtrlCStopsEveryRunWithACheckpointAndTheNextCompareResumes) {
   const fs::path d = scratch("compare_sigint");
   const fs::path out = d / "o";
-  const pid_t pid = ::fork();
+  const pid_t pid = start({"compare", "--jobs", "2", "--config", kSweep, "--out", out.string(), "--set",
+                           "training.steps=1500", "--set", "training.eval_every=500", "--set",
+                           "compare.methods[0].lrs=[0.0001, 0.02, 0.001]"},
+                          d / "log.txt");
   ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    const std::string log = (d / "log.txt").string();
-    std::freopen(log.c_str(), "w", stderr);
-    std::freopen("/dev/null", "w", stdout);
-    ::execl(GRADLORA_BIN, GRADLORA_BIN, "compare", "--jobs", "2", "--config", kSweep.c_str(), "--out", out.c_str(),
-            "--set", "training.steps=1500", "--set", "training.eval_every=500", "--set",
-            "compare.methods[0].lrs=[0.0001, 0.02, 0.001]", static_cast<char*>(nullptr));
-    std::_Exit(127);
-  }
   // Three sweep runs, two at a time: the first two under way (their step-0
   // evaluations are written), the third waiting.
   const fs::path a = out / "sweep" / "lora" / "lr0.0001" / "seed0", b = out / "sweep" / "lora" / "lr0.02" / "seed0";

@@ -474,16 +474,10 @@ TEST(TrainerResume, ResumingWithoutTheOptimizerStateWouldBeCaught) {
 TEST(TrainerEndToEnd, InterruptWritesACheckpointAndExits130) {
   const fs::path d = scratch("sigint");
   const fs::path out = d / "run";
-  const pid_t pid = ::fork();
+  const pid_t pid = start({"train", "--config", kTiny, "--out", out.string(), "--set", "training.steps=100000",
+                           "--set", "data.pretrain=null"},
+                          d / "log.txt");
   ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    const std::string log = (d / "log.txt").string();
-    std::freopen(log.c_str(), "w", stderr);
-    std::freopen("/dev/null", "w", stdout);
-    ::execl(GRADLORA_BIN, GRADLORA_BIN, "train", "--config", kTiny.c_str(), "--out", out.c_str(), "--set",
-            "training.steps=100000", "--set", "data.pretrain=null", static_cast<char*>(nullptr));
-    std::_Exit(127);
-  }
   // Wait for training to be under way (metrics.csv appears after the step-0 evaluation).
   for (int i = 0; i < 600 && !fs::exists(out / "metrics.csv"); ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));

@@ -6,6 +6,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -40,6 +41,22 @@ inline Result run(const std::string& args, const fs::path& dir) {
   r.out = slurp(o);
   r.err = slurp(e);
   return r;
+}
+
+/// Starts the program with `args` in the background, its stderr in `log` and
+/// its stdout discarded; returns its pid (for kill and waitpid).
+inline pid_t start(const std::vector<std::string>& args, const fs::path& log) {
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    std::freopen(log.c_str(), "w", stderr);
+    std::freopen("/dev/null", "w", stdout);
+    std::vector<char*> argv{const_cast<char*>(GRADLORA_BIN)};
+    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    ::execv(GRADLORA_BIN, argv.data());
+    std::_Exit(127);
+  }
+  return pid;
 }
 
 /// A fresh scratch folder per test.
