@@ -345,10 +345,10 @@ TEST(ExperimentReport, TheScriptWritesTheRunsNumbersBetweenTheMarkers) {
 TEST(ExperimentCompare, CtrlCStopsEveryRunWithACheckpointAndTheNextCompareResumes) {
   const fs::path d = scratch("compare_sigint");
   const fs::path out = d / "o";
-  const pid_t pid = start({"compare", "--jobs", "2", "--config", kSweep, "--out", out.string(), "--set",
-                           "training.steps=1500", "--set", "training.eval_every=500", "--set",
-                           "compare.methods[0].lrs=[0.0001, 0.02, 0.001]"},
-                          d / "log.txt");
+  const pid_t pid =
+      start({"compare", "--jobs", "2", "--config", kSweep, "--out", out.string(), "--set", "training.steps=1500",
+             "--set", "training.eval_every=500", "--set", "compare.methods[0].lrs=[0.0001, 0.02, 0.001]"},
+            d / "log.txt");
   ASSERT_GE(pid, 0);
   // Three sweep runs, two at a time: the first two under way (their step-0
   // evaluations are written), the third waiting.

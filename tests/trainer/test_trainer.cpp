@@ -474,8 +474,8 @@ TEST(TrainerResume, ResumingWithoutTheOptimizerStateWouldBeCaught) {
 TEST(TrainerEndToEnd, InterruptWritesACheckpointAndExits130) {
   const fs::path d = scratch("sigint");
   const fs::path out = d / "run";
-  const pid_t pid = start({"train", "--config", kTiny, "--out", out.string(), "--set", "training.steps=100000",
-                           "--set", "data.pretrain=null"},
+  const pid_t pid = start({"train", "--config", kTiny, "--out", out.string(), "--set", "training.steps=100000", "--set",
+                           "data.pretrain=null"},
                           d / "log.txt");
   ASSERT_GE(pid, 0);
   // Wait for training to be under way (metrics.csv appears after the step-0 evaluation).
