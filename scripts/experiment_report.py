@@ -94,8 +94,15 @@ def pretrain_text(run):
         return ""
     rows = run.pretrain
     top = max(num(r["lr"]) for r in rows)
-    stable = max(int(r["step"]) for r in rows if num(r["lr"]) == top)
     last = rows[-1]
+    if sum(1 for r in rows if num(r["lr"]) == top) < 2:
+        # No constant phase: the plateau rule was off (warm-up, then the cosine decay).
+        return (
+            f"Pre-training: {last['step']} steps (warm-up and cosine decay, no plateau rule); validation loss on A "
+            f"{num(last['val_loss']):.3f} and held-out (test) loss on A {num(last['test_loss']):.3f} at the end "
+            f"(nats per byte; the curve: `pretrain.csv`, `pretrain.svg`)."
+        )
+    stable = max(int(r["step"]) for r in rows if num(r["lr"]) == top)
     at_plateau = next(r for r in rows if int(r["step"]) == stable)
     cooled = int(last["step"]) > stable
     return (
