@@ -92,13 +92,19 @@ std::string ensure_pretrained(const Settings& s, const Corpus& corpus, const std
   L.log_every = t.log_every;
   L.checkpoint_every = std::numeric_limits<int64_t>::max();
   L.base_lr = {P.lr};
-  std::string curve = "step,lr,train_loss,val_loss,test_loss\n";
+  // One row per evaluation; its phase says what the schedule was doing: "schedule" (no
+  // plateau rule: warm-up and cosine decay), "warmup", "constant", "plateau" (the last
+  // constant-lr evaluation, where the rule found the plateau), "budget" (the same, where
+  // training.pretrain.steps ran out first), "cooldown".
+  std::vector<std::string> rows, phases;
   std::vector<std::pair<int64_t, double>> hist;
+  bool cooling = false;
   auto on_eval = [&](int64_t step, double train_loss, double lr) {
     const double test = evaluate(*model, held, t.batch);
     const double v = val.defined() ? evaluate(*model, val, t.batch) : kNaN;
     hist.emplace_back(step, v);
-    curve += fmt::format("{},{},{},{},{}\n", step, fmt_num(lr), fmt_num(train_loss), fmt_num(v), fmt_num(test));
+    rows.push_back(fmt::format("{},{},{},{},{}", step, fmt_num(lr), fmt_num(train_loss), fmt_num(v), fmt_num(test)));
+    phases.emplace_back(!P.has_plateau ? "schedule" : cooling ? "cooldown" : step < P.warmup ? "warmup" : "constant");
     spdlog::info("pre-train step {}: train loss {}, validation {}, held-out {:.4f}", step, fmt_num(train_loss),
                  fmt_num(v), test);
   };
@@ -119,6 +125,8 @@ std::string ensure_pretrained(const Settings& s, const Corpus& corpus, const std
   if (r.interrupted) return "";
   if (P.has_plateau) {
     const int64_t at = r.steps_done;
+    if (!hist.empty() && hist.back().first == at) phases.back() = stop >= 0 ? "plateau" : "budget";
+    cooling = true;
     if (stop >= 0) {
       spdlog::info(
           "pre-train: plateau at step {} (best validation loss improved by less than {} over the last {} "
@@ -142,6 +150,8 @@ std::string ensure_pretrained(const Settings& s, const Corpus& corpus, const std
       if (c.interrupted) return "";
     }
   }
+  std::string curve = "step,lr,train_loss,val_loss,test_loss,phase\n";
+  for (size_t i = 0; i < rows.size(); ++i) curve += rows[i] + "," + phases[i] + "\n";
   write_file_atomic(pretrain_curve_path(path), curve);
   model->save(path);
   spdlog::info("pre-training took {:.0f} s", seconds_since(t0));

@@ -95,21 +95,28 @@ def pretrain_text(run):
     rows = run.pretrain
     top = max(num(r["lr"]) for r in rows)
     last = rows[-1]
-    if sum(1 for r in rows if num(r["lr"]) == top) < 2:
+    phases = [r.get("phase") or "" for r in rows]  # absent from the curves of older caches
+    if "schedule" in phases or (not any(phases) and sum(1 for r in rows if num(r["lr"]) == top) < 2):
         # No constant phase: the plateau rule was off (warm-up, then the cosine decay).
         return (
             f"Pre-training: {last['step']} steps (warm-up and cosine decay, no plateau rule); validation loss on A "
             f"{num(last['val_loss']):.3f} and held-out (test) loss on A {num(last['test_loss']):.3f} at the end "
             f"(nats per byte; the curve: `pretrain.csv`, `pretrain.svg`)."
         )
-    stable = max(int(r["step"]) for r in rows if num(r["lr"]) == top)
-    at_plateau = next(r for r in rows if int(r["step"]) == stable)
+    if "budget" in phases:
+        at_plateau = rows[phases.index("budget")]
+        until, where = "until the budget ran out, without a plateau", "at the end of the budget"
+    else:
+        stable = max(int(r["step"]) for r in rows if num(r["lr"]) == top)
+        at_plateau = next(r for r in rows if int(r["step"]) == stable)
+        until, where = "until the plateau", "at the plateau"
+    stable = int(at_plateau["step"])
     cooled = int(last["step"]) > stable
     return (
         f"Pre-training: {last['step']} steps"
-        + (f" ({stable} at constant lr until the plateau, then {int(last['step']) - stable} of cool-down)" if cooled else "")
-        + f"; validation loss on A {num(at_plateau['val_loss']):.3f} at the plateau, {num(last['val_loss']):.3f} at the end; "
-        f"held-out (test) loss on A {num(at_plateau['test_loss']):.3f} at the plateau, {num(last['test_loss']):.3f} at "
+        + (f" ({stable} at constant lr {until}, then {int(last['step']) - stable} of cool-down)" if cooled else "")
+        + f"; validation loss on A {num(at_plateau['val_loss']):.3f} {where}, {num(last['val_loss']):.3f} at the end; "
+        f"held-out (test) loss on A {num(at_plateau['test_loss']):.3f} {where}, {num(last['test_loss']):.3f} at "
         f"the end (nats per byte; the curve: `pretrain.csv`, `pretrain.svg`)."
     )
 

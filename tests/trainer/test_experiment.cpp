@@ -172,6 +172,8 @@ TEST(ExperimentPlateau, PretrainingStopsAtThePlateauAndCoolsDownLinearly) {
   // plateau, then 1e-2 * (30 - 29) / 10 at the last step of the cool-down.
   EXPECT_DOUBLE_EQ(std::stod(rows[2].at("lr")), 1e-2);
   EXPECT_NEAR(std::stod(rows[3].at("lr")), 1e-3, 1e-9);
+  EXPECT_EQ(rows[2].at("phase"), "plateau");
+  EXPECT_EQ(rows[3].at("phase"), "cooldown");
   for (const auto& row : rows) {
     EXPECT_FALSE(row.at("val_loss").empty());
     EXPECT_FALSE(row.at("test_loss").empty());
@@ -186,6 +188,12 @@ TEST(ExperimentPlateau, PretrainingStopsAtThePlateauAndCoolsDownLinearly) {
   ASSERT_EQ(b.code, 0) << b.err;
   EXPECT_NE(b.err.find("no plateau within training.pretrain.steps = 40"), std::string::npos) << b.err;
   EXPECT_NE(b.err.find("pre-train step 50:"), std::string::npos) << b.err;  // 40 + 10
+  std::vector<std::string> phases;
+  for (const auto& e : fs::directory_iterator(d / "cache2"))
+    if (e.path().extension() == ".csv")
+      for (const auto& row : read_csv(e.path())) phases.push_back(row.at("step") + " " + row.at("phase"));
+  EXPECT_EQ(phases, (std::vector<std::string>{"0 warmup", "10 constant", "20 constant", "30 constant", "40 budget",
+                                              "50 cooldown"}));
   fs::remove_all(d);
 }
 
