@@ -247,7 +247,13 @@ def main():
     q1, q2 = tuple(args.forgetting.split(",")), tuple(args.additive.split(","))
     if len(q1) != 2 or len(q2) != 2:
         sys.exit("experiment_report.py: --forgetting and --additive take two method names, A,B")
-    parts = report(Run(args.out), q1, q2)
+    run = Run(args.out)
+    for opt, pair in (("--forgetting", q1), ("--additive", q2)):
+        for name in pair:
+            if name not in run.results:
+                sys.exit(f"experiment_report.py: {opt} {','.join(pair)}: no method '{name}' in "
+                         f"{args.out}/results.csv (it has {', '.join(run.results)})")
+    parts = report(run, q1, q2)
     text = "\n\n".join(f"## {k}\n\n{v}" for k, v in parts.items() if v) + "\n"
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(text)

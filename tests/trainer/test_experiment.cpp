@@ -365,6 +365,14 @@ TEST(ExperimentReport, TheScriptWritesTheRunsNumbersBetweenTheMarkers) {
                          " > /dev/null 2>&1")
                             .c_str()),
             0);
+  // A method the run does not have is an error naming the option, the value and the methods it has.
+  EXPECT_NE(std::system(("python3 " + script + " " + (d / "o").string() + " --forgetting nope,lora > " +
+                         (d / "bad.out").string() + " 2>&1")
+                            .c_str()),
+            0);
+  const std::string bad = slurp(d / "bad.out");
+  EXPECT_NE(bad.find("--forgetting nope,lora: no method 'nope'"), std::string::npos) << bad;
+  EXPECT_NE(bad.find("it has lora, head"), std::string::npos) << bad;
   fs::remove_all(d);
 }
 
