@@ -35,19 +35,6 @@ namespace gradlora::app {
 
 namespace fs = std::filesystem;
 
-double forgetting_at(const std::vector<MetricRow>& rows, double level) {
-  if (rows.empty()) return kNaN;
-  const double a0 = rows.front().base_eval_loss;
-  for (size_t i = 1; i < rows.size(); ++i) {
-    const double b0 = rows[i - 1].eval_loss, b1 = rows[i].eval_loss;
-    if (b0 >= level && level >= b1) {
-      const double t = b0 != b1 ? (b0 - level) / (b0 - b1) : 0.0;
-      return rows[i - 1].base_eval_loss + t * (rows[i].base_eval_loss - rows[i - 1].base_eval_loss) - a0;
-    }
-  }
-  return kNaN;
-}
-
 namespace {
 
 struct Stat {
@@ -306,6 +293,39 @@ std::pair<Stat, double> envelope(const Swept& sw, double level) {
   return {best, at};
 }
 
+/// The pre-training curve of the cached model `pretrained` next to the results:
+/// pretrain.csv (a copy) and pretrain.svg.
+void write_pretrain_curve(const std::string& pretrained, const std::string& out_dir) {
+  if (pretrained.empty() || !fs::exists(pretrain_curve_path(pretrained))) return;
+  std::ifstream in(pretrain_curve_path(pretrained));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const std::string curve = ss.str();
+  write_file_atomic((fs::path(out_dir) / "pretrain.csv").string(), curve);
+  Series val{"validation split of A", {}, {}, {}}, test{"held-out (test) split of A", {}, {}, {}};
+  Series train{"training loss (mean since the previous point)", {}, {}, {}};
+  std::istringstream lines(curve);
+  std::string line;
+  std::getline(lines, line);
+  while (std::getline(lines, line)) {
+    std::vector<std::string> f;
+    std::stringstream ls(line);
+    for (std::string c; std::getline(ls, c, ',');) f.push_back(c);
+    while (f.size() < 5) f.emplace_back();
+    const double step = std::stod(f[0]);
+    auto add = [&](Series& se, const std::string& v) {
+      if (v.empty()) return;
+      se.x.push_back(step);
+      se.y.push_back(std::stod(v));
+    };
+    add(train, f[2]);
+    add(val, f[3]);
+    add(test, f[4]);
+  }
+  Panel p{"pre-training on corpus A", "step", "nats per byte", {train, val, test}};
+  write_file_atomic((fs::path(out_dir) / "pretrain.svg").string(), svg_chart({p}, "pre-training"));
+}
+
 }  // namespace
 
 int run_compare(const Settings& s, const std::string& out_dir, bool fresh, int parallel) {
@@ -320,12 +340,14 @@ int run_compare(const Settings& s, const std::string& out_dir, bool fresh, int p
     }
   }
   // The reported runs' settings too (the chosen rate only changes optimizer.lr).
-  for (const MethodSpec& m : s.compare.methods) make_job(s, m, s.compare.seeds.front(), kNaN, false, out_dir);
+  std::vector<Job> checked;
+  for (const MethodSpec& m : s.compare.methods) {
+    checked.push_back(make_job(s, m, s.compare.seeds.front(), kNaN, false, out_dir));
+  }
   fs::create_directories(out_dir);
 
   // The pre-trained model, once, before runs in parallel would each train it.
-  const Job first_job = make_job(s, s.compare.methods.front(), s.compare.seeds.front(), kNaN, false, out_dir);
-  const Settings& first = first_job.settings;
+  const Settings& first = checked.front().settings;
   std::string pretrained;
   if (first.data.has_pretrain) {
     set_threads(first.training.threads);  // as a run would: the cached model must not depend on who made it
@@ -611,36 +633,7 @@ int run_compare(const Settings& s, const std::string& out_dir, bool fresh, int p
                       svg_chart(fp, "forgetting against learning (curves run right to left as training goes on)"));
   }
 
-  // The pre-training curve, next to the results.
-  if (!pretrained.empty() && fs::exists(pretrain_curve_path(pretrained))) {
-    std::ifstream in(pretrain_curve_path(pretrained));
-    std::stringstream ss;
-    ss << in.rdbuf();
-    const std::string curve = ss.str();
-    write_file_atomic((fs::path(out_dir) / "pretrain.csv").string(), curve);
-    Series val{"validation split of A", {}, {}, {}}, test{"held-out (test) split of A", {}, {}, {}};
-    Series train{"training loss (mean since the previous point)", {}, {}, {}};
-    std::istringstream lines(curve);
-    std::string line;
-    std::getline(lines, line);
-    while (std::getline(lines, line)) {
-      std::vector<std::string> f;
-      std::stringstream ls(line);
-      for (std::string c; std::getline(ls, c, ',');) f.push_back(c);
-      while (f.size() < 5) f.emplace_back();
-      const double step = std::stod(f[0]);
-      auto add = [&](Series& se, const std::string& v) {
-        if (v.empty()) return;
-        se.x.push_back(step);
-        se.y.push_back(std::stod(v));
-      };
-      add(train, f[2]);
-      add(val, f[3]);
-      add(test, f[4]);
-    }
-    Panel p{"pre-training on corpus A", "step", "nats per byte", {train, val, test}};
-    write_file_atomic((fs::path(out_dir) / "pretrain.svg").string(), svg_chart({p}, "pre-training"));
-  }
+  write_pretrain_curve(pretrained, out_dir);
   std::fflush(stdout);
   write_file_atomic((fs::path(out_dir) / "results.md").string(), md + "\n" + note + "\n");
   write_file_atomic((fs::path(out_dir) / "results.csv").string(), csv);

@@ -12,7 +12,7 @@
 namespace gradlora::app {
 
 /// The learning curve of a pre-training, kept next to the model in the cache
-/// (`pretrained-<key>.csv`: step, lr, train_loss, val_loss, test_loss).
+/// (`pretrained-<key>.csv`: step, lr, train_loss, val_loss, test_loss, phase).
 std::string pretrain_curve_path(const std::string& model_path);
 
 /// The plateau test of pre-training: the step of the last entry of `hist`

@@ -221,4 +221,17 @@ void write_file_atomic(const std::string& path, const std::string& text) {
                         [&](const std::function<void(const void*, size_t)>& sink) { sink(text.data(), text.size()); });
 }
 
+double forgetting_at(const std::vector<MetricRow>& rows, double level) {
+  if (rows.empty()) return kNaN;
+  const double a0 = rows.front().base_eval_loss;
+  for (size_t i = 1; i < rows.size(); ++i) {
+    const double b0 = rows[i - 1].eval_loss, b1 = rows[i].eval_loss;
+    if (b0 >= level && level >= b1) {
+      const double t = b0 != b1 ? (b0 - level) / (b0 - b1) : 0.0;
+      return rows[i - 1].base_eval_loss + t * (rows[i].base_eval_loss - rows[i - 1].base_eval_loss) - a0;
+    }
+  }
+  return kNaN;
+}
+
 }  // namespace gradlora::app
