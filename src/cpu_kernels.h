@@ -18,6 +18,9 @@ bool kernels_available();
 /// path. For benchmarks and tests that compare the two.
 void set_kernels_enabled(bool enabled);
 
+/// The number of distinct threads an at::parallel_for over at::get_num_threads() tasks ran on.
+int parallel_threads();
+
 /// gA = s·G·Bᵀ (n×r) when gA is not null, gB = s·Aᵀ·G (r×m) when gB is not null.
 /// G is n×m with row stride ldg; A is n×r and B r×m, both contiguous; gA, gB contiguous.
 void project(const float* G, int64_t ldg, int64_t n, int64_t m, const float* A, const float* B, int64_t r, float s,

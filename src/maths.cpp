@@ -43,6 +43,7 @@ bool kernels_serve(std::initializer_list<const torch::Tensor*> matrices,
 
 void set_cpu_kernels_enabled(bool enabled) { cpu::set_kernels_enabled(enabled); }
 bool cpu_kernels_active() { return cpu::kernels_available(); }
+int cpu_kernel_threads() { return cpu::parallel_threads(); }
 
 void for_each_row_panel(const torch::Tensor& G, torch::ScalarType dtype, int64_t row_multiple,
                         const std::function<void(int64_t, const torch::Tensor&)>& fn, bool always_copy) {

@@ -95,6 +95,9 @@ torch::Tensor seeded_kaiming_uniform(at::IntArrayRef shape, uint64_t seed, const
 /// says whether they run.
 void set_cpu_kernels_enabled(bool enabled);
 bool cpu_kernels_active();
+/// How many threads the kernels' parallel loops run on now: at::get_num_threads(), unless
+/// the library was built without the threading that ATen's at::parallel_for needs (then 1).
+int cpu_kernel_threads();
 
 /// The dtype factors are kept in: float64 for double weights, float32 otherwise.
 torch::ScalarType factor_dtype(torch::ScalarType param_dtype);
