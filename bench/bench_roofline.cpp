@@ -1,15 +1,16 @@
 // The optimizer step against the machine's roofline, every figure taken in the same run.
 //
-//   gradlora_bench_roofline --threads=2 --repeats=11 --json=out/roofline.json
+//   gradlora_bench_roofline --threads=2 --repeats=11 [--settle-ms=200] --json=out/roofline.json
 //
 // For each shape and rank, each repeat times, one after the other (interleaved, so that a
 // change in the machine's state touches every column alike):
 //   pass    one `W += c·G` over the n×m weight: reads G and W, writes W (3·n·m floats), the
 //           traffic a low-rank step cannot avoid: T_mem
-//   sgemm   a 2048³ torch::mm: the machine's dense matrix rate as LibTorch reaches it
 //   each method's step (inner AdamW, the gradient already in .grad), with gradlora's CPU
 //   kernels and, as `<method>/library`, with them turned off (the library calls they replace)
 //   torch::optim::AdamW's step on the same full-rank parameter
+//   sgemm   a 2048³ torch::mm: the machine's dense matrix rate as LibTorch reaches it, last
+//           and followed by a pause (--settle-ms, 200): OpenBLAS's threads spin on after it
 // and reports medians. A method's arithmetic (flops per step, below) at the sgemm rate is
 // T_flop; the roofline is max(T_mem, T_flop):
 //   lora, random   2·n·m·r per projection, two of them, + 2·n·m·2r for the rank-2r write-back
@@ -32,6 +33,7 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -43,8 +45,9 @@ struct Options {
   std::string ranks = "8,32";
   std::string methods = "lora,random,additive,galore";
   std::string json;
-  int library = 1;  // also time each method with the CPU kernels off
-  int refresh = 1;  // time galore's refresh
+  int library = 1;      // also time each method with the CPU kernels off
+  int refresh = 1;      // time galore's refresh
+  int settle_ms = 200;  // pause after each repeat's sgemm
 };
 
 std::vector<std::string> split(const std::string& s, char sep) {
@@ -115,18 +118,20 @@ int main(int argc, char** argv) {
       .add("--methods", o.methods)
       .add("--library", o.library)
       .add("--refresh", o.refresh)
+      .add("--settle-ms", o.settle_ms)
       .add("--json", o.json);
   args.parse(argc, argv);
   if (o.threads > 0) at::set_num_threads(o.threads);
   torch::NoGradGuard no_grad;
   const bool kernels = gradlora::cpu_kernels_active();
-  std::printf("threads %d, CPU kernels %s, median of %d interleaved repeats\n", at::get_num_threads(),
-              kernels ? "on" : "unavailable", o.repeats);
+  std::printf("threads %d (the kernels' loops run on %d), CPU kernels %s, median of %d interleaved repeats\n",
+              at::get_num_threads(), gradlora::cpu_kernel_threads(), kernels ? "on" : "unavailable", o.repeats);
   std::printf("%-11s %3s %-16s %9s %8s %8s %9s %9s %9s %8s\n", "shape", "r", "column", "step ms", "pass ms", "sgemm GF",
               "roof ms", "/roof", "/pass", "/AdamW");
   std::ostringstream js;
-  js << "{\"threads\": " << at::get_num_threads() << ", \"kernels\": " << (kernels ? "true" : "false")
-     << ", \"torch_version\": \"" << TORCH_VERSION << "\", \"repeats\": " << o.repeats << ", \"rows\": [";
+  js << "{\"threads\": " << at::get_num_threads() << ", \"kernel_threads\": " << gradlora::cpu_kernel_threads()
+     << ", \"kernels\": " << (kernels ? "true" : "false") << ", \"torch_version\": \"" << TORCH_VERSION
+     << "\", \"repeats\": " << o.repeats << ", \"rows\": [";
   bool first_row = true;
 
   const torch::Tensor X = torch::randn({2048, 2048}), Y = torch::randn({2048, 2048});
@@ -161,13 +166,16 @@ int main(int argc, char** argv) {
       std::vector<double> pass, rate, adam;
       for (int rep = 0; rep < o.repeats; ++rep) {
         pass.push_back(time_ms([&] { W.add_(G, 1e-3); }));
-        rate.push_back(2.0 * 2048.0 * 2048.0 * 2048.0 / (time_ms([&] { at::mm_out(Z, X, Y); }) * 1e6));
         for (size_t c = 0; c < opts.size(); ++c) {
           gradlora::set_cpu_kernels_enabled(cols[c].kernels);
           cols[c].ms.push_back(time_ms([&] { opts[c]->step(); }));
         }
         gradlora::set_cpu_kernels_enabled(true);
         adam.push_back(time_ms([&] { adamw.step(); }));
+        // The sgemm last, then a pause: OpenBLAS's own threads keep spinning for a while after
+        // a product and would slow whatever is timed next on the other core.
+        rate.push_back(2.0 * 2048.0 * 2048.0 * 2048.0 / (time_ms([&] { at::mm_out(Z, X, Y); }) * 1e6));
+        std::this_thread::sleep_for(std::chrono::milliseconds(o.settle_ms));
       }
       cols.push_back({"adamw", "adamw", true, adam});
       const double t_pass = median(pass), gflops = median(rate), t_adam = median(adam);

@@ -5,13 +5,18 @@
 //                Y = X·W0ᵀ + s·(X·Bᵀ)·Aᵀ, W0 frozen (requires_grad false), A and B by torch::optim::AdamW
 //   lora         optimizer-side lora: plain layers, gradlora::LowRankOptimizer (inner adamw)
 //   fused        optimizer-side lora with fuse_into_backward: true
+//   backward     forward + backward of the plain layers with no optimizer step: the floor of
+//                any optimizer-side method, which receives dL/dW and so runs the backward's
+//                n×m weight-gradient product that module-side LoRA never forms
 //
 // Peak resident memory (VmHWM) is per process, so each configuration runs in its own child
-// process: without --mode the binary re-executes itself once per configuration and collects
-// one JSON line from each.
+// process: without --mode the binary re-executes itself once per configuration and round
+// (--rounds, configurations in rotation, so that a change in the machine's speed reaches all
+// of them alike) and collects one JSON line from each.
 //
 //   gradlora_bench_train --threads=2 [--layers=8] [--dim=2048] [--batch=256] [--rank=8]
-//                        [--steps=10] [--warmup=2] [--modes=full,module_lora,lora,fused] [--json=out.json]
+//                        [--steps=10] [--warmup=2] [--rounds=3]
+//                        [--modes=full,module_lora,lora,fused,backward] [--json=out.json]
 
 #include "bench_args.h"
 
@@ -39,9 +44,9 @@ namespace {
 struct Options {
   int threads = 0;
   int64_t layers = 8, dim = 2048, batch = 256, rank = 8;
-  int steps = 10, warmup = 2;
+  int steps = 10, warmup = 2, rounds = 3;
   std::string mode;  // empty: parent
-  std::string modes = "full,module_lora,lora,fused";
+  std::string modes = "full,module_lora,lora,fused,backward";
   std::string json;
 };
 
@@ -58,7 +63,11 @@ std::vector<std::string> split(const std::string& s, char sep) {
 Options parse(int argc, char** argv) {
   Options o;
   gradlora::bench::Args args("gradlora_bench_train");
-  gradlora::bench::add_stack_options(args, o).add("--mode", o.mode).add("--modes", o.modes).add("--json", o.json);
+  gradlora::bench::add_stack_options(args, o)
+      .add("--mode", o.mode)
+      .add("--modes", o.modes)
+      .add("--rounds", o.rounds)
+      .add("--json", o.json);
   args.parse(argc, argv);
   return o;
 }
@@ -88,8 +97,9 @@ int run_child(const Options& o) {
   const std::string& mode = o.mode;
   const bool module_lora = mode == "module_lora";
   const bool optimizer_side = mode == "lora" || mode == "fused";
-  if (!module_lora && !optimizer_side && mode != "full") {
-    std::cerr << "gradlora_bench_train: unknown --mode '" << mode << "' (full | module_lora | lora | fused)\n";
+  if (!module_lora && !optimizer_side && mode != "full" && mode != "backward") {
+    std::cerr << "gradlora_bench_train: unknown --mode '" << mode
+              << "' (full | module_lora | lora | fused | backward)\n";
     return 2;
   }
   const int64_t L = o.layers, d = o.dim, r = o.rank;
@@ -117,6 +127,8 @@ int run_child(const Options& o) {
   if (mode == "full") {
     trained = W;
     opt = std::make_unique<torch::optim::AdamW>(W, torch::optim::AdamWOptions(1e-4));
+  } else if (mode == "backward") {
+    trained = W;  // gradients computed and released, no step
   } else if (module_lora) {
     trained = A;
     trained.insert(trained.end(), B.begin(), B.end());
@@ -159,7 +171,7 @@ int run_child(const Options& o) {
     for (const auto& w : W) {
       grads_after_backward = grads_after_backward || (w.grad().defined() && w.grad().numel() == w.numel());
     }
-    opt->step();
+    if (opt) opt->step();
     // Gradients are released (set to none) in every configuration, as PyTorch's zero_grad(set_to_none=True).
     for (auto& p : trained) p.mutable_grad() = torch::Tensor();
     const auto t1 = std::chrono::steady_clock::now();
@@ -199,7 +211,9 @@ std::string run_in_child(int argc, char** argv, const std::string& mode) {
     std::vector<std::string> args{argv[0]};
     for (int i = 1; i < argc; ++i) {
       const std::string a = argv[i];
-      if (a.rfind("--json=", 0) != 0 && a.rfind("--modes=", 0) != 0) args.push_back(a);
+      if (a.rfind("--json=", 0) != 0 && a.rfind("--modes=", 0) != 0 && a.rfind("--rounds=", 0) != 0) {
+        args.push_back(a);
+      }
     }
     args.push_back("--mode=" + mode);
     std::vector<char*> cargs;
@@ -231,26 +245,39 @@ double field(const std::string& json, const std::string& key) {
 
 int run_parent(int argc, char** argv, const Options& o) {
   std::vector<std::string> lines;
-  std::map<std::string, std::string> by_mode;
-  for (const auto& mode : split(o.modes, ',')) {
-    std::string out = run_in_child(argc, argv, mode);
-    while (!out.empty() && out.back() == '\n') out.pop_back();
-    lines.push_back(out);
-    by_mode[mode] = out;
+  std::map<std::string, std::string> by_mode;  // the last round's line of each mode
+  const std::vector<std::string> modes = split(o.modes, ',');
+  for (int round = 0; round < std::max(o.rounds, 1); ++round) {
+    for (const auto& mode : modes) {
+      std::fprintf(stderr, "gradlora_bench_train: round %d of %d, %s\n", round + 1, std::max(o.rounds, 1),
+                   mode.c_str());
+      std::string out = run_in_child(argc, argv, mode);
+      while (!out.empty() && out.back() == '\n') out.pop_back();
+      out.insert(out.size() - 1, ", \"round\": " + std::to_string(round));
+      lines.push_back(out);
+      by_mode[mode] = out;
+    }
   }
-  const std::string& ref = by_mode.count("full") ? by_mode["full"] : lines.front();
-  const double t_ref = field(ref, "step_ms_median"), m_ref = field(ref, "peak_rss_bytes");
-  std::printf("%-12s %12s %8s %14s %8s  %s\n", "mode", "step [ms]", "x full", "peak RSS [MiB]", "x full", "note");
+  // Per mode, the median over rounds of each child's median step and its peak memory.
+  std::map<std::string, std::vector<double>> times, peaks;
   for (const auto& line : lines) {
     const auto q = line.find("\"mode\": \"") + 9;
     const std::string mode = line.substr(q, line.find('"', q) - q);
-    const double t = field(line, "step_ms_median"), m = field(line, "peak_rss_bytes");
+    times[mode].push_back(field(line, "step_ms_median"));
+    peaks[mode].push_back(field(line, "peak_rss_bytes"));
+  }
+  auto ratio_to = [&](const std::string& ref, const std::map<std::string, std::vector<double>>& v,
+                      const std::string& mode) { return v.count(ref) ? median(v.at(mode)) / median(v.at(ref)) : NAN; };
+  std::printf("%-12s %10s %7s %9s %10s %7s %9s  %s\n", "mode", "step [ms]", "x full", "x module", "peak [MiB]",
+              "x full", "x module", "note");
+  for (const auto& mode : modes) {
     std::string note;
-    if (mode == "fused" && line.find("\"fused_active\": false") != std::string::npos) {
+    if (mode == "fused" && by_mode[mode].find("\"fused_active\": false") != std::string::npos) {
       note = "fuse_into_backward had no effect: full gradients reached .grad (not implemented in this build)";
     }
-    std::printf("%-12s %12.1f %8.3f %14.1f %8.3f  %s\n", mode.c_str(), t, t / t_ref, m / (1 << 20), m / m_ref,
-                note.c_str());
+    std::printf("%-12s %10.1f %7.3f %9.3f %10.1f %7.3f %9.3f  %s\n", mode.c_str(), median(times[mode]),
+                ratio_to("full", times, mode), ratio_to("module_lora", times, mode), median(peaks[mode]) / (1 << 20),
+                ratio_to("full", peaks, mode), ratio_to("module_lora", peaks, mode), note.c_str());
   }
   if (!o.json.empty()) {
     std::ofstream f(o.json);

@@ -6,7 +6,7 @@
 
 Writes, under --out (default out/bench):
   step.json       Google Benchmark output of gradlora_bench_step (every repetition)
-  train.json      one record per configuration of gradlora_bench_train (one child process each)
+  train.json      one record per process of gradlora_bench_train (each configuration --rounds times)
   results.json    machine, settings and the derived figures (ratios, targets)
   tables.md       the markdown tables
 and SVG plots (step time vs rank, step time vs n) under --img (default docs/img). With
@@ -88,7 +88,7 @@ def run_benchmarks(args, env):
     if not args.skip_train:
         cmd = [os.path.join(args.build, "bench", "gradlora_bench_train"), f"--threads={args.threads}",
                f"--layers={args.layers}", f"--dim={args.dim}", f"--batch={args.batch}", f"--rank={args.rank}",
-               f"--steps={args.steps}", f"--json={os.path.join(args.out, 'train.json')}"]
+               f"--steps={args.steps}", f"--rounds={args.rounds}", f"--json={os.path.join(args.out, 'train.json')}"]
         run(cmd, env)
 
 
@@ -234,27 +234,51 @@ def step_table(step, n, m):
     return "\n".join(rows)
 
 
+def train_modes(train):
+    """{mode: {step_ms, peak, delta, fused_active, rounds}}: medians over the rounds (one child each)."""
+    out = {}
+    for mode in dict.fromkeys(t["mode"] for t in train):
+        runs = [t for t in train if t["mode"] == mode]
+        out[mode] = {
+            "step_ms": statistics.median(t["step_ms_median"] for t in runs),
+            "peak": statistics.median(t["peak_rss_bytes"] for t in runs),
+            "delta": statistics.median(t["peak_rss_bytes"] - t["start_rss_bytes"] for t in runs),
+            "fused_active": all(t.get("fused_active", False) for t in runs),
+            "rounds": len(runs),
+        }
+    return out
+
+
+TRAIN_LABELS = {
+    "full": "full fine-tuning, torch::optim::AdamW",
+    "module_lora": "module-side LoRA (A, B by torch::optim::AdamW)",
+    "lora": "optimizer-side lora (LowRankOptimizer)",
+    "fused": "optimizer-side lora, fuse_into_backward",
+    "backward": "forward + backward of the plain layers, no step",
+}
+
+
 def train_table(train):
-    ref = next((t for t in train if t["mode"] == "full"), train[0])
-    labels = {
-        "full": "full fine-tuning, torch::optim::AdamW",
-        "module_lora": "module-side LoRA (A, B by torch::optim::AdamW)",
-        "lora": "optimizer-side lora (LowRankOptimizer)",
-        "fused": "optimizer-side lora, fuse_into_backward",
-    }
-    rows = ["| configuration | step [ms] | x full | peak RSS [MiB] | x full | peak - start [MiB] | x full |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
-    ref_delta = ref["peak_rss_bytes"] - ref["start_rss_bytes"]
-    for t in train:
-        label = labels.get(t["mode"], t["mode"])
-        if t["mode"] == "fused" and not t.get("fused_active", False):
+    modes = train_modes(train)
+    ref = modes.get("full") or next(iter(modes.values()))
+    mod = modes.get("module_lora")
+    rows = ["| configuration | step [ms] | x full | x module-side | peak RSS [MiB] | x full | x module-side | "
+            "peak - start [MiB] |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for mode, t in modes.items():
+        label = TRAIN_LABELS.get(mode, mode)
+        if mode == "fused" and not t["fused_active"]:
             rows.append(f"| {label} | *not available: fuse_into_backward had no effect in this build "
-                        f"(full gradients still reached .grad)* | | | | | |")
+                        f"(full gradients still reached .grad)* | | | | | | |")
             continue
-        delta = t["peak_rss_bytes"] - t["start_rss_bytes"]
-        rows.append(f"| {label} | {t['step_ms_median']:.0f} | {t['step_ms_median'] / ref['step_ms_median']:.3f} | "
-                    f"{t['peak_rss_bytes'] / (1 << 20):.0f} | {t['peak_rss_bytes'] / ref['peak_rss_bytes']:.3f} | "
-                    f"{delta / (1 << 20):.0f} | {delta / ref_delta:.3f} |")
+        step = (f"{t['step_ms']:.0f} | {t['step_ms'] / ref['step_ms']:.3f} | "
+                + (f"{t['step_ms'] / mod['step_ms']:.3f}" if mod else "-"))
+        if mode == "backward":  # no optimizer, no state: its memory is not comparable
+            memory = "- | - | - | -"
+        else:
+            memory = (f"{t['peak'] / (1 << 20):.0f} | {t['peak'] / ref['peak']:.3f} | "
+                      + (f"{t['peak'] / mod['peak']:.3f}" if mod else "-") + f" | {t['delta'] / (1 << 20):.0f}")
+        rows.append(f"| {label} | {step} | {memory} |")
     return "\n".join(rows)
 
 
@@ -264,8 +288,10 @@ def render_markdown(res, img_rel):
     md.append(f"Measured on {mach['cpu_model']}, {mach['cpus']} CPUs, {mach['threads']} torch threads "
               f"(at::set_num_threads; OMP_NUM_THREADS and OPENBLAS_NUM_THREADS set alike), OMP_WAIT_POLICY "
               f"{mach.get('omp_wait_policy', 'default')}, LibTorch "
-              f"{res['context'].get('torch_version', '?')} (Debian, OpenBLAS), {mach['date']}, commit {mach['commit']}; load average (1, 5, 15 min) when it started "
-              f"{', '.join(f'{v:.1f}' for v in res['context'].get('load_avg', []))} (other jobs shared the machine).")
+              f"{res['context'].get('torch_version', '?')} (Debian, OpenBLAS), {mach['date']}, commit {mach['commit']}; load average (1, 5, 15 min) before "
+              f"{', '.join(f'{v:.2f}' for v in mach.get('load_before', res['context'].get('load_avg', [])))}"
+              + (f", after {', '.join(f'{v:.2f}' for v in mach['load_after'])}" if "load_after" in mach else "")
+              + ".")
     md.append("")
     step = res["step_raw"]
     if step:
@@ -308,8 +334,12 @@ def render_markdown(res, img_rel):
             md.append("")
     if res["train"]:
         t0 = res["train"][0]
+        rounds = max(t["rounds"] for t in train_modes(res["train"]).values())
         md.append(f"### Training step: {t0['layers']} x Linear({t0['dim']}, {t0['dim']}, bias=False) with GELU, "
-                  f"batch {t0['batch']}, rank {t0['rank']}, median of {t0['steps']} steps, one process per row")
+                  f"batch {t0['batch']}, rank {t0['rank']}")
+        md.append("")
+        md.append(f"Each configuration ran in its own process, {rounds} times in rotation with the others; a "
+                  f"cell is the median over those processes of each one's median of {t0['steps']} steps.")
         md.append("")
         md.append(train_table(res["train"]))
         md.append("")
@@ -448,6 +478,7 @@ def main():
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--steps", type=int, default=5, help="timed training steps per configuration")
+    ap.add_argument("--rounds", type=int, default=3, help="processes per configuration, in rotation")
     ap.add_argument("--skip-step", action="store_true", help="do not run the optimizer-step benchmark")
     ap.add_argument("--skip-train", action="store_true", help="do not run the training-step benchmark")
     ap.add_argument("--render-only", action="store_true", help="re-render from the JSON already in --out")
@@ -463,6 +494,7 @@ def main():
     env.pop("OMP_WAIT_POLICY", None)
     if args.omp_wait_policy != "default":
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    load_before = os.getloadavg()
     if not args.render_only:
         run_benchmarks(args, env)
 
@@ -472,7 +504,8 @@ def main():
         machine = json.load(open(old))["machine"]  # the machine and time of the run, not of the rendering
         machine.setdefault("omp_wait_policy", "default")
     else:
-        machine = dict(machine_info(args.threads), omp_wait_policy=args.omp_wait_policy)
+        machine = dict(machine_info(args.threads), omp_wait_policy=args.omp_wait_policy,
+                       load_before=list(load_before), load_after=list(os.getloadavg()))
     step, context = load_step(step_path) if os.path.exists(step_path) else ({}, {})
     train = json.load(open(train_path)) if os.path.exists(train_path) else []
     res = {

@@ -66,7 +66,11 @@ def render(files):
         md.append(f"#### {d['threads']} thread{'s' if d['threads'] > 1 else ''}")
         md.append("")
         blas = f", OPENBLAS_CORETYPE={d['openblas_coretype']}" if d.get("openblas_coretype") else ""
-        md.append(f"{d['cpu']}, LibTorch {d['torch_version']}{blas}, CPU kernels {'on' if d['kernels'] else 'unavailable'}, "
+        kernels = "unavailable"
+        if d["kernels"]:
+            kt = d.get("kernel_threads")
+            kernels = "on" + (f" (their loops on {kt} thread{'s' if kt > 1 else ''})" if kt else "")
+        md.append(f"{d['cpu']}, LibTorch {d['torch_version']}{blas}, CPU kernels {kernels}, "
                   f"median of {d['repeats']} interleaved repeats, commit {d['commit']}. Load average (1, 5, 15 min) "
                   f"before {fmt_load(d['load_before'])}, after {fmt_load(d['load_after'])}.")
         md.append("")
