@@ -342,7 +342,8 @@ DataParallel::DataParallel(LowRankOptimizer& optimizer, c10::intrusive_ptr<c10d:
   // Some methods cannot average their projected gradients (after the check above, every
   // rank throws here alike): each method says so in its registry entry.
   for (const auto& name : opt_.names()) {
-    const MethodInfo& info = method_info(opt_.method_of(name));
+    const Method method = opt_.method_of(name);
+    const MethodInfo& info = method_info(method);
     if (!info.data_parallel_refusal) continue;
     const std::string why = info.data_parallel_refusal(opt_.projector(name).context().target);
     if (!why.empty()) {

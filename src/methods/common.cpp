@@ -81,7 +81,7 @@ OptionSpec proj_side_option() {
 }
 
 bool projects_left(const Target& t, int64_t n, int64_t m) {
-  const std::string& side = option_text(t, "proj_side");
+  const std::string side = option_text(t, "proj_side");
   return side == "left" || (side == "auto" && n < m);
 }
 

@@ -116,7 +116,8 @@ const std::string& option_text(const Target& t, const std::string& key) {
 OnResample on_resample_of(const Target& t) { return t.on_resample.value_or(method_info(t.method).default_on_resample); }
 
 void check_options(const Target& t, const std::string& key_prefix) {
-  const MethodInfo& m = method_info(t.method.name(), key_prefix + ".method");
+  const std::string method_key = key_prefix + ".method";
+  const MethodInfo& m = method_info(t.method.name(), method_key);
   for (const auto& [key, value] : t.options) {
     const std::string k = key_prefix + "." + key;
     const OptionSpec* spec = find_option(m, key);
