@@ -108,7 +108,33 @@ def render(files):
                 md.append(f"| {r['n']}×{r['m']} | {r['r']} | {r['column'].split('/')[-1]} | {r['refresh_ms']:.0f} ms "
                           f"| {r['amortised_ms']:.2f} ms | {r['energy_vs_svd']:.4f} |")
         md.append("")
+    md += goals(files)
     return "\n".join(md)
+
+
+# The step's limit as a multiple of its roofline (for additive the roofline is the pass).
+GOALS = {"lora": 1.3, "random": 1.3, "galore": 1.3, "additive": 1.2}
+
+
+def goals(files):
+    """The worst and best ratio to the roofline of each method's kernel step, per thread count."""
+    md = ["#### Against the goals", "",
+          "The largest and smallest ratio step / roofline over the shapes and ranks above, for the step with the "
+          "CPU kernels (galore between refreshes).", "",
+          "| threads | method | worst (shape, r) | best (shape, r) | limit | met everywhere |", "|---|---|---|---|---|---|"]
+    for path in files:
+        d = json.load(open(path))
+        for meth in METHODS:
+            rows = [r for r in d["rows"] if r.get("column") == meth and "step_ms" in r]
+            if not rows:
+                continue
+            ratio = {(r["n"], r["m"], r["r"]): r["step_ms"] / r["roofline_ms"] for r in rows}
+            worst, best = max(ratio, key=ratio.get), min(ratio, key=ratio.get)
+            where = lambda k: f"{ratio[k]:.2f}× ({k[0]}×{k[1]}, {k[2]})"
+            met = "yes" if ratio[worst] <= GOALS[meth] else "no"
+            md.append(f"| {d['threads']} | {meth} | {where(worst)} | {where(best)} | {GOALS[meth]}× | {met} |")
+    md.append("")
+    return md
 
 
 def main():
