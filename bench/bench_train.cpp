@@ -187,12 +187,12 @@ int run_child(const Options& o) {
       "{\"mode\": \"%s\", \"layers\": %lld, \"dim\": %lld, \"batch\": %lld, \"rank\": %lld, \"threads\": %d, "
       "\"steps\": %d, \"step_ms_median\": %.4f, \"step_ms_min\": %.4f, \"peak_rss_bytes\": %lld, "
       "\"start_rss_bytes\": %lld, \"setup_rss_bytes\": %lld, \"grads_after_backward\": %s, \"fused_active\": %s, "
-      "\"first_loss\": %.6g, \"last_loss\": %.6g}\n",
+      "\"first_loss\": %.6g, \"last_loss\": %.6g, \"torch_version\": \"%s\"}\n",
       mode.c_str(), static_cast<long long>(L), static_cast<long long>(d), static_cast<long long>(o.batch),
       static_cast<long long>(r), at::get_num_threads(), o.steps, median(times),
       *std::min_element(times.begin(), times.end()), static_cast<long long>(peak), static_cast<long long>(start_rss),
       static_cast<long long>(setup_rss), grads_after_backward ? "true" : "false", fused_active ? "true" : "false",
-      first_loss, last_loss);
+      first_loss, last_loss, TORCH_VERSION);
   return 0;
 }
 

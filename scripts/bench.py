@@ -287,8 +287,9 @@ def render_markdown(res, img_rel):
     mach = res["machine"]
     md.append(f"Measured on {mach['cpu_model']}, {mach['cpus']} CPUs, {mach['threads']} torch threads "
               f"(at::set_num_threads; OMP_NUM_THREADS and OPENBLAS_NUM_THREADS set alike), OMP_WAIT_POLICY "
-              f"{mach.get('omp_wait_policy', 'default')}, LibTorch "
-              f"{res['context'].get('torch_version', '?')} (Debian, OpenBLAS), {mach['date']}, commit {mach['commit']}; load average (1, 5, 15 min) before "
+              f"{mach.get('omp_wait_policy', 'default')}"
+              + "".join(f", {kv}" for kv in mach.get("env", [])) + ", LibTorch "
+              f"{res['context'].get('torch_version') or next((t['torch_version'] for t in res['train'] if 'torch_version' in t), '?')} (Debian, OpenBLAS), {mach['date']}, commit {mach['commit']}; load average (1, 5, 15 min) before "
               f"{', '.join(f'{v:.2f}' for v in mach.get('load_before', res['context'].get('load_avg', [])))}"
               + (f", after {', '.join(f'{v:.2f}' for v in mach['load_after'])}" if "load_after" in mach else "")
               + ".")
@@ -485,6 +486,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "out", "bench"))
     ap.add_argument("--img", default=os.path.join(ROOT, "docs", "img"))
     ap.add_argument("--update-docs", action="store_true", help="write the tables into docs/performance.md")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="set in the benchmarks' environment (repeatable), e.g. OPENBLAS_THREAD_TIMEOUT=4")
     ap.add_argument("--omp-wait-policy", choices=["default", "active", "passive"], default="default",
                     help="OMP_WAIT_POLICY for the runs (passive: idle OpenMP threads sleep instead of spinning)")
     ap.add_argument("--docs-section", default="bench", help="marker name in docs/performance.md (bench:begin)")
@@ -494,6 +497,11 @@ def main():
     env.pop("OMP_WAIT_POLICY", None)
     if args.omp_wait_policy != "default":
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    for kv in args.env:
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            ap.error(f"--env expects KEY=VALUE, got '{kv}'")
+        env[key] = value
     load_before = os.getloadavg()
     if not args.render_only:
         run_benchmarks(args, env)
@@ -504,7 +512,7 @@ def main():
         machine = json.load(open(old))["machine"]  # the machine and time of the run, not of the rendering
         machine.setdefault("omp_wait_policy", "default")
     else:
-        machine = dict(machine_info(args.threads), omp_wait_policy=args.omp_wait_policy,
+        machine = dict(machine_info(args.threads), omp_wait_policy=args.omp_wait_policy, env=args.env,
                        load_before=list(load_before), load_after=list(os.getloadavg()))
     step, context = load_step(step_path) if os.path.exists(step_path) else ({}, {})
     train = json.load(open(train_path)) if os.path.exists(train_path) else []
