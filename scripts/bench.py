@@ -331,7 +331,8 @@ def render_markdown(res, img_rel):
             md.append("")
         if not img_rel.startswith(".."):  # plots kept with the docs only
             md.append(f"![step time vs rank]({img_rel}/step_vs_rank.svg)")
-            md.append(f"![step time vs n]({img_rel}/step_vs_n.svg)")
+            if len({n for (_, n, m, _) in step if n == m}) >= 2:  # plotted only from two square shapes
+                md.append(f"![step time vs n]({img_rel}/step_vs_n.svg)")
             md.append("")
     if res["train"]:
         t0 = res["train"][0]
