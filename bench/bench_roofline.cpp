@@ -121,6 +121,10 @@ int main(int argc, char** argv) {
       .add("--settle-ms", o.settle_ms)
       .add("--json", o.json);
   args.parse(argc, argv);
+  if (o.settle_ms < 0) {
+    std::fprintf(stderr, "gradlora_bench_roofline: --settle-ms must be 0 or more, got %d\n", o.settle_ms);
+    return 2;
+  }
   if (o.threads > 0) at::set_num_threads(o.threads);
   torch::NoGradGuard no_grad;
   const bool kernels = gradlora::cpu_kernels_active();

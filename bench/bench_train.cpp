@@ -69,6 +69,10 @@ Options parse(int argc, char** argv) {
       .add("--rounds", o.rounds)
       .add("--json", o.json);
   args.parse(argc, argv);
+  if (o.rounds < 1) {
+    std::fprintf(stderr, "gradlora_bench_train: --rounds must be at least 1, got %d\n", o.rounds);
+    std::exit(2);
+  }
   return o;
 }
 
@@ -246,25 +250,20 @@ double field(const std::string& json, const std::string& key) {
 int run_parent(int argc, char** argv, const Options& o) {
   std::vector<std::string> lines;
   std::map<std::string, std::string> by_mode;  // the last round's line of each mode
+  // Per mode, each round's median step and peak memory; the summary takes their medians.
+  std::map<std::string, std::vector<double>> times, peaks;
   const std::vector<std::string> modes = split(o.modes, ',');
-  for (int round = 0; round < std::max(o.rounds, 1); ++round) {
+  for (int round = 0; round < o.rounds; ++round) {
     for (const auto& mode : modes) {
-      std::fprintf(stderr, "gradlora_bench_train: round %d of %d, %s\n", round + 1, std::max(o.rounds, 1),
-                   mode.c_str());
+      std::fprintf(stderr, "gradlora_bench_train: round %d of %d, %s\n", round + 1, o.rounds, mode.c_str());
       std::string out = run_in_child(argc, argv, mode);
       while (!out.empty() && out.back() == '\n') out.pop_back();
       out.insert(out.size() - 1, ", \"round\": " + std::to_string(round));
+      times[mode].push_back(field(out, "step_ms_median"));
+      peaks[mode].push_back(field(out, "peak_rss_bytes"));
       lines.push_back(out);
       by_mode[mode] = out;
     }
-  }
-  // Per mode, the median over rounds of each child's median step and its peak memory.
-  std::map<std::string, std::vector<double>> times, peaks;
-  for (const auto& line : lines) {
-    const auto q = line.find("\"mode\": \"") + 9;
-    const std::string mode = line.substr(q, line.find('"', q) - q);
-    times[mode].push_back(field(line, "step_ms_median"));
-    peaks[mode].push_back(field(line, "peak_rss_bytes"));
   }
   auto ratio_to = [&](const std::string& ref, const std::map<std::string, std::vector<double>>& v,
                       const std::string& mode) { return v.count(ref) ? median(v.at(mode)) / median(v.at(ref)) : NAN; };

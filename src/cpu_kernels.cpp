@@ -251,25 +251,10 @@ GRADLORA_TARGET void additive_row(const float* g, int64_t m, int64_t r, float* g
 
 using AdditiveRowFn = void (*)(const float*, int64_t, int64_t, float*, float*);
 
-AdditiveRowFn additive_row_kernel(int64_t r) {
-  switch (r >= kLanes ? r / kLanes : 1) {
-    case 1:
-      return additive_row<1>;
-    case 2:
-      return additive_row<2>;
-    case 3:
-      return additive_row<3>;
-    case 4:
-      return additive_row<4>;
-    case 5:
-      return additive_row<5>;
-    case 6:
-      return additive_row<6>;
-    case 7:
-      return additive_row<7>;
-    default:
-      return additive_row<8>;
-  }
+AdditiveRowFn additive_row_kernel(int64_t r) {  // r | 16 or 16 | r ≤ 128: additive_rank_ok
+  static const AdditiveRowFn table[8] = {additive_row<1>, additive_row<2>, additive_row<3>, additive_row<4>,
+                                         additive_row<5>, additive_row<6>, additive_row<7>, additive_row<8>};
+  return table[(r >= kLanes ? r / kLanes : 1) - 1];
 }
 
 // One row of the additive write-back: P[j] += s·(a[j mod r] + b[j]).
