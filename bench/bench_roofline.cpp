@@ -48,6 +48,7 @@ struct Options {
   int library = 1;      // also time each method with the CPU kernels off
   int refresh = 1;      // time galore's refresh
   int settle_ms = 200;  // pause after each repeat's sgemm
+  std::string isa;      // the kernels' instruction set (default: the CPU's best)
 };
 
 std::vector<std::string> split(const std::string& s, char sep) {
@@ -119,23 +120,40 @@ int main(int argc, char** argv) {
       .add("--library", o.library)
       .add("--refresh", o.refresh)
       .add("--settle-ms", o.settle_ms)
-      .add("--json", o.json);
+      .add("--json", o.json)
+      .add("--isa", o.isa);
   args.parse(argc, argv);
   if (o.settle_ms < 0) {
     std::fprintf(stderr, "gradlora_bench_roofline: --settle-ms must be 0 or more, got %d\n", o.settle_ms);
     return 2;
   }
+  if (!o.isa.empty()) {
+    bool ok = false;
+    try {
+      ok = gradlora::set_cpu_kernels_isa(o.isa);
+    } catch (const std::invalid_argument& e) {
+      std::fprintf(stderr, "gradlora_bench_roofline: --isa: %s\n", e.what());
+      return 2;
+    }
+    if (!ok) {
+      std::fprintf(stderr, "gradlora_bench_roofline: --isa %s: this CPU does not have it\n", o.isa.c_str());
+      return 2;
+    }
+  }
   if (o.threads > 0) at::set_num_threads(o.threads);
   torch::NoGradGuard no_grad;
   const bool kernels = gradlora::cpu_kernels_active();
+  const std::string isa = gradlora::cpu_kernels_isa();
+  // A column with the kernels runs them on `isa`; a library column turns them off.
+  const auto use_kernels = [&](bool on) { gradlora::set_cpu_kernels_isa(on ? isa : "none"); };
   std::printf("threads %d (the kernels' loops run on %d), CPU kernels %s, median of %d interleaved repeats\n",
-              at::get_num_threads(), gradlora::cpu_kernel_threads(), kernels ? "on" : "unavailable", o.repeats);
+              at::get_num_threads(), gradlora::cpu_kernel_threads(), kernels ? isa.c_str() : "unavailable", o.repeats);
   std::printf("%-11s %3s %-16s %9s %8s %8s %9s %9s %9s %8s\n", "shape", "r", "column", "step ms", "pass ms", "sgemm GF",
               "roof ms", "/roof", "/pass", "/AdamW");
   std::ostringstream js;
   js << "{\"threads\": " << at::get_num_threads() << ", \"kernel_threads\": " << gradlora::cpu_kernel_threads()
-     << ", \"kernels\": " << (kernels ? "true" : "false") << ", \"torch_version\": \"" << TORCH_VERSION
-     << "\", \"repeats\": " << o.repeats << ", \"rows\": [";
+     << ", \"kernels\": " << (kernels ? "true" : "false") << ", \"isa\": \"" << isa << "\", \"torch_version\": \""
+     << TORCH_VERSION << "\", \"repeats\": " << o.repeats << ", \"rows\": [";
   bool first_row = true;
 
   const torch::Tensor X = torch::randn({2048, 2048}), Y = torch::randn({2048, 2048});
@@ -162,19 +180,19 @@ int main(int argc, char** argv) {
       }
       torch::optim::AdamW adamw({p}, torch::optim::AdamWOptions(1e-3));
       for (size_t c = 0; c < opts.size(); ++c) {  // warm up: state allocated, first refresh done
-        gradlora::set_cpu_kernels_enabled(cols[c].kernels);
+        use_kernels(cols[c].kernels);
         for (int w = 0; w < 2; ++w) opts[c]->step();
       }
-      gradlora::set_cpu_kernels_enabled(true);
+      use_kernels(true);
       adamw.step();
       std::vector<double> pass, rate, adam;
       for (int rep = 0; rep < o.repeats; ++rep) {
         pass.push_back(time_ms([&] { W.add_(G, 1e-3); }));
         for (size_t c = 0; c < opts.size(); ++c) {
-          gradlora::set_cpu_kernels_enabled(cols[c].kernels);
+          use_kernels(cols[c].kernels);
           cols[c].ms.push_back(time_ms([&] { opts[c]->step(); }));
         }
-        gradlora::set_cpu_kernels_enabled(true);
+        use_kernels(true);
         adam.push_back(time_ms([&] { adamw.step(); }));
         // The sgemm last, then a pause: OpenBLAS's own threads keep spinning for a while after
         // a product and would slow whatever is timed next on the other core.

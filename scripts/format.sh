@@ -8,7 +8,7 @@ if ! command -v clang-format >/dev/null 2>&1; then
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq clang-format >/dev/null
 fi
-mapfile -t files < <(git ls-files '*.cpp' '*.h')
+mapfile -t files < <(git ls-files '*.cpp' '*.h' '*.inc')
 if [ "${1:-}" = "--check" ]; then
   bad=0
   for f in "${files[@]}"; do

@@ -38,6 +38,8 @@ def run(args, threads, path):
         cmd.append(f"--shapes={args.shapes}")
     if not args.refresh:
         cmd.append("--refresh=0")
+    if args.isa:
+        cmd.append(f"--isa={args.isa}")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
     before = os.getloadavg()
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
@@ -69,7 +71,8 @@ def render(files):
         kernels = "unavailable"
         if d["kernels"]:
             kt = d.get("kernel_threads")
-            kernels = "on" + (f" (their loops on {kt} thread{'s' if kt > 1 else ''})" if kt else "")
+            isa = f", {d['isa']}" if d.get("isa") else ""
+            kernels = "on" + isa + (f" (their loops on {kt} thread{'s' if kt > 1 else ''})" if kt else "")
         md.append(f"{d['cpu']}, LibTorch {d['torch_version']}{blas}, CPU kernels {kernels}, "
                   f"median of {d['repeats']} interleaved repeats, commit {d['commit']}. Load average (1, 5, 15 min) "
                   f"before {fmt_load(d['load_before'])}, after {fmt_load(d['load_after'])}.")
@@ -144,6 +147,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--shapes", default="", help="e.g. 4096x4096,4096x11008 (default: the benchmark's)")
     ap.add_argument("--refresh", type=int, default=1, help="0: skip galore's refresh timing")
+    ap.add_argument("--isa", default="", help="the kernels' instruction set: avx512f, avx2 (default: the CPU's best)")
     ap.add_argument("--out", default=os.path.join(ROOT, "out", "roofline"))
     ap.add_argument("--render-only", action="store_true")
     ap.add_argument("--update-docs", action="store_true")

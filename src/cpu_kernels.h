@@ -11,11 +11,29 @@
 
 namespace gradlora::cpu {
 
-/// True when this CPU runs the kernels (x86-64 with AVX-512F) and they are enabled.
+/// The instruction sets the kernels are built for, in increasing order. Both give the same
+/// bits: a vector has 16 float lanes on each (one AVX-512 register, or two AVX2 ones), and
+/// every lane does the same operations in the same order.
+enum class Isa { none = 0, avx2 = 1, avx512f = 2 };
+
+const char* isa_name(Isa isa);
+
+/// The best instruction set this CPU runs the kernels on (x86-64 with AVX-512F, or with AVX2
+/// and FMA), or none.
+Isa best_isa();
+
+/// The instruction set the kernels run on now (none: they are off).
+Isa active_isa();
+
+/// Runs the kernels on `isa` (none turns them off); false, changing nothing, when this CPU
+/// does not have it. For benchmarks and tests that compare instruction sets or paths.
+bool set_isa(Isa isa);
+
+/// True when the kernels run (active_isa() is not none).
 bool kernels_available();
 
-/// Turns the kernels off (or back on) for this process: the maths then takes the library
-/// path. For benchmarks and tests that compare the two.
+/// Turns the kernels off, or back on at this CPU's best instruction set: the maths then takes
+/// the library path. For benchmarks and tests that compare the two.
 void set_kernels_enabled(bool enabled);
 
 /// The number of distinct threads an at::parallel_for over at::get_num_threads() tasks ran on.

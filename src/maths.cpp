@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <stdexcept>
 
 namespace gradlora {
 
@@ -43,6 +44,14 @@ bool kernels_serve(std::initializer_list<const torch::Tensor*> matrices,
 
 void set_cpu_kernels_enabled(bool enabled) { cpu::set_kernels_enabled(enabled); }
 bool cpu_kernels_active() { return cpu::kernels_available(); }
+std::string cpu_kernels_isa() { return cpu::isa_name(cpu::active_isa()); }
+bool set_cpu_kernels_isa(const std::string& isa) {
+  for (const cpu::Isa i : {cpu::Isa::none, cpu::Isa::avx2, cpu::Isa::avx512f}) {
+    if (isa == cpu::isa_name(i)) return cpu::set_isa(i);
+  }
+  throw std::invalid_argument("gradlora: set_cpu_kernels_isa: unknown instruction set '" + isa +
+                              "' (avx512f, avx2 or none)");
+}
 int cpu_kernel_threads() { return cpu::parallel_threads(); }
 
 void for_each_row_panel(const torch::Tensor& G, torch::ScalarType dtype, int64_t row_multiple,

@@ -88,13 +88,21 @@ torch::Tensor seeded_normal(at::IntArrayRef shape, double std, uint64_t seed, co
 /// with fan_in = shape[1], drawn like seeded_normal.
 torch::Tensor seeded_kaiming_uniform(at::IntArrayRef shape, uint64_t seed, const torch::TensorOptions& options);
 
-/// On x86-64 CPUs with AVX-512F, the projections and write-backs above take gradlora's own
-/// kernels for float32 matrices with contiguous rows (one pass over G for both factor
-/// gradients, one pass over P for a write-back), and library calls otherwise. Turning the
-/// kernels off makes every call take the library path (for comparisons); `cpu_kernels_active`
-/// says whether they run.
+/// On x86-64 CPUs with AVX-512F, or with AVX2 and FMA, the projections and write-backs above
+/// take gradlora's own kernels for float32 matrices with contiguous rows (one pass over G for
+/// both factor gradients, one pass over P for a write-back), and library calls otherwise.
+/// Both instruction sets give the same bits. Turning the kernels off makes every call take
+/// the library path (for comparisons), turning them on again picks the CPU's best
+/// instruction set; `cpu_kernels_active` says whether they run.
 void set_cpu_kernels_enabled(bool enabled);
 bool cpu_kernels_active();
+/// The instruction set the CPU kernels run on now: "avx512f", "avx2" or "none" (off, or a
+/// CPU without either).
+std::string cpu_kernels_isa();
+/// Runs the CPU kernels on the instruction set named ("avx512f", "avx2", or "none" for off);
+/// returns false, changing nothing, when this CPU does not have it. Throws
+/// std::invalid_argument for any other name.
+bool set_cpu_kernels_isa(const std::string& isa);
 /// How many threads the kernels' parallel loops run on now: at::get_num_threads(), unless
 /// the library was built without the threading that ATen's at::parallel_for needs (then 1).
 int cpu_kernel_threads();
