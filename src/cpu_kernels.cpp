@@ -114,10 +114,10 @@ GRADLORA_OP Part padd(Part a, Part b) { return _mm256_add_ps(a, b); }
 GRADLORA_OP Part pmul(Part a, Part b) { return _mm256_mul_ps(a, b); }
 GRADLORA_OP Part pfma(Part a, Part b, Part c) { return _mm256_fmadd_ps(a, b, c); }
 // 16 registers: too few to keep both products' sums of one sweep in them, so the projection
-// is split over a panel of G in cache: s·G·Bᵀ 4 rows × 2 factor columns at a time (8 sums),
+// is split over a panel of G in cache: s·G·Bᵀ 3 rows × 4 factor columns at a time (12 sums),
 // Aᵀ·G 4 factor rows × 16 columns (8 sums); the write-back keeps 4 rows × 2 Parts of sums.
 constexpr bool kProjSplit = true;
-constexpr int kProjRows = 4, kProjGroup = 2;
+constexpr int kProjRows = 3, kProjGroup = 4;
 constexpr int kAtgGroup = 4;
 constexpr bool kUpdateInRegisters = true;
 constexpr int kUpdateRows = 4, kUpdateGroup = 1;  // kUpdateGroup: unused, the sums are in registers
