@@ -194,7 +194,7 @@ bool set_isa(Isa isa) {
 
 bool kernels_available() { return active_isa() != Isa::none; }
 
-void set_kernels_enabled(bool enabled) { g_isa.store(enabled ? cpu_best() : Isa::none, std::memory_order_relaxed); }
+void set_kernels_enabled(bool enabled) { set_isa(enabled ? cpu_best() : Isa::none); }
 
 int parallel_threads() {
   const int64_t n = at::get_num_threads();
