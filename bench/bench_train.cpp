@@ -9,6 +9,9 @@
 //                any optimizer-side method, which receives dL/dW and so runs the backward's
 //                n×m weight-gradient product that module-side LoRA never forms
 //
+// Each step is timed whole (forward, backward, opt->step(), releasing the gradients) and, apart,
+// the part inside opt->step() ("opt"; in fused mode the projection runs inside backward()).
+//
 // Peak resident memory (VmHWM) is per process, so each configuration runs in its own child
 // process: without --mode the binary re-executes itself once per configuration and round
 // (--rounds, configurations in rotation, so that a change in the machine's speed reaches all
@@ -163,7 +166,7 @@ int run_child(const Options& o) {
   };
 
   const int64_t setup_rss = proc_status_bytes("VmRSS");
-  std::vector<double> times;
+  std::vector<double> times, opt_times;  // the whole step; the part inside opt->step()
   double first_loss = 0, last_loss = 0;
   // Does any trained weight hold a full gradient between backward() and step()? (Fused mode
   // leaves an empty placeholder there, never the n×m gradient.)
@@ -175,28 +178,34 @@ int run_child(const Options& o) {
     for (const auto& w : W) {
       grads_after_backward = grads_after_backward || (w.grad().defined() && w.grad().numel() == w.numel());
     }
+    const auto t_opt = std::chrono::steady_clock::now();
     if (opt) opt->step();
+    const auto t_opt_end = std::chrono::steady_clock::now();
     // Gradients are released (set to none) in every configuration, as PyTorch's zero_grad(set_to_none=True).
     for (auto& p : trained) p.mutable_grad() = torch::Tensor();
     const auto t1 = std::chrono::steady_clock::now();
     const double l = loss.item<double>();
     if (i == 0) first_loss = l;
     last_loss = l;
-    if (i >= o.warmup) times.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+    if (i >= o.warmup) {
+      times.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+      opt_times.push_back(std::chrono::duration<double, std::milli>(t_opt_end - t_opt).count());
+    }
   }
   const int64_t peak = proc_status_bytes("VmHWM");
   // In fused mode the full gradients must never reach .grad; if they do, the build has no fused mode.
   const bool fused_active = mode == "fused" && !grads_after_backward;
   std::printf(
       "{\"mode\": \"%s\", \"layers\": %lld, \"dim\": %lld, \"batch\": %lld, \"rank\": %lld, \"threads\": %d, "
-      "\"steps\": %d, \"step_ms_median\": %.4f, \"step_ms_min\": %.4f, \"peak_rss_bytes\": %lld, "
+      "\"steps\": %d, \"step_ms_median\": %.4f, \"step_ms_min\": %.4f, \"opt_ms_median\": %.4f, \"peak_rss_bytes\": "
+      "%lld, "
       "\"start_rss_bytes\": %lld, \"setup_rss_bytes\": %lld, \"grads_after_backward\": %s, \"fused_active\": %s, "
       "\"first_loss\": %.6g, \"last_loss\": %.6g, \"torch_version\": \"%s\"}\n",
       mode.c_str(), static_cast<long long>(L), static_cast<long long>(d), static_cast<long long>(o.batch),
       static_cast<long long>(r), at::get_num_threads(), o.steps, median(times),
-      *std::min_element(times.begin(), times.end()), static_cast<long long>(peak), static_cast<long long>(start_rss),
-      static_cast<long long>(setup_rss), grads_after_backward ? "true" : "false", fused_active ? "true" : "false",
-      first_loss, last_loss, TORCH_VERSION);
+      *std::min_element(times.begin(), times.end()), median(opt_times), static_cast<long long>(peak),
+      static_cast<long long>(start_rss), static_cast<long long>(setup_rss), grads_after_backward ? "true" : "false",
+      fused_active ? "true" : "false", first_loss, last_loss, TORCH_VERSION);
   return 0;
 }
 
@@ -251,7 +260,7 @@ int run_parent(int argc, char** argv, const Options& o) {
   std::vector<std::string> lines;
   std::map<std::string, std::string> by_mode;  // the last round's line of each mode
   // Per mode, each round's median step and peak memory; the summary takes their medians.
-  std::map<std::string, std::vector<double>> times, peaks;
+  std::map<std::string, std::vector<double>> times, opt_times, peaks;
   const std::vector<std::string> modes = split(o.modes, ',');
   for (int round = 0; round < o.rounds; ++round) {
     for (const auto& mode : modes) {
@@ -260,6 +269,7 @@ int run_parent(int argc, char** argv, const Options& o) {
       while (!out.empty() && out.back() == '\n') out.pop_back();
       out.insert(out.size() - 1, ", \"round\": " + std::to_string(round));
       times[mode].push_back(field(out, "step_ms_median"));
+      opt_times[mode].push_back(field(out, "opt_ms_median"));
       peaks[mode].push_back(field(out, "peak_rss_bytes"));
       lines.push_back(out);
       by_mode[mode] = out;
@@ -267,16 +277,17 @@ int run_parent(int argc, char** argv, const Options& o) {
   }
   auto ratio_to = [&](const std::string& ref, const std::map<std::string, std::vector<double>>& v,
                       const std::string& mode) { return v.count(ref) ? median(v.at(mode)) / median(v.at(ref)) : NAN; };
-  std::printf("%-12s %10s %7s %9s %10s %7s %9s  %s\n", "mode", "step [ms]", "x full", "x module", "peak [MiB]",
-              "x full", "x module", "note");
+  std::printf("%-12s %10s %9s %7s %9s %10s %7s %9s  %s\n", "mode", "step [ms]", "opt [ms]", "x full", "x module",
+              "peak [MiB]", "x full", "x module", "note");
   for (const auto& mode : modes) {
     std::string note;
     if (mode == "fused" && by_mode[mode].find("\"fused_active\": false") != std::string::npos) {
       note = "fuse_into_backward had no effect: full gradients reached .grad (not implemented in this build)";
     }
-    std::printf("%-12s %10.1f %7.3f %9.3f %10.1f %7.3f %9.3f  %s\n", mode.c_str(), median(times[mode]),
-                ratio_to("full", times, mode), ratio_to("module_lora", times, mode), median(peaks[mode]) / (1 << 20),
-                ratio_to("full", peaks, mode), ratio_to("module_lora", peaks, mode), note.c_str());
+    std::printf("%-12s %10.1f %9.1f %7.3f %9.3f %10.1f %7.3f %9.3f  %s\n", mode.c_str(), median(times[mode]),
+                median(opt_times[mode]), ratio_to("full", times, mode), ratio_to("module_lora", times, mode),
+                median(peaks[mode]) / (1 << 20), ratio_to("full", peaks, mode), ratio_to("module_lora", peaks, mode),
+                note.c_str());
   }
   if (!o.json.empty()) {
     std::ofstream f(o.json);

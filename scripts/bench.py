@@ -241,6 +241,9 @@ def train_modes(train):
         runs = [t for t in train if t["mode"] == mode]
         out[mode] = {
             "step_ms": statistics.median(t["step_ms_median"] for t in runs),
+            # runs from before the optimizer's part was timed apart have no opt_ms_median
+            "opt_ms": (statistics.median(t["opt_ms_median"] for t in runs)
+                       if all("opt_ms_median" in t for t in runs) else None),
             "peak": statistics.median(t["peak_rss_bytes"] for t in runs),
             "delta": statistics.median(t["peak_rss_bytes"] - t["start_rss_bytes"] for t in runs),
             "fused_active": all(t.get("fused_active", False) for t in runs),
@@ -262,16 +265,18 @@ def train_table(train):
     modes = train_modes(train)
     ref = modes.get("full") or next(iter(modes.values()))
     mod = modes.get("module_lora")
-    rows = ["| configuration | step [ms] | x full | x module-side | peak RSS [MiB] | x full | x module-side | "
-            "peak - start [MiB] |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    with_opt = all(t["opt_ms"] is not None for t in modes.values())
+    rows = ["| configuration | step [ms] | " + ("of it in opt.step() [ms] | " if with_opt else "")
+            + "x full | x module-side | peak RSS [MiB] | x full | x module-side | peak - start [MiB] |",
+            "|---|---:|" + ("---:|" if with_opt else "") + "---:|---:|---:|---:|---:|---:|"]
     for mode, t in modes.items():
         label = TRAIN_LABELS.get(mode, mode)
         if mode == "fused" and not t["fused_active"]:
             rows.append(f"| {label} | *not available: fuse_into_backward had no effect in this build "
-                        f"(full gradients still reached .grad)* | | | | | | |")
+                        f"(full gradients still reached .grad)* | | | | | | |" + (" |" if with_opt else ""))
             continue
-        step = (f"{t['step_ms']:.0f} | {t['step_ms'] / ref['step_ms']:.3f} | "
+        step = (f"{t['step_ms']:.0f} | " + (f"{t['opt_ms']:.1f} | " if with_opt else "")
+                + f"{t['step_ms'] / ref['step_ms']:.3f} | "
                 + (f"{t['step_ms'] / mod['step_ms']:.3f}" if mod else "-"))
         if mode == "backward":  # no optimizer, no state: its memory is not comparable
             memory = "- | - | - | -"
