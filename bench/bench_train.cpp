@@ -197,9 +197,9 @@ int run_child(const Options& o) {
   const bool fused_active = mode == "fused" && !grads_after_backward;
   std::printf(
       "{\"mode\": \"%s\", \"layers\": %lld, \"dim\": %lld, \"batch\": %lld, \"rank\": %lld, \"threads\": %d, "
-      "\"steps\": %d, \"step_ms_median\": %.4f, \"step_ms_min\": %.4f, \"opt_ms_median\": %.4f, \"peak_rss_bytes\": "
-      "%lld, "
-      "\"start_rss_bytes\": %lld, \"setup_rss_bytes\": %lld, \"grads_after_backward\": %s, \"fused_active\": %s, "
+      "\"steps\": %d, \"step_ms_median\": %.4f, \"step_ms_min\": %.4f, \"opt_ms_median\": %.4f, "
+      "\"peak_rss_bytes\": %lld, \"start_rss_bytes\": %lld, \"setup_rss_bytes\": %lld, \"grads_after_backward\": %s, "
+      "\"fused_active\": %s, "
       "\"first_loss\": %.6g, \"last_loss\": %.6g, \"torch_version\": \"%s\"}\n",
       mode.c_str(), static_cast<long long>(L), static_cast<long long>(d), static_cast<long long>(o.batch),
       static_cast<long long>(r), at::get_num_threads(), o.steps, median(times),
