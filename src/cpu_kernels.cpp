@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <memory>
 #include <stdexcept>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -43,6 +44,10 @@ constexpr int64_t kUpdateCols = 4096;
 
 // How far ahead in its row (in floats) the projection asks for G: the next block's run.
 constexpr int64_t kPrefetch = 512;
+
+// n floats whose contents start undefined (new float[n] leaves them so; a std::vector would
+// zero them): for scratch whose every element read has been written first.
+std::unique_ptr<float[]> scratch(size_t n) { return std::unique_ptr<float[]>(new float[n]); }
 
 // Sum of 16 lanes in a fixed order.
 float lane_sum(const float* v) {
