@@ -176,6 +176,29 @@ TEST(NonFinite, SkipLeavesParameterFactorsAndStateUntouchedAndWarns) {
   }
 }
 
+// A gradient with more than 2^20 elements takes the library's check, a small double one the
+// host check's double form: a NaN in either skips the step, and a finite one steps.
+TEST(NonFinite, LargeAndDoubleGradientsAreCheckedToo) {
+  const std::vector<std::pair<int64_t, torch::Dtype>> cases = {{1025, torch::kFloat}, {8, torch::kDouble}};
+  for (const auto& [rows, dtype] : cases) {
+    SCOPED_TRACE(rows);
+    torch::Tensor w = torch::zeros({rows, 1024}, torch::TensorOptions().dtype(dtype)).requires_grad_(true);
+    torch::OrderedDict<std::string, torch::Tensor> params;
+    params.insert("w", w);
+    LowRankOptimizer opt(params, quiet("optimizer:\n  type: adam\n  lr: 0.01\ntargets:\n  - match: w\n"
+                                       "    method: full\non_nonfinite: skip\n"));
+    w.mutable_grad() = torch::ones_like(w);
+    w.mutable_grad()[rows - 1][5] = std::nan("");
+    opt.step();
+    EXPECT_TRUE(torch::equal(w, torch::zeros_like(w)));
+    EXPECT_EQ(opt.skipped_count(), 1);
+    w.mutable_grad() = torch::ones_like(w);
+    opt.step();
+    EXPECT_FALSE(torch::equal(w, torch::zeros_like(w)));
+    EXPECT_EQ(opt.skipped_count(), 1);
+  }
+}
+
 TEST(NonFinite, ErrorThrowsNamingTheParameterAndChangesNothing) {
   Net net = make_net(1);
   LowRankOptimizer opt(net->named_parameters(), quiet(fmt::format(kNonFiniteYaml, "error")));
