@@ -78,6 +78,10 @@ class FusedProjectHook final : public torch::autograd::FunctionPreHook {
 
 namespace {
 
+// The most elements a CPU gradient may have for the host check below (a factor's gradient
+// has far fewer; a larger one keeps the library's threads).
+constexpr int64_t kHostCheckMax = int64_t{1} << 20;
+
 // True when every element of a contiguous host array is finite: one pass, no allocation.
 template <typename T>
 bool all_finite(const T* p, int64_t n) {
@@ -110,15 +114,13 @@ std::vector<char> finite_flags(const std::vector<std::vector<torch::Tensor>>& gr
   for (size_t i = 0; i < grads_per_entry.size(); ++i) {
     for (const auto& g : grads_per_entry[i]) {
       if (!g.defined() || g.numel() == 0) continue;
-      if (g.device().is_cpu() && g.is_contiguous() && g.numel() <= (int64_t{1} << 20)) {
-        if (g.scalar_type() == torch::kFloat) {
-          if (!all_finite(g.data_ptr<float>(), g.numel())) finite[i] = 0;
-          continue;
-        }
-        if (g.scalar_type() == torch::kDouble) {
-          if (!all_finite(g.data_ptr<double>(), g.numel())) finite[i] = 0;
-          continue;
-        }
+      if (g.device().is_cpu() && g.is_contiguous() && g.numel() <= kHostCheckMax &&
+          (g.scalar_type() == torch::kFloat || g.scalar_type() == torch::kDouble)) {
+        bool ok = true;
+        AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "finite_flags",
+                                   [&] { ok = all_finite(g.data_ptr<scalar_t>(), g.numel()); });
+        if (!ok) finite[i] = 0;
+        continue;
       }
       auto it = device_slot(g.device());
       it->entries.push_back(i);
