@@ -91,6 +91,8 @@ constexpr int kProjRows = 2, kProjGroup = 4;
 constexpr int kAtgGroup = 1;  // unused: no split
 constexpr bool kUpdateInRegisters = false;
 constexpr int kUpdateRows = 4, kUpdateGroup = 4;
+constexpr int64_t kUpdatePanelGroups = 16;  // unused: the sums are in a row buffer
+constexpr int64_t kPackStrips = 16;  // unused: the sums are in a row buffer
 #include "cpu_kernels_body.inc"
 #undef GRADLORA_OP
 #undef GRADLORA_TARGET
@@ -120,12 +122,15 @@ GRADLORA_OP Part pmul(Part a, Part b) { return _mm256_mul_ps(a, b); }
 GRADLORA_OP Part pfma(Part a, Part b, Part c) { return _mm256_fmadd_ps(a, b, c); }
 // 16 registers: too few to keep both products' sums of one sweep in them, so the projection
 // is split over a panel of G in cache: s·G·Bᵀ 3 rows × 4 factor columns at a time (12 sums),
-// Aᵀ·G 4 factor rows × 16 columns (8 sums); the write-back keeps 4 rows × 2 Parts of sums.
+// Aᵀ·G 4 factor rows × 16 columns (8 sums); the write-back keeps 6 rows × 2 Parts of sums
+// (12: with 8, the FMAs waited on each other).
 constexpr bool kProjSplit = true;
 constexpr int kProjRows = 3, kProjGroup = 4;
 constexpr int kAtgGroup = 4;
 constexpr bool kUpdateInRegisters = true;
-constexpr int kUpdateRows = 4, kUpdateGroup = 1;  // kUpdateGroup: unused, the sums are in registers
+constexpr int kUpdateRows = 6, kUpdateGroup = 1;  // kUpdateGroup: unused, the sums are in registers
+constexpr int64_t kUpdatePanelGroups = 10;  // kUpdateRows-row groups per row panel
+constexpr int64_t kPackStrips = 16;         // strips (of 16 columns) from which the left factors are packed
 #include "cpu_kernels_body.inc"
 #undef GRADLORA_OP
 #undef GRADLORA_TARGET
