@@ -22,6 +22,10 @@ struct Shape {
   int64_t n, m, r;
 };
 
+// On AVX2 the write-back packs the left factors of rows of at least 16 strips of 16 columns
+// (129×515, 64×2048) and reads them in place on narrower ones (the others); rows come in
+// groups of 6 within panels of 60, so every shape but 300×47 and 600×100 ends in a partial
+// group (of 1 to 5 rows).
 const std::vector<Shape> kShapes{{1, 1, 1},     {3, 17, 1},     {5, 33, 3},    {70, 130, 5},
                                  {129, 515, 8}, {600, 100, 32}, {64, 2048, 7}, {300, 47, 13}};
 
