@@ -92,7 +92,7 @@ constexpr int kAtgGroup = 1;  // unused: no split
 constexpr bool kUpdateInRegisters = false;
 constexpr int kUpdateRows = 4, kUpdateGroup = 4;
 constexpr int64_t kUpdatePanelGroups = 16;  // unused: the sums are in a row buffer
-constexpr int64_t kPackStrips = 16;  // unused: the sums are in a row buffer
+constexpr int64_t kPackStrips = 16;         // unused: the sums are in a row buffer
 #include "cpu_kernels_body.inc"
 #undef GRADLORA_OP
 #undef GRADLORA_TARGET
@@ -129,8 +129,8 @@ constexpr int kProjRows = 3, kProjGroup = 4;
 constexpr int kAtgGroup = 4;
 constexpr bool kUpdateInRegisters = true;
 constexpr int kUpdateRows = 6, kUpdateGroup = 1;  // kUpdateGroup: unused, the sums are in registers
-constexpr int64_t kUpdatePanelGroups = 10;  // kUpdateRows-row groups per row panel
-constexpr int64_t kPackStrips = 16;         // strips (of 16 columns) from which the left factors are packed
+constexpr int64_t kUpdatePanelGroups = 10;        // kUpdateRows-row groups per row panel
+constexpr int64_t kPackStrips = 16;               // strips (of 16 columns) from which the left factors are packed
 #include "cpu_kernels_body.inc"
 #undef GRADLORA_OP
 #undef GRADLORA_TARGET
