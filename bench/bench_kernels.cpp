@@ -12,14 +12,12 @@
 #include <gradlora/gradlora.h>
 
 #include "bench_args.h"
+#include "bench_util.h"
 
 #include <torch/torch.h>
 
-#include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <cstdlib>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -27,36 +25,18 @@
 
 namespace {
 
-template <typename Fn>
-double time_ms(Fn&& fn) {
-  const auto t0 = std::chrono::steady_clock::now();
-  fn();
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-}
+using gradlora::bench::fail;
+using gradlora::bench::median;
+using gradlora::bench::time_ms;
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-std::vector<std::string> split(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream in(s);
-  for (std::string item; std::getline(in, item, ',');) out.push_back(item);
-  return out;
-}
-
-[[noreturn]] void fail(const std::string& what) {
-  std::fprintf(stderr, "gradlora_bench_kernels: %s\n", what.c_str());
-  std::exit(2);
-}
+constexpr const char* kProgram = "gradlora_bench_kernels";
 
 }  // namespace
 
 int main(int argc, char** argv) {
   int threads = 1, repeats = 21, settle_ms = 200;
   std::string shapes = "2048x2048,4096x4096", ranks = "8,32", isa;
-  gradlora::bench::Args("gradlora_bench_kernels")
+  gradlora::bench::Args(kProgram)
       .add("--threads", threads)
       .add("--repeats", repeats)
       .add("--shapes", shapes)
@@ -64,38 +44,18 @@ int main(int argc, char** argv) {
       .add("--settle-ms", settle_ms)
       .add("--isa", isa)
       .parse(argc, argv);
-  if (threads < 1 || repeats < 1) fail("--threads and --repeats must be at least 1");
+  if (threads < 1) fail(kProgram, "--threads: must be at least 1, got " + std::to_string(threads));
+  if (repeats < 1) fail(kProgram, "--repeats: must be at least 1, got " + std::to_string(repeats));
+  if (settle_ms < 0) fail(kProgram, "--settle-ms: must be 0 or more, got " + std::to_string(settle_ms));
   at::set_num_threads(threads);
   try {
-    if (!isa.empty() && !gradlora::set_cpu_kernels_isa(isa)) fail("--isa '" + isa + "': not available on this CPU");
+    if (!isa.empty() && !gradlora::set_cpu_kernels_isa(isa))
+      fail(kProgram, "--isa '" + isa + "': not available on this CPU");
   } catch (const std::exception& e) {
-    fail(std::string("--isa: ") + e.what());
+    fail(kProgram, std::string("--isa: ") + e.what());
   }
-  std::vector<std::pair<int64_t, int64_t>> dims;
-  for (const std::string& shape : split(shapes)) {
-    const auto x = shape.find('x');
-    int64_t n = 0, m = 0;
-    try {
-      if (x == std::string::npos) throw std::invalid_argument("no x");
-      n = std::stoll(shape.substr(0, x));
-      m = std::stoll(shape.substr(x + 1));
-    } catch (const std::exception&) {
-      fail("--shapes: '" + shape + "' is not NxM");
-    }
-    if (n < 1 || m < 1) fail("--shapes: '" + shape + "' is not NxM with N, M at least 1");
-    dims.emplace_back(n, m);
-  }
-  std::vector<int64_t> rank_list;
-  for (const std::string& rs : split(ranks)) {
-    int64_t r = 0;
-    try {
-      r = std::stoll(rs);
-    } catch (const std::exception&) {
-      fail("--ranks: '" + rs + "' is not a number");
-    }
-    if (r < 1) fail("--ranks: '" + rs + "' is below 1");
-    rank_list.push_back(r);
-  }
+  const auto dims = gradlora::bench::parse_shapes(kProgram, shapes);
+  const std::vector<int64_t> rank_list = gradlora::bench::parse_ranks(kProgram, ranks);
   std::printf("threads %d, CPU kernels %s, median of %d interleaved repeats\n", threads,
               gradlora::cpu_kernels_isa().c_str(), repeats);
   std::printf("%-12s %4s %12s %10s %12s %10s %10s\n", "shape", "r", "project ms", "GFLOPS", "write-back ms", "GFLOPS",

@@ -22,6 +22,7 @@
 #include <gradlora/gradlora.h>
 
 #include "bench_args.h"
+#include "bench_util.h"
 
 #include <torch/torch.h>
 
@@ -51,30 +52,9 @@ struct Options {
   std::string isa;      // the kernels' instruction set (default: the CPU's best)
 };
 
-std::vector<std::string> split(const std::string& s, char sep) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  for (std::string item; std::getline(ss, item, sep);) {
-    if (!item.empty()) out.push_back(item);
-  }
-  return out;
-}
-
-double ms_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-}
-
-template <typename Fn>
-double time_ms(Fn&& fn) {
-  const auto t0 = std::chrono::steady_clock::now();
-  fn();
-  return ms_since(t0);
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : v[v.size() / 2];
-}
+using gradlora::bench::median;
+using gradlora::bench::split;
+using gradlora::bench::time_ms;
 
 double flops_of(const std::string& method, int64_t n, int64_t m, int64_t r) {
   const double nm = static_cast<double>(n) * static_cast<double>(m), rr = static_cast<double>(r);
@@ -123,6 +103,8 @@ int main(int argc, char** argv) {
       .add("--json", o.json)
       .add("--isa", o.isa);
   args.parse(argc, argv);
+  const auto shapes = gradlora::bench::parse_shapes("gradlora_bench_roofline", o.shapes);
+  const std::vector<int64_t> ranks = gradlora::bench::parse_ranks("gradlora_bench_roofline", o.ranks);
   if (o.settle_ms < 0) {
     std::fprintf(stderr, "gradlora_bench_roofline: --settle-ms must be 0 or more, got %d\n", o.settle_ms);
     return 2;
@@ -158,16 +140,14 @@ int main(int argc, char** argv) {
 
   const torch::Tensor X = torch::randn({2048, 2048}), Y = torch::randn({2048, 2048});
   torch::Tensor Z = torch::empty({2048, 2048});
-  for (const std::string& shape : split(o.shapes, ',')) {
-    const auto nm = split(shape, 'x');
-    const int64_t n = std::stoll(nm.at(0)), m = std::stoll(nm.at(1));
+  for (const auto& [n, m] : shapes) {
+    const std::string shape = std::to_string(n) + "x" + std::to_string(m);
     torch::manual_seed(1234);
     torch::Tensor p = torch::randn({n, m}).mul_(0.02).requires_grad_(true);
     p.mutable_grad() = torch::randn({n, m}).mul_(1e-3);
     torch::Tensor W = torch::randn({n, m});
     const torch::Tensor G = p.grad();
-    for (const std::string& rs : split(o.ranks, ',')) {
-      const int64_t r = std::stoll(rs);
+    for (const int64_t r : ranks) {
       std::vector<Column> cols;
       std::vector<std::unique_ptr<gradlora::LowRankOptimizer>> opts;
       for (const std::string& method : split(o.methods, ',')) {
@@ -223,7 +203,7 @@ int main(int argc, char** argv) {
     // the randomized range finder; and the share of the top-r energy ‖Qᵀ·G‖² (or ‖G·Q‖²)
     // that the randomized Q captures, against the SVD's Q.
     if (o.refresh && o.methods.find("galore") != std::string::npos) {
-      const int64_t r = std::stoll(split(o.ranks, ',').at(0));
+      const int64_t r = ranks.front();
       auto between = make_opt(p, "galore", r);
       between->step();
       std::vector<double> b;

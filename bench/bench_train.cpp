@@ -22,6 +22,7 @@
 //                        [--modes=full,module_lora,lora,fused,backward] [--json=out.json]
 
 #include "bench_args.h"
+#include "bench_util.h"
 
 #include <gradlora/gradlora.h>
 
@@ -53,15 +54,7 @@ struct Options {
   std::string json;
 };
 
-std::vector<std::string> split(const std::string& s, char sep) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, sep)) {
-    if (!item.empty()) out.push_back(item);
-  }
-  return out;
-}
+using gradlora::bench::split;
 
 Options parse(int argc, char** argv) {
   Options o;
