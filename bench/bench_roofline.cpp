@@ -6,6 +6,9 @@
 // change in the machine's state touches every column alike):
 //   pass    one `W += c·G` over the n×m weight: reads G and W, writes W (3·n·m floats), the
 //           traffic a low-rank step cannot avoid: T_mem
+//   sweeps  a read-only sweep of G (G.sum()) and a read-modify-write sweep of W (W += c): the
+//           same traffic in the two sweeps a step makes when its write-back needs the inner
+//           rule's result, which needs all of G first (every method here)
 //   each method's step (inner AdamW, the gradient already in .grad), with gradlora's CPU
 //   kernels and, as `<method>/library`, with them turned off (the library calls they replace)
 //   torch::optim::AdamW's step on the same full-rank parameter
@@ -130,8 +133,8 @@ int main(int argc, char** argv) {
   const auto use_kernels = [&](bool on) { gradlora::set_cpu_kernels_isa(on ? isa : "none"); };
   std::printf("threads %d (the kernels' loops run on %d), CPU kernels %s, median of %d interleaved repeats\n",
               at::get_num_threads(), gradlora::cpu_kernel_threads(), kernels ? isa.c_str() : "unavailable", o.repeats);
-  std::printf("%-11s %3s %-16s %9s %8s %8s %9s %9s %9s %8s\n", "shape", "r", "column", "step ms", "pass ms", "sgemm GF",
-              "roof ms", "/roof", "/pass", "/AdamW");
+  std::printf("%-11s %3s %-16s %9s %8s %9s %8s %9s %9s %9s %8s\n", "shape", "r", "column", "step ms", "pass ms",
+              "sweeps ms", "sgemm GF", "roof ms", "/roof", "/pass", "/AdamW");
   std::ostringstream js;
   js << "{\"threads\": " << at::get_num_threads() << ", \"kernel_threads\": " << gradlora::cpu_kernel_threads()
      << ", \"kernels\": " << (kernels ? "true" : "false") << ", \"isa\": \"" << isa << "\", \"torch_version\": \""
@@ -165,9 +168,12 @@ int main(int argc, char** argv) {
       }
       use_kernels(true);
       adamw.step();
-      std::vector<double> pass, rate, adam;
+      std::vector<double> pass, read, rmw, rate, adam;
+      double sink = 0.0;
       for (int rep = 0; rep < o.repeats; ++rep) {
         pass.push_back(time_ms([&] { W.add_(G, 1e-3); }));
+        read.push_back(time_ms([&] { sink += G.sum().item<double>(); }));
+        rmw.push_back(time_ms([&] { W.add_(1e-3); }));
         for (size_t c = 0; c < opts.size(); ++c) {
           use_kernels(cols[c].kernels);
           cols[c].ms.push_back(time_ms([&] { opts[c]->step(); }));
@@ -180,19 +186,22 @@ int main(int argc, char** argv) {
         std::this_thread::sleep_for(std::chrono::milliseconds(o.settle_ms));
       }
       cols.push_back({"adamw", "adamw", true, adam});
+      if (sink == 12345.0) std::printf(" ");  // the sums are used
       const double t_pass = median(pass), gflops = median(rate), t_adam = median(adam);
+      const double t_read = median(read), t_rmw = median(rmw), t_sweeps = t_read + t_rmw;
       for (const Column& c : cols) {
         const double t = median(c.ms);
         const double flops = flops_of(c.method, n, m, r);
         const double t_flop = flops / (gflops * 1e6);
         const double roof = std::max(t_pass, t_flop);
-        std::printf("%-11s %3lld %-16s %9.2f %8.2f %8.1f %9.2f %9.2f %9.2f %8.3f\n", shape.c_str(),
-                    static_cast<long long>(r), c.name.c_str(), t, t_pass, gflops, roof, t / roof, t / t_pass,
+        std::printf("%-11s %3lld %-16s %9.2f %8.2f %9.2f %8.1f %9.2f %9.2f %9.2f %8.3f\n", shape.c_str(),
+                    static_cast<long long>(r), c.name.c_str(), t, t_pass, t_sweeps, gflops, roof, t / roof, t / t_pass,
                     t / t_adam);
         js << (first_row ? "" : ",") << "\n  {\"n\": " << n << ", \"m\": " << m << ", \"r\": " << r
            << ", \"column\": \"" << c.name << "\", \"method\": \"" << c.method
            << "\", \"kernels\": " << (c.kernels ? "true" : "false") << ", \"step_ms\": " << t
-           << ", \"pass_ms\": " << t_pass << ", \"sgemm_gflops\": " << gflops << ", \"flops\": " << flops
+           << ", \"pass_ms\": " << t_pass << ", \"read_ms\": " << t_read << ", \"rmw_ms\": " << t_rmw
+           << ", \"sgemm_gflops\": " << gflops << ", \"flops\": " << flops
            << ", \"floor_bytes\": " << 3.0 * static_cast<double>(n * m) * 4.0 << ", \"t_flop_ms\": " << t_flop
            << ", \"roofline_ms\": " << roof << ", \"adamw_ms\": " << t_adam << "}";
         first_row = false;
