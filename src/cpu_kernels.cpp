@@ -58,6 +58,28 @@ struct ScratchDelete {
 using Scratch = std::unique_ptr<float[], ScratchDelete>;
 Scratch scratch(size_t n) { return Scratch(new (kLine) float[n]); }
 
+// Scratch that keeps its memory from one call to the next: one buffer per slot and thread,
+// grown to the largest size asked of it and never shrunk; its contents start undefined, as
+// scratch()'s. Fresh scratch each call came back from malloc as new pages whenever the heap
+// had been trimmed in between (as it is after every step of a training loop that frees its
+// gradients), and the kernel faulted them in and zeroed them: 7·r·m floats of partial sums
+// per projection. The caller's slots (kPartials, kPacked) and its workers' (kPanel, kSums)
+// are distinct, so a thread that is both never hands one buffer out twice.
+enum Slot { kPartials, kPacked, kPanel, kSums, kSlotCount };
+float* kept(Slot slot, size_t n) {
+  struct Buffer {
+    Scratch data;
+    size_t size = 0;
+  };
+  thread_local Buffer buffers[kSlotCount];
+  Buffer& b = buffers[slot];
+  if (b.size < n) {
+    b.data = scratch(n);
+    b.size = n;
+  }
+  return b.data.get();
+}
+
 // Sum of 16 lanes in a fixed order.
 float lane_sum(const float* v) {
   float h[8];
