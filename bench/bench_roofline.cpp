@@ -109,8 +109,8 @@ int main(int argc, char** argv) {
   const auto shapes = gradlora::bench::parse_shapes("gradlora_bench_roofline", o.shapes);
   const std::vector<int64_t> ranks = gradlora::bench::parse_ranks("gradlora_bench_roofline", o.ranks);
   if (o.settle_ms < 0) {
-    std::fprintf(stderr, "gradlora_bench_roofline: --settle-ms must be 0 or more, got %d\n", o.settle_ms);
-    return 2;
+    gradlora::bench::fail("gradlora_bench_roofline",
+                          "--settle-ms: must be 0 or more, got " + std::to_string(o.settle_ms));
   }
   if (!o.isa.empty()) {
     bool ok = false;

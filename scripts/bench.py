@@ -246,6 +246,9 @@ def train_modes(train):
                        if all("opt_ms_median" in t for t in runs) else None),
             "peak": statistics.median(t["peak_rss_bytes"] for t in runs),
             "delta": statistics.median(t["peak_rss_bytes"] - t["start_rss_bytes"] for t in runs),
+            # runs from before the set-up was recorded have no setup_rss_bytes
+            "above_setup": (statistics.median(t["peak_rss_bytes"] - t["setup_rss_bytes"] for t in runs)
+                            if all("setup_rss_bytes" in t for t in runs) else None),
             "fused_active": all(t.get("fused_active", False) for t in runs),
             "rounds": len(runs),
         }

@@ -20,11 +20,10 @@ import glob
 import json
 import os
 import re
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import TRAIN_LABELS, update_docs  # noqa: E402
+from bench import TRAIN_LABELS, train_modes, update_docs  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 1 << 20
@@ -37,10 +36,16 @@ def load(folder):
         m = re.fullmatch(r"(.+)-batch(\d+)\.json", os.path.basename(path))
         if not m:
             continue
-        with open(path) as f:
-            records = json.load(f)
-        if not records:
+        try:
+            with open(path) as f:
+                records = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"{path}: not a run file of gradlora_bench_train --json ({e})")
+        if not isinstance(records, list) or not records:
             raise SystemExit(f"{path}: no records")
+        missing = [k for k in ("mode", "peak_rss_bytes", "setup_rss_bytes", "torch_version") if k not in records[0]]
+        if missing:
+            raise SystemExit(f"{path}: records lack {', '.join(missing)}")
         runs[(m.group(1), int(m.group(2)))] = records
     if not runs:
         raise SystemExit(f"{folder}: no <release>-batch<B>.json files")
@@ -48,13 +53,8 @@ def load(folder):
 
 
 def medians(records):
-    """{mode: (peak MiB, peak - setup MiB)}: medians over the rounds."""
-    out = {}
-    for mode in dict.fromkeys(r["mode"] for r in records):
-        rs = [r for r in records if r["mode"] == mode]
-        out[mode] = (statistics.median(r["peak_rss_bytes"] for r in rs) / MIB,
-                     statistics.median(r["peak_rss_bytes"] - r["setup_rss_bytes"] for r in rs) / MIB)
-    return out
+    """{mode: (peak MiB, peak - setup MiB)}: bench.py's medians over the rounds."""
+    return {mode: (t["peak"] / MIB, t["above_setup"] / MIB) for mode, t in train_modes(records).items()}
 
 
 def table(runs):
