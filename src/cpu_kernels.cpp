@@ -46,6 +46,9 @@ constexpr int64_t kUpdateCols = 4096;
 // How far ahead in its row (in floats) the projection asks for G: the next block's run.
 constexpr int64_t kPrefetch = 512;
 
+// How far ahead (in floats) a row streamed once from memory is asked for.
+constexpr int64_t kStreamAhead = 1024;
+
 // n floats whose contents start undefined (new float[n] leaves them so; a std::vector would
 // zero them): for scratch whose every element read has been written first. The first float
 // starts a cache line (64 bytes), so that rows whose stride is a multiple of 16 floats start

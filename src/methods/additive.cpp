@@ -66,7 +66,9 @@ class AdditiveProjector final : public FactorProjector {
             /*always_copy=*/true);
       }
     } else {
-      additive_write_back(P2, A_.sub(A_prev_), B_.sub(B_prev_), s_);
+      // The changes A − A_prev, B − B_prev go into the copies' own storage (forgotten next):
+      // no factor-sized temporaries, whose fresh pages cost as much as the sums.
+      additive_write_back(P2, at::sub_out(A_prev_, A_, A_prev_), at::sub_out(B_prev_, B_, B_prev_), s_);
       forget_factors();
     }
     discard();
