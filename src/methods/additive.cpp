@@ -67,7 +67,7 @@ class AdditiveProjector final : public FactorProjector {
       }
     } else {
       // The changes A − A_prev, B − B_prev go into the copies' own storage (forgotten next):
-      // no factor-sized temporaries, whose fresh pages cost as much as the sums.
+      // two factor-sized allocations fewer per step.
       additive_write_back(P2, at::sub_out(A_prev_, A_, A_prev_), at::sub_out(B_prev_, B_, B_prev_), s_);
       forget_factors();
     }
