@@ -144,11 +144,12 @@ int main(int argc, char** argv) {
   const torch::Tensor X = torch::randn({2048, 2048}), Y = torch::randn({2048, 2048});
   torch::Tensor Z = torch::empty({2048, 2048});
   // A training process has freed tensors of some MiB (activations) before its first step, and
-  // glibc's allocator then serves smaller blocks from its heap and keeps their pages (its mmap
-  // and trim thresholds rise to the largest block freed, up to 32 MiB). Free one such tensor
-  // here, so that every shape finds the allocator in that state whatever the shapes' order:
-  // before it, a step of a shape timed first took fresh, zeroed pages for its factor-sized
-  // temporaries (additive at 4096², r = 32: 1.2 ms of page faults in an 11.9 ms step).
+  // glibc's allocator then serves smaller blocks from its heap and keeps their pages (freeing
+  // an mmapped block raises the mmap threshold to its size, up to 32 MiB, and the trim
+  // threshold to twice that). Free one such tensor here, so that every shape finds the
+  // allocator in that state whatever the shapes' order: before it, a step of a shape timed
+  // first took fresh, zeroed pages for its factor-sized temporaries (additive at 4096²,
+  // r = 32: 1.2 ms of page faults in an 11.9 ms step).
   torch::empty({4 << 20}).fill_(0);  // 16 MiB
   for (const auto& [n, m] : shapes) {
     const std::string shape = std::to_string(n) + "x" + std::to_string(m);

@@ -66,8 +66,9 @@ Scratch scratch(size_t n) { return Scratch(new (kLine) float[n]); }
 // scratch()'s. Fresh scratch each call came back from malloc as new pages whenever the heap
 // had been trimmed in between (after large temporaries were freed: torch::optim::AdamW's in
 // the roofline benchmark, a training step's gradients), and the kernel faulted them in and
-// zeroed them, 7·r·m floats of partial sums per projection. The caller's slots (kPartials, kPacked) and its workers'
-// (kPanel, kSums) are distinct, so a thread that is both never hands one buffer out twice.
+// zeroed them, 7·r·m floats of partial sums per projection. The caller's slots (kPartials,
+// kPacked) and its workers' (kPanel, kSums) are distinct, so a thread that is both never
+// hands one buffer out twice.
 enum Slot { kPartials, kPacked, kPanel, kSums, kSlotCount };
 float* kept(Slot slot, size_t n) {
   struct Buffer {
