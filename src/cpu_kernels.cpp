@@ -119,15 +119,21 @@ GRADLORA_OP Part pzero() { return _mm512_setzero_ps(); }
 GRADLORA_OP Part padd(Part a, Part b) { return _mm512_add_ps(a, b); }
 GRADLORA_OP Part pmul(Part a, Part b) { return _mm512_mul_ps(a, b); }
 GRADLORA_OP Part pfma(Part a, Part b, Part c) { return _mm512_fmadd_ps(a, b, c); }
-// 32 registers: both products from one sweep over G, 2 rows × 4 factor columns at a time;
-// the write-back sums 4 rows × 4 factor columns at a time into a row buffer.
-constexpr bool kProjSplit = false;
-constexpr int kProjRows = 2, kProjGroup = 4;
-constexpr int kAtgGroup = 1;  // unused: no split
-constexpr bool kUpdateInRegisters = false;
-constexpr int kUpdateRows = 4, kUpdateGroup = 4;
-constexpr int64_t kUpdatePanelGroups = 16;  // unused: the sums are in a row buffer
-constexpr int64_t kPackStrips = 16;         // unused: the sums are in a row buffer
+// 32 registers: the projection over a panel of G in cache, s·G·Bᵀ 4 rows × 4 factor columns
+// at a time (16 sums), Aᵀ·G 6 factor rows × 16 columns (6 sums); the write-back keeps 6 rows
+// × 16 columns of sums. On an AMD Zen 4 (1 thread, 4096×4096, r = 8) this ran the projection
+// 1.4× and the write-back 2× as fast as one sweep over G with 2 rows × 4 factor columns of
+// sums and a write-back through a row buffer; at r = 32, 2.2× and 2.3×. Storing each row of
+// a group right after loading it beat loading the whole group first (which AVX2 on Zen 3
+// needs) by 7–16 % there.
+constexpr bool kProjSplit = true;
+constexpr int kProjRows = 4, kProjGroup = 4;
+constexpr int kAtgGroup = 6;
+constexpr bool kUpdateInRegisters = true;
+constexpr int kUpdateRows = 6, kUpdateGroup = 1;
+constexpr int64_t kUpdatePanelGroups = 10;
+constexpr int64_t kPackStrips = 16;
+constexpr bool kUpdateLoadsFirst = false;
 #include "cpu_kernels_body.inc"
 #undef GRADLORA_OP
 #undef GRADLORA_TARGET
@@ -166,6 +172,7 @@ constexpr bool kUpdateInRegisters = true;
 constexpr int kUpdateRows = 6, kUpdateGroup = 1;  // kUpdateGroup: unused, the sums are in registers
 constexpr int64_t kUpdatePanelGroups = 10;        // kUpdateRows-row groups per row panel
 constexpr int64_t kPackStrips = 16;               // strips (of 16 columns) from which the left factors are packed
+constexpr bool kUpdateLoadsFirst = true;          // in place: a row group's loads of P before its stores
 #include "cpu_kernels_body.inc"
 #undef GRADLORA_OP
 #undef GRADLORA_TARGET
