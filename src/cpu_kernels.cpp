@@ -22,29 +22,12 @@ namespace {
 // how many threads ran the chunks.
 constexpr int64_t kChunks = 8;
 constexpr int64_t kMinChunkRows = 64;
-constexpr int64_t kPanelRows = 16;  // rows whose Σ_j G·B partials stay in registers' reach
-constexpr int64_t kLanes = 16;      // lanes of a vector, on every instruction set
+constexpr int64_t kLanes = 16;  // lanes of a vector, on every instruction set
 
 int64_t chunk_rows(int64_t n) {
   const int64_t chunks = std::clamp<int64_t>(n / kMinChunkRows, 1, kChunks);
   return (n + chunks - 1) / chunks;
 }
-
-// Columns per block of the projection, so that the block's rows of B and of the Aᵀ·G partial
-// (2·r·w floats) stay in a 32 KiB share of the L1 cache while the rows of G stream past; but
-// at least 512 (2 KiB of each row of G): shorter runs of a row defeat the hardware
-// prefetcher, and at r = 32 (128 columns) the projection ran 1.5× slower from memory.
-int64_t block_cols(int64_t q, int64_t arrays) {
-  const int64_t w = (32 * 1024 / 4) / std::max<int64_t>(q * arrays, 1);
-  return std::max<int64_t>(512, w / kLanes * kLanes);
-}
-
-// Columns per block of a write-back: whole rows up to 4096 floats. The block's rows of the
-// terms' right factors (q·w floats) then sit in the L2 cache, and P streams row by row.
-constexpr int64_t kUpdateCols = 4096;
-
-// How far ahead in its row (in floats) the projection asks for G: the next block's run.
-constexpr int64_t kPrefetch = 512;
 
 // How far ahead (in floats) a row streamed once from memory is asked for.
 constexpr int64_t kStreamAhead = 1024;
@@ -126,11 +109,9 @@ GRADLORA_OP Part pfma(Part a, Part b, Part c) { return _mm512_fmadd_ps(a, b, c);
 // sums and a write-back through a row buffer; at r = 32, 2.2× and 2.3×. Storing each row of
 // a group right after loading it beat loading the whole group first (which AVX2 on Zen 3
 // needs) by 7–16 % there.
-constexpr bool kProjSplit = true;
 constexpr int kProjRows = 4, kProjGroup = 4;
 constexpr int kAtgGroup = 6;
-constexpr bool kUpdateInRegisters = true;
-constexpr int kUpdateRows = 6, kUpdateGroup = 1;
+constexpr int kUpdateRows = 6;
 constexpr int64_t kUpdatePanelGroups = 10;
 constexpr int64_t kPackStrips = 16;
 constexpr bool kUpdateLoadsFirst = false;
@@ -165,14 +146,12 @@ GRADLORA_OP Part pfma(Part a, Part b, Part c) { return _mm256_fmadd_ps(a, b, c);
 // is split over a panel of G in cache: s·G·Bᵀ 3 rows × 4 factor columns at a time (12 sums),
 // Aᵀ·G 4 factor rows × 16 columns (8 sums); the write-back keeps 6 rows × 2 Parts of sums
 // (12: with 8, the FMAs waited on each other).
-constexpr bool kProjSplit = true;
 constexpr int kProjRows = 3, kProjGroup = 4;
 constexpr int kAtgGroup = 4;
-constexpr bool kUpdateInRegisters = true;
-constexpr int kUpdateRows = 6, kUpdateGroup = 1;  // kUpdateGroup: unused, the sums are in registers
-constexpr int64_t kUpdatePanelGroups = 10;        // kUpdateRows-row groups per row panel
-constexpr int64_t kPackStrips = 16;               // strips (of 16 columns) from which the left factors are packed
-constexpr bool kUpdateLoadsFirst = true;          // in place: a row group's loads of P before its stores
+constexpr int kUpdateRows = 6;
+constexpr int64_t kUpdatePanelGroups = 10;  // kUpdateRows-row groups per row panel
+constexpr int64_t kPackStrips = 16;         // strips (of 16 columns) from which the left factors are packed
+constexpr bool kUpdateLoadsFirst = true;    // in place: a row group's loads of P before its stores
 #include "cpu_kernels_body.inc"
 #undef GRADLORA_OP
 #undef GRADLORA_TARGET
