@@ -22,13 +22,18 @@ METHODS = ["lora", "random", "galore", "additive"]
 
 
 def cpu_model():
+    """The model name and, as "AMD EPYC" names several generations, the family and model."""
+    fields = {}
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return "unknown"
+    name = fields.get("model name", "unknown")
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def run(args, threads, path):
