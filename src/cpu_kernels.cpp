@@ -29,7 +29,8 @@ int64_t chunk_rows(int64_t n) {
   return (n + chunks - 1) / chunks;
 }
 
-// Rows of G the additive block sums read side by side (K streams from memory).
+// Rows the additive kernels take side by side (of G in the block sums, of P in the
+// write-back): that many streams from memory instead of one.
 constexpr int kAdditiveRows = 4;
 
 // n floats whose contents start undefined (new float[n] leaves them so; a std::vector would
