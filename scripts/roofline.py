@@ -36,6 +36,14 @@ def cpu_model():
     return name
 
 
+def parse_env(item):
+    """KEY=VALUE of --env, as (KEY, VALUE)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--env: expected KEY=VALUE, got {item!r}")
+    return key, value
+
+
 def run(args, threads, path):
     exe = os.path.join(args.build, "bench", "gradlora_bench_roofline")
     cmd = [exe, f"--threads={threads}", f"--repeats={args.repeats}", f"--json={path}.tmp"]
@@ -45,7 +53,8 @@ def run(args, threads, path):
         cmd.append("--refresh=0")
     if args.isa:
         cmd.append(f"--isa={args.isa}")
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
+    extra = dict(parse_env(e) for e in args.env)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads), **extra)
     before = os.getloadavg()
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
     subprocess.run(cmd, env=env, check=True)
@@ -55,7 +64,7 @@ def run(args, threads, path):
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     data.update(load_before=before, load_after=after, cpu=cpu_model(), commit=commit,
-                openblas_coretype=os.environ.get("OPENBLAS_CORETYPE", ""),
+                openblas_coretype=os.environ.get("OPENBLAS_CORETYPE", ""), env=extra,
                 command=" ".join(os.path.relpath(c, ROOT) if c == exe else c for c in cmd[:3]))
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
@@ -73,6 +82,7 @@ def render(files):
         md.append(f"#### {d['threads']} thread{'s' if d['threads'] > 1 else ''}")
         md.append("")
         blas = f", OPENBLAS_CORETYPE={d['openblas_coretype']}" if d.get("openblas_coretype") else ""
+        blas += "".join(f", {k}={v}" for k, v in d.get("env", {}).items())
         kernels = "unavailable"
         if d["kernels"]:
             kt = d.get("kernel_threads")
@@ -168,11 +178,15 @@ def main():
     ap.add_argument("--shapes", default="", help="e.g. 4096x4096,4096x11008 (default: the benchmark's)")
     ap.add_argument("--refresh", type=int, default=1, help="0: skip galore's refresh timing")
     ap.add_argument("--isa", default="", help="the kernels' instruction set: avx512f, avx2 (default: the CPU's best)")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="set in the benchmark's environment (repeatable), recorded in the run file")
     ap.add_argument("--out", default=os.path.join(ROOT, "out", "roofline"))
     ap.add_argument("--render-only", action="store_true")
     ap.add_argument("--update-docs", action="store_true")
     ap.add_argument("--section", default="roofline", help="marker name in docs/performance.md (roofline:begin)")
     args = ap.parse_args()
+    for item in args.env:
+        parse_env(item)
     os.makedirs(args.out, exist_ok=True)
     files = [os.path.join(args.out, f"t{t}.json") for t in args.threads.split(",")]
     if not args.render_only:
