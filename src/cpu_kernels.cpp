@@ -106,10 +106,11 @@ GRADLORA_OP Part pfma(Part a, Part b, Part c) { return _mm512_fmadd_ps(a, b, c);
 // 32 registers: the projection over a panel of G in cache, s·G·Bᵀ 4 rows × 4 factor columns
 // at a time (16 sums), Aᵀ·G up to 8 factor rows × 16 columns (8 sums: at r = 8 one group
 // instead of 6 + 2 made the projection 1.08× as fast on Zen 4, and r = 16 or 32 no slower);
-// the write-back keeps 6 rows × 16 columns of sums. On an AMD Zen 4 (1 thread, 4096×4096, r = 8) this ran the
-// projection 1.4× and the write-back 2× as fast as one sweep over G with 2 rows × 4 factor columns of sums and a
-// write-back through a row buffer; at r = 32, 2.2× and 2.3×. Storing each row of a group right after loading it beat
-// loading the whole group first (which AVX2 on Zen 3 needs) by 7–16 % there.
+// the write-back keeps 6 rows × 16 columns of sums. On an AMD Zen 4 (1 thread, 4096×4096,
+// r = 8) this ran the projection 1.4× and the write-back 2× as fast as one sweep over G with
+// 2 rows × 4 factor columns of sums and a write-back through a row buffer; at r = 32, 2.2×
+// and 2.3×. Storing each row of a group right after loading it beat loading the whole group
+// first (which AVX2 on Zen 3 needs) by 7–16 % there.
 constexpr int kProjRows = 4, kProjGroup = 4;
 constexpr int kAtgGroup = 8;
 constexpr int kUpdateRows = 6;
