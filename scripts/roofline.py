@@ -53,7 +53,7 @@ def run(args, threads, path):
         cmd.append("--refresh=0")
     if args.isa:
         cmd.append(f"--isa={args.isa}")
-    extra = dict(parse_env(e) for e in args.env)
+    extra = args.env_vars
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads), **extra)
     before = os.getloadavg()
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
@@ -185,8 +185,7 @@ def main():
     ap.add_argument("--update-docs", action="store_true")
     ap.add_argument("--section", default="roofline", help="marker name in docs/performance.md (roofline:begin)")
     args = ap.parse_args()
-    for item in args.env:
-        parse_env(item)
+    args.env_vars = dict(parse_env(item) for item in args.env)
     os.makedirs(args.out, exist_ok=True)
     files = [os.path.join(args.out, f"t{t}.json") for t in args.threads.split(",")]
     if not args.render_only:
