@@ -29,10 +29,6 @@ int64_t chunk_rows(int64_t n) {
   return (n + chunks - 1) / chunks;
 }
 
-// Rows the additive kernels take side by side (of G in the block sums, of P in the
-// write-back): that many streams from memory instead of one.
-constexpr int kAdditiveRows = 4;
-
 // n floats whose contents start undefined (new float[n] leaves them so; a std::vector would
 // zero them): for scratch whose every element read has been written first. The first float
 // starts a cache line (64 bytes), so that rows whose stride is a multiple of 16 floats start
@@ -117,6 +113,11 @@ constexpr int kUpdateRows = 6;
 constexpr int64_t kUpdatePanelGroups = 10;
 constexpr int64_t kPackStrips = 16;
 constexpr bool kUpdateLoadsFirst = false;
+// The additive kernels' rows of one class side by side (additive_class_rows): 8 in the block
+// sums up to r = 32 (against 4: 1.02–1.10× as fast on Zen 4 at 4096×4096 and 4096×11008, in
+// one process), 4 in the write-back (8 rows of P, 8 read-modify-write streams: as fast at best,
+// up to 1.17× slower).
+constexpr int kSumsRegs = 16, kUpdateRegs = 8;
 // The additive write-back's own prefetch of P: none. On Zen 4 it made the pass 15–17 %
 // slower (A/B in one process, 4096×4096, r = 8 and 32), as asking for a single stream's
 // lines 256–1024 floats ahead slowed a plain read of it (11–12.5 GB/s against 15).
@@ -155,10 +156,11 @@ GRADLORA_OP Part pfma(Part a, Part b, Part c) { return _mm256_fmadd_ps(a, b, c);
 constexpr int kProjRows = 3, kProjGroup = 4;
 constexpr int kAtgGroup = 4;
 constexpr int kUpdateRows = 6;
-constexpr int64_t kUpdatePanelGroups = 10;  // kUpdateRows-row groups per row panel
-constexpr int64_t kPackStrips = 16;         // strips (of 16 columns) from which the left factors are packed
-constexpr bool kUpdateLoadsFirst = true;    // in place: a row group's loads of P before its stores
-constexpr int64_t kStreamAhead = 1024;      // the additive write-back asks for P this far ahead (floats)
+constexpr int64_t kUpdatePanelGroups = 10;     // kUpdateRows-row groups per row panel
+constexpr int64_t kPackStrips = 16;            // strips (of 16 columns) from which the left factors are packed
+constexpr bool kUpdateLoadsFirst = true;       // in place: a row group's loads of P before its stores
+constexpr int kSumsRegs = 8, kUpdateRegs = 8;  // additive: 4 rows of a class up to r = 16, 2 at r = 32
+constexpr int64_t kStreamAhead = 1024;         // the additive write-back asks for P this far ahead (floats)
 #include "cpu_kernels_body.inc"
 #undef GRADLORA_OP
 #undef GRADLORA_TARGET

@@ -261,10 +261,11 @@ TEST_P(Kernels, LibraryPathAgreesWhenTheKernelsAreOff) {
 }
 
 // The additive form's sums and write-back, against loops over the definitions (in double);
-// 5 rows: fewer than r, so that some row classes have no row.
+// 5 rows: fewer than r, so that some row classes have no row; 4200 rows: chunks of 525, which
+// take two or more whole blocks of a class's rows side by side at every r and then single rows.
 TEST_P(Kernels, AdditiveSumsAndWriteBackEqualTheirDefinitions) {
-  for (const int64_t r : {1, 2, 4, 8, 16, 32}) {
-    for (const auto& [n, m] : {std::pair<int64_t, int64_t>{37, 50}, {130, 515}, {600, 33}, {5, 50}}) {
+  for (const int64_t r : {1, 2, 4, 8, 16, 32, 64, 128}) {
+    for (const auto& [n, m] : {std::pair<int64_t, int64_t>{37, 50}, {130, 515}, {600, 33}, {5, 50}, {4200, 150}}) {
       const torch::Tensor G = strided_rows(n, m, GetParam());
       auto [gA, gB] = additive_factor_grads(G, r);
       const torch::Tensor Gd = G.to(torch::kDouble).contiguous();
