@@ -245,6 +245,12 @@ int parallel_threads() {
   return static_cast<int>(std::count_if(ran.begin(), ran.end(), [](const std::atomic<bool>& r) { return r.load(); }));
 }
 
+void parallel_tasks(int64_t n, const std::function<void(int64_t)>& task) {
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) task(k);
+  });
+}
+
 void project(const float* G, int64_t ldg, int64_t n, int64_t m, const float* A, const float* B, int64_t r, float s,
              float* gA, float* gB) {
   table().project(G, ldg, n, m, A, B, r, s, gA, gB);

@@ -7,6 +7,7 @@
 // Results are a function of the inputs alone: the same bits whatever the thread count (rows
 // are split into a fixed number of chunks whose partial sums are added in a fixed order).
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 namespace gradlora::cpu {
@@ -38,6 +39,9 @@ void set_kernels_enabled(bool enabled);
 
 /// The number of distinct threads an at::parallel_for over at::get_num_threads() tasks ran on.
 int parallel_threads();
+/// task(0), …, task(n − 1), as many at a time as at::parallel_for runs threads (this unit is
+/// compiled with OpenMP: in a unit compiled without it, at::parallel_for runs on one thread).
+void parallel_tasks(int64_t n, const std::function<void(int64_t)>& task);
 
 /// gA = s·G·Bᵀ (n×r) when gA is not null, gB = s·Aᵀ·G (r×m) when gB is not null.
 /// G is n×m with row stride ldg; A is n×r and B r×m, both contiguous; gA, gB contiguous.

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 
 namespace gradlora {
@@ -346,24 +347,43 @@ struct Xoshiro256 {
   double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
 };
 
-// Natural logarithm of x > 0 from frexp (exact) and the atanh series, in plain arithmetic.
-double portable_log(double x) {
-  int e = 0;
-  double m = std::frexp(x, &e);  // x = m·2^e, m in [0.5, 1)
-  if (m < 0.70710678118654752440) {
-    m *= 2.0;
-    --e;
+// The polar method's factor sqrt(−2·ln q / q)·std for kBatch values of q in (0, 1). The 12
+// divisions of the logarithm's series dominate; they run kBatch lanes at a time in vector
+// registers (GCC's and Clang's vector types: on x86-64, SSE2 divisions of 2 lanes, or with GCC
+// AVX ones of 4 where the CPU has AVX2, chosen at load time), and a vector division rounds each
+// lane exactly as a scalar one does, as do +, −, × and √: the same bits on every CPU. With the
+// branch-free candidates below, a draw took 8.5–9 ns against 14 one pair at a time (Zen 4). The logarithm:
+// q = m·2^e with m in [√½, √2) (q is normal: u, v are multiples of 2^−52, so q ≥ 2^−104),
+// then ln q = e·ln 2 + 2·atanh(t), t = (m − 1)/(m + 1), |t| ≤ 0.1716, from the series' first
+// 12 terms (t^25/25 < 1e−20).
+constexpr int kBatch = 8;
+using Lanes = double __attribute__((vector_size(kBatch * sizeof(double))));
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void polar_factors(const double* q, double std, double* f) {
+  Lanes m, de, qv;
+  for (int l = 0; l < kBatch; ++l) {
+    uint64_t bits = 0;
+    std::memcpy(&bits, &q[l], sizeof bits);
+    const int64_t e = static_cast<int64_t>((bits >> 52) & 0x7ff) - 1022;  // q = m·2^e, m in [0.5, 1)
+    bits = (bits & ~(uint64_t{0x7ff} << 52)) | (uint64_t{1022} << 52);
+    double ml = 0.0;
+    std::memcpy(&ml, &bits, sizeof ml);
+    const bool low = ml < 0.70710678118654752440;
+    m[l] = low ? ml * 2.0 : ml;
+    de[l] = static_cast<double>(low ? e - 1 : e);
+    qv[l] = q[l];
   }
-  const double t = (m - 1.0) / (m + 1.0);  // |t| <= 0.1716
-  const double t2 = t * t;
-  double sum = 0.0, power = t;
-  for (int k = 0; k < 12; ++k) {  // t^25/25 < 1e-20
+  const Lanes t = (m - 1.0) / (m + 1.0), t2 = t * t;
+  Lanes sum = t - t, power = t;  // sum: 0 in every lane
+  for (int k = 0; k < 12; ++k) {
     sum += power / static_cast<double>(2 * k + 1);
     power *= t2;
   }
   constexpr double kLn2Hi = 6.93147180369123816490e-01, kLn2Lo = 1.90821492927058770002e-10;
-  const double de = static_cast<double>(e);
-  return de * kLn2Hi + (2.0 * sum + de * kLn2Lo);
+  const Lanes ratio = -2.0 * (de * kLn2Hi + (2.0 * sum + de * kLn2Lo)) / qv;
+  for (int l = 0; l < kBatch; ++l) f[l] = std::sqrt(ratio[l]) * std;
 }
 
 torch::Tensor cpu_normal(at::IntArrayRef shape, double std, uint64_t seed) {
@@ -371,16 +391,44 @@ torch::Tensor cpu_normal(at::IntArrayRef shape, double std, uint64_t seed) {
   double* out = t.data_ptr<double>();
   const int64_t count = t.numel();
   Xoshiro256 gen(seed);
+  // Candidate pairs (u, v) come from the generator in order, kCandidates at a time, and the
+  // accepted ones (0 < q < 1) are kept in order without a branch (a rejection is random, 21 % of
+  // candidates: a branch on it is mispredicted often); then kBatch accepted pairs at a time get
+  // their factors together. The generator is the draw's own, so candidates drawn past the last
+  // pair needed change nothing.
+  constexpr int kCandidates = 64;
+  double u[kCandidates + kBatch], v[kCandidates + kBatch], q[kCandidates + kBatch];
+  double cu[kCandidates], cv[kCandidates], qb[kBatch], f[kBatch];
+  int head = 0, have = 0;  // accepted pairs [head, have) not yet used
   for (int64_t i = 0; i < count;) {
-    double u = 0.0, v = 0.0, q = 0.0;
-    do {
-      u = 2.0 * gen.uniform() - 1.0;
-      v = 2.0 * gen.uniform() - 1.0;
-      q = u * u + v * v;
-    } while (q >= 1.0 || q == 0.0);
-    const double f = std::sqrt(-2.0 * portable_log(q) / q) * std;
-    out[i++] = u * f;
-    if (i < count) out[i++] = v * f;
+    const int pairs = static_cast<int>(std::min<int64_t>(kBatch, (count - i + 1) / 2));
+    if (have - head < pairs) {
+      std::copy(u + head, u + have, u);
+      std::copy(v + head, v + have, v);
+      std::copy(q + head, q + have, q);
+      have -= head;
+      head = 0;
+      while (have < pairs) {
+        for (int c = 0; c < kCandidates; ++c) {
+          cu[c] = 2.0 * gen.uniform() - 1.0;
+          cv[c] = 2.0 * gen.uniform() - 1.0;
+        }
+        for (int c = 0; c < kCandidates; ++c) {  // have < kBatch before a block: it fits
+          const double qc = cu[c] * cu[c] + cv[c] * cv[c];
+          u[have] = cu[c];
+          v[have] = cv[c];
+          q[have] = qc;
+          have += qc < 1.0 && qc != 0.0;
+        }
+      }
+    }
+    for (int l = 0; l < kBatch; ++l) qb[l] = l < pairs ? q[head + l] : 0.5;  // unused lanes: any q in (0, 1)
+    polar_factors(qb, std, f);
+    for (int p = 0; p < pairs; ++p) {
+      out[i++] = u[head + p] * f[p];
+      if (i < count) out[i++] = v[head + p] * f[p];
+    }
+    head += pairs;
   }
   return t;
 }

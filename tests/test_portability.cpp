@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -83,4 +84,81 @@ TEST(Portability, NormalDrawsHaveTheRequestedMoments) {
   const double bound = 1.0 / 64.0;
   EXPECT_LE(u.abs().max().item<double>(), bound);
   EXPECT_NEAR(u.var().item<double>(), bound * bound / 3, 5 * bound * bound * std::sqrt(4.0 / 45.0 / u.numel()));
+}
+
+namespace {
+
+// The CPU sampler as docs/methods.md defines it, one draw at a time: xoshiro256** seeded by
+// splitmix64 increments, uniforms from the top 53 bits, Marsaglia's polar method (pairs with
+// q = u² + v² outside (0, 1) rejected), ln q from frexp and 12 terms of the atanh series.
+std::vector<double> reference_normal(int64_t count, double sd, uint64_t seed) {
+  uint64_t s[4];
+  for (auto& w : s) {
+    seed += 0x9E3779B97F4A7C15ULL;
+    uint64_t z = seed;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    w = z ^ (z >> 31);
+  }
+  auto rotl = [](uint64_t x, int k) { return (x << k) | (x >> (64 - k)); };
+  auto uniform = [&] {
+    const uint64_t result = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 45);
+    return static_cast<double>(result >> 11) * 0x1.0p-53;
+  };
+  auto ln = [](double x) {
+    int e = 0;
+    double m = std::frexp(x, &e);
+    if (m < std::sqrt(0.5)) {
+      m *= 2.0;
+      e -= 1;
+    }
+    const double t = (m - 1.0) / (m + 1.0);
+    double series = 0.0, power = t;
+    for (int k = 0; k < 12; ++k) {
+      series += power / (2.0 * k + 1.0);
+      power *= t * t;
+    }
+    return e * 6.93147180369123816490e-01 + (2.0 * series + e * 1.90821492927058770002e-10);
+  };
+  std::vector<double> out;
+  while (static_cast<int64_t>(out.size()) < count) {
+    double u, v, q;
+    do {
+      u = 2.0 * uniform() - 1.0;
+      v = 2.0 * uniform() - 1.0;
+      q = u * u + v * v;
+    } while (!(q > 0.0 && q < 1.0));
+    const double f = std::sqrt(-2.0 * ln(q) / q) * sd;
+    out.push_back(u * f);
+    if (static_cast<int64_t>(out.size()) < count) out.push_back(v * f);
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST(Portability, NormalDrawsAreTheDefinitionBitForBit) {
+  // Counts below, at and across the sampler's batches of pairs and of candidates.
+  for (const int64_t count : {1, 2, 3, 15, 16, 17, 127, 128, 129, 1000, 4099}) {
+    for (const uint64_t seed : {uint64_t{1}, uint64_t{0xdeadbeefcafe}}) {
+      const torch::Tensor x = seeded_normal({count}, 0.37, seed, torch::TensorOptions().dtype(torch::kDouble));
+      const std::vector<double> ref = reference_normal(count, 0.37, seed);
+      int64_t differ = 0, first = -1;
+      for (int64_t i = 0; i < count; ++i) {
+        if (std::memcmp(&ref[static_cast<size_t>(i)], x.data_ptr<double>() + i, sizeof(double)) != 0) {
+          if (first < 0) first = i;
+          ++differ;
+        }
+      }
+      EXPECT_EQ(differ, 0) << differ << " of " << count << " draws differ (seed " << seed << "), first at " << first
+                           << ": " << x.data_ptr<double>()[first < 0 ? 0 : first] << " against "
+                           << ref[static_cast<size_t>(first < 0 ? 0 : first)];
+    }
+  }
 }

@@ -2,6 +2,8 @@
 // steps, then a lora step; E[update] equals the full SGD update (docs/methods.md).
 #include "methods.h"
 
+#include "../cpu_kernels.h"
+
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <torch/torch.h>
@@ -165,8 +167,16 @@ class RandomProjector final : public FactorProjector {
     const auto opts = factor_options(ctx_.param);
     const int64_t r = ctx_.target.rank;
     const uint64_t base = 2 * static_cast<uint64_t>(idx);
-    return {seeded_normal({n_, r}, sd_, derive_seed(ctx_.seed, ctx_.name, base), opts),
-            seeded_normal({r, m_}, sd_, derive_seed(ctx_.seed, ctx_.name, base + 1), opts)};
+    // Two streams of their own: on two threads or more, one each (each stream is sequential).
+    torch::Tensor U, V;
+    cpu::parallel_tasks(2, [&](int64_t k) {
+      if (k == 0) {
+        U = seeded_normal({n_, r}, sd_, derive_seed(ctx_.seed, ctx_.name, base), opts);
+      } else {
+        V = seeded_normal({r, m_}, sd_, derive_seed(ctx_.seed, ctx_.name, base + 1), opts);
+      }
+    });
+    return {U, V};
   }
 
   // Moments at a resample (docs/methods.md, "Moments at a resample").
