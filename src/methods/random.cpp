@@ -167,15 +167,20 @@ class RandomProjector final : public FactorProjector {
     const auto opts = factor_options(ctx_.param);
     const int64_t r = ctx_.target.rank;
     const uint64_t base = 2 * static_cast<uint64_t>(idx);
-    // Two streams of their own: on two threads or more, one each (each stream is sequential).
     torch::Tensor U, V;
-    cpu::parallel_tasks(2, [&](int64_t k) {
+    auto draw_one = [&](int64_t k) {
       if (k == 0) {
         U = seeded_normal({n_, r}, sd_, derive_seed(ctx_.seed, ctx_.name, base), opts);
       } else {
         V = seeded_normal({r, m_}, sd_, derive_seed(ctx_.seed, ctx_.name, base + 1), opts);
       }
-    });
+    };
+    if (opts.device().is_cpu()) {
+      cpu::parallel_tasks(2, draw_one);  // two streams of their own: one thread each where there are two
+    } else {
+      draw_one(0);  // on the caller's thread, where its current stream is
+      draw_one(1);
+    }
     return {U, V};
   }
 
