@@ -115,6 +115,11 @@ GRADLORA_OP Part pfma(Part a, Part b, Part c) { return _mm512_fmadd_ps(a, b, c);
 // and 2.3×. Storing each row of a group right after loading it beat loading the whole group
 // first (which AVX2 on Zen 3 needs) by 7–16 % there.
 constexpr int kProjRows = 4, kProjGroup = 4;
+// s·G·Bᵀ alone (no Aᵀ·G) at 4 < r ≤ 8: one group of all r factor columns, 2 rows at a time,
+// which reads G once and copies no panel (Zen 4, 1 thread, r = 8, in one process against two
+// groups of 4 rows × 4: 1.04–1.06× as fast at 4096×4096, 4096×11008 and 2048×5632; at r = 16
+// two such groups were 1.13× slower than four).
+constexpr int kProjWideRows = 2;
 constexpr int kAtgGroup = 8;
 constexpr int kUpdateRows = 6;
 constexpr int64_t kUpdatePanelGroups = 10;
@@ -161,6 +166,7 @@ GRADLORA_OP Part pfma(Part a, Part b, Part c) { return _mm256_fmadd_ps(a, b, c);
 // Aᵀ·G 4 factor rows × 16 columns (8 sums); the write-back keeps 6 rows × 2 Parts of sums
 // (12: with 8, the FMAs waited on each other).
 constexpr int kProjRows = 3, kProjGroup = 4;
+constexpr int kProjWideRows = 0;  // none: 8 factor columns of one row are 16 Parts of sums, all 16 registers
 constexpr int kAtgGroup = 4;
 constexpr int kUpdateRows = 6;
 constexpr int64_t kUpdatePanelGroups = 10;     // kUpdateRows-row groups per row panel
