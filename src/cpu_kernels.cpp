@@ -116,9 +116,9 @@ GRADLORA_OP Part pfma(Part a, Part b, Part c) { return _mm512_fmadd_ps(a, b, c);
 // first (which AVX2 on Zen 3 needs) by 7–16 % there.
 constexpr int kProjRows = 4, kProjGroup = 4;
 // s·G·Bᵀ alone (no Aᵀ·G) at 4 < r ≤ 8: one group of all r factor columns, 2 rows at a time,
-// which reads G once and copies no panel (Zen 4, 1 thread, r = 8, in one process against two
-// groups of 4 rows × 4: 1.04–1.06× as fast at 4096×4096, 4096×11008 and 2048×5632; at r = 16
-// two such groups were 1.13× slower than four).
+// which reads G once and copies no panel (Zen 4, r = 8, in one process against two groups of
+// 4 rows × 4: 1.04–1.06× as fast on 1 thread and 1.03–1.08× on 2 at 4096×4096, 4096×11008 and
+// 2048×5632; at r = 16 two such groups were 1.13× slower than four).
 constexpr int kProjWideRows = 2;
 constexpr int kAtgGroup = 8;
 constexpr int kUpdateRows = 6;
