@@ -120,6 +120,12 @@ constexpr int kProjRows = 4, kProjGroup = 4;
 // 4 rows × 4: 1.04–1.06× as fast on 1 thread and 1.03–1.08× on 2 at 4096×4096, 4096×11008 and
 // 2048×5632; at r = 16 two such groups were 1.13× slower than four).
 constexpr int kProjWideRows = 2;
+// With both products, Aᵀ·G runs first over each panel, its first group reading G and filling
+// the panel, and every group of s·G·Bᵀ reads the panel (Zen 4, A/B in one process against
+// s·G·Bᵀ first: 1 thread, 1.08–1.15× as fast at r = 2, 1.05–1.14× at r = 4, 1.04–1.11× at
+// r = 8, 1.02–1.06× at r = 16, 1.00–1.01× at r = 32 over 4096×4096, 4096×11008, 2048×5632
+// (and 2048×2048 at r = 8); 2 threads, 1.01–1.10× at r = 8 and 1.01–1.02× at r = 32).
+constexpr bool kProjAtgFirst = true;
 constexpr int kAtgGroup = 8;
 constexpr int kUpdateRows = 6;
 constexpr int64_t kUpdatePanelGroups = 10;
@@ -166,6 +172,9 @@ GRADLORA_OP Part pfma(Part a, Part b, Part c) { return _mm256_fmadd_ps(a, b, c);
 // Aᵀ·G 4 factor rows × 16 columns (8 sums); the write-back keeps 6 rows × 2 Parts of sums
 // (12: with 8, the FMAs waited on each other).
 constexpr int kProjRows = 3, kProjGroup = 4;
+// Aᵀ·G first (kProjAtgFirst): the AVX2 form on Zen 4 ran 1.01–1.05× as fast at r = 4 and 8
+// but 1.02× slower at r = 32; not measured on an AVX2-only CPU, so s·G·Bᵀ stays first.
+constexpr bool kProjAtgFirst = false;
 constexpr int kProjWideRows = 0;  // none: 8 factor columns of one row are 16 Parts of sums, all 16 registers
 constexpr int kAtgGroup = 4;
 constexpr int kUpdateRows = 6;
