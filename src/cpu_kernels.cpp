@@ -78,8 +78,9 @@ float lane_sum(const float* v) {
 // factors coming from the L2 cache (Zen 4, 1 thread, in one process against blocks of 512
 // columns at 4096×4096, 4096×11008, 2048×5632 and 2048×2048: 1.09–1.13× as fast with 4
 // factor columns, 1.04–1.11× with 8, 0.99–1.07× with 16 (1.01–1.03× in three repeats); on 2
-// threads 1.04–1.09× with 8 and as fast with 16; with 24 or more, within 2 %). More: the block's rows of the right
-// factors (q·w floats) fit in half of a 32 KiB L1 cache, but at least 512 columns.
+// threads 1.04–1.09× with 8 and as fast with 16; with 24 or more, within 2 %). More: the
+// block's rows of the right factors (q·w floats) fit in half of a 32 KiB L1 cache, but at
+// least 512 columns.
 int64_t update_cols_in_registers(int64_t q) {
   if (q <= 16) return std::numeric_limits<int64_t>::max();
   return std::max<int64_t>(512, (16 * 1024 / 4) / q / kLanes * kLanes);
